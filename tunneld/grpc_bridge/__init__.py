@@ -1,0 +1,1 @@
+"""The only code that knows about grpcio and the bridge thread."""

@@ -1,0 +1,1 @@
+"""Twisted adapters: HTTP entry, HTTP backend, WebSocket."""

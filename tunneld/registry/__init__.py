@@ -1,0 +1,1 @@
+"""Route matching and the stream registry (pure core)."""
