@@ -1,0 +1,196 @@
+"""Tests for tunneld.registry.streams: registration, health, choice and expiry."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunneld.registry.streams import DuplicateStream, StreamEntry, StreamRegistry
+
+
+def entry(
+    client_id: str, stream_id: str = "s1", group: str = "g", heartbeat: float = 0.0
+) -> StreamEntry:
+    return StreamEntry(
+        group=group,
+        client_id=client_id,
+        stream_id=stream_id,
+        handle=object(),
+        connected_at=heartbeat,
+        last_heartbeat=heartbeat,
+    )
+
+
+class RegistrationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.registry = StreamRegistry(heartbeat_timeout=60)
+
+    def test_add_and_get(self) -> None:
+        """An added entry is found by its (client_id, stream_id) key."""
+        a = entry("a")
+        self.registry.add(a)
+        self.assertEqual(a.key, ("a", "s1"))
+        self.assertIs(self.registry.get(("a", "s1")), a)
+        self.assertIsNone(self.registry.get(("a", "s2")))
+        self.assertEqual(len(self.registry), 1)
+
+    def test_duplicate(self) -> None:
+        """Adding a second entry with the same key raises DuplicateStream and keeps the first."""
+        a = entry("a")
+        self.registry.add(a)
+        self.assertRaises(DuplicateStream, self.registry.add, entry("a", group="other"))
+        self.assertIs(self.registry.get(("a", "s1")), a)
+        self.assertEqual(self.registry.groups(), ["g"])
+        self.assertEqual(len(self.registry), 1)
+
+    def test_same_client_new_stream(self) -> None:
+        """One client may hold several streams with different stream ids."""
+        self.registry.add(entry("a", "s1"))
+        self.registry.add(entry("a", "s2"))
+        self.assertEqual(len(self.registry), 2)
+
+    def test_remove_idempotent(self) -> None:
+        """remove returns the entry once, then None; an emptied group disappears."""
+        a = entry("a")
+        self.registry.add(a)
+        self.assertIs(self.registry.remove(a.key), a)
+        self.assertIsNone(self.registry.remove(a.key))
+        self.assertIsNone(self.registry.get(a.key))
+        self.assertEqual(self.registry.groups(), [])
+        self.assertEqual(self.registry.streams("g"), [])
+        self.assertEqual(len(self.registry), 0)
+
+    def test_readd_after_remove(self) -> None:
+        """A removed key can be added again."""
+        self.registry.add(entry("a"))
+        self.registry.remove(("a", "s1"))
+        self.registry.add(entry("a"))
+        self.assertEqual(len(self.registry), 1)
+
+    def test_streams_and_groups(self) -> None:
+        """streams() lists entries in connection order; groups() names the non-empty groups."""
+        a, b, c = entry("a", group="g1"), entry("b", group="g2"), entry("c", group="g1")
+        for e in (a, b, c):
+            self.registry.add(e)
+        self.assertEqual(self.registry.streams(), [a, b, c])
+        self.assertEqual(self.registry.streams("g1"), [a, c])
+        self.assertEqual(self.registry.streams("nope"), [])
+        self.assertEqual(self.registry.groups(), ["g1", "g2"])
+
+    def test_touch(self) -> None:
+        """touch updates the last heartbeat and the rtt when given; unknown keys are ignored."""
+        a = entry("a")
+        self.registry.add(a)
+        self.registry.touch(a.key, 10.0, rtt=0.25)
+        self.assertEqual((a.last_heartbeat, a.rtt), (10.0, 0.25))
+        self.registry.touch(a.key, 20.0)
+        self.assertEqual((a.last_heartbeat, a.rtt), (20.0, 0.25))
+        self.registry.touch(("ghost", "s"), 30.0, rtt=1.0)
+
+    def test_acquire_release_floor(self) -> None:
+        """acquire and release count in-flight requests, never below zero."""
+        a = entry("a")
+        self.registry.acquire(a)
+        self.registry.acquire(a)
+        self.assertEqual(a.in_flight, 2)
+        for _ in range(3):
+            self.registry.release(a)
+        self.assertEqual(a.in_flight, 0)
+
+
+class HealthTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.registry = StreamRegistry(heartbeat_timeout=60)
+
+    def test_is_healthy(self) -> None:
+        """Healthy means not cancelled and a heartbeat at most heartbeat_timeout old."""
+        a = entry("a", heartbeat=100.0)
+        self.assertTrue(self.registry.is_healthy(a, 160.0))
+        self.assertFalse(self.registry.is_healthy(a, 160.5))
+        a.cancelled = True
+        self.assertFalse(self.registry.is_healthy(a, 100.0))
+
+    def test_timeout_settable(self) -> None:
+        """A changed heartbeat_timeout applies at once."""
+        a = entry("a", heartbeat=0.0)
+        self.registry.heartbeat_timeout = 10
+        self.assertFalse(self.registry.is_healthy(a, 11.0))
+
+    def test_expire(self) -> None:
+        """expire removes and returns exactly the silent and the cancelled streams."""
+        fresh, silent = entry("fresh", heartbeat=50.0), entry("silent")
+        cancelled = entry("cancel", heartbeat=50.0)
+        cancelled.cancelled = True
+        for e in (silent, fresh, cancelled):
+            self.registry.add(e)
+        self.assertEqual(self.registry.expire(61.0), [silent, cancelled])
+        self.assertEqual(self.registry.streams(), [fresh])
+        self.assertEqual(self.registry.expire(61.0), [])
+
+
+class ChooseTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.registry = StreamRegistry(heartbeat_timeout=60)
+
+    def add(self, *ids: str) -> list[StreamEntry]:
+        entries = [entry(i) for i in ids]
+        for e in entries:
+            self.registry.add(e)
+        return entries
+
+    def test_empty_or_unknown_group(self) -> None:
+        """choose on an unknown or emptied group returns None."""
+        self.assertIsNone(self.registry.choose("g", 0.0))
+        (a,) = self.add("a")
+        self.registry.remove(a.key)
+        self.assertIsNone(self.registry.choose("g", 0.0))
+        self.assertIsNone(self.registry.choose("other", 0.0))
+
+    def test_fewest_in_flight(self) -> None:
+        """choose picks the healthy stream with the fewest in-flight requests."""
+        a, b, c = self.add("a", "b", "c")
+        a.in_flight, b.in_flight, c.in_flight = 3, 1, 2
+        for _ in range(3):
+            self.assertIs(self.registry.choose("g", 0.0), b)
+
+    def test_round_robin_ties(self) -> None:
+        """Equally loaded streams are chosen in turn, in connection order."""
+        a, b, c = self.add("a", "b", "c")
+        chosen = [self.registry.choose("g", 0.0) for _ in range(6)]
+        self.assertEqual(chosen, [a, b, c, a, b, c])
+
+    def test_round_robin_with_load(self) -> None:
+        """Acquiring the chosen stream spreads requests over all streams."""
+        streams = self.add("a", "b", "c")
+        for _ in range(6):
+            e = self.registry.choose("g", 0.0)
+            assert e is not None
+            self.registry.acquire(e)
+        self.assertEqual([e.in_flight for e in streams], [2, 2, 2])
+
+    def test_round_robin_survives_removal(self) -> None:
+        """Removing the last chosen stream moves the turn on to the next one."""
+        a, b, c = self.add("a", "b", "c")
+        self.assertIs(self.registry.choose("g", 0.0), a)
+        self.assertIs(self.registry.choose("g", 0.0), b)
+        self.registry.remove(b.key)
+        self.assertIs(self.registry.choose("g", 0.0), c)
+        self.assertIs(self.registry.choose("g", 0.0), a)
+
+    def test_unhealthy_skipped(self) -> None:
+        """Silent and cancelled streams are never chosen, even when least loaded."""
+        a, b, c = self.add("a", "b", "c")
+        c.in_flight = 5
+        a.cancelled = True
+        self.registry.touch(c.key, 100.0)
+        # b is silent at now=100 (last heartbeat 0, timeout 60).
+        for _ in range(3):
+            self.assertIs(self.registry.choose("g", 100.0), c)
+        c.cancelled = True
+        self.assertIsNone(self.registry.choose("g", 100.0))
+
+    def test_groups_separate(self) -> None:
+        """choose only considers streams of the requested group."""
+        self.registry.add(entry("a", group="g1"))
+        b = entry("b", group="g2")
+        self.registry.add(b)
+        self.assertIs(self.registry.choose("g2", 0.0), b)

@@ -1,0 +1,138 @@
+"""The client's dial to the tunnel port, reconnecting forever, as a Service.
+
+The reactor side decides *when* to dial (``Backoff`` with an injected clock
+and random source: 0.5 s first, x2, 10 s cap, jitter); the bridge thread owns
+the grpc channel and call.  Each attempt is a fresh channel (grpc's own
+reconnect backoff would fight ours) and the reactor gets a fresh
+``StreamHandle``; ``connected(handle)`` attaches the session and sends
+``stream_open``.  ``reset()`` is called once the server accepted the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any, Callable
+
+import grpc
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from tunneld import tunnel_pb2_grpc as pb_grpc
+from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, StreamHandle, message_size_options
+
+
+class Backoff:
+    """Reconnect delays: ``initial`` first, times ``factor``, capped, with jitter."""
+
+    def __init__(self, initial: float = 0.5, factor: float = 2.0, cap: float = 10.0, jitter: float = 0.2,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.initial = initial
+        self.factor = factor
+        self.cap = cap
+        self.jitter = jitter
+        self.rand = rand
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        base = min(self.cap, self.initial * self.factor ** self.attempt)
+        self.attempt += 1
+        # Jitter only downwards, so the first wait is never above 0.5 s and the cap holds.
+        return base * (1 - self.jitter * self.rand())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class TunnelClientService(Service):
+    """Keeps one tunnel stream to the server open."""
+
+    log = Logger()
+
+    def __init__(self, bridge: Bridge, target: str, token: str, connected: Callable[[StreamHandle], None],
+                 clock: Any, *, max_message_size: int, backoff: Backoff | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str = "") -> None:
+        self.bridge = bridge
+        self.target = target
+        self.token = token
+        self.connected = connected
+        self.clock = clock
+        self.max_message_size = max_message_size
+        self.backoff = backoff or Backoff()
+        self.credentials = credentials
+        self.server_name = server_name
+        self.handle: StreamHandle | None = None
+        self._retry: Any = None
+        self.attempts = 0
+        self.reconnects = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self.bridge.start()
+        self.dial()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self.handle is not None:
+            self.handle.abort("client stopping")
+            self.handle = None
+
+    def reset(self) -> None:
+        self.backoff.reset()
+
+    def dial(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        self.attempts += 1
+        handle = StreamHandle(self.bridge, peer=self.target)
+        handle.on_lost = lambda reason: self._lost(handle, reason)
+        self.handle = handle
+        self.bridge.spawn(self._run(handle))
+        self.connected(handle)
+
+    def _lost(self, handle: StreamHandle, reason: str) -> None:
+        if handle is not self.handle:
+            return
+        self.handle = None
+        if not self.running:
+            return
+        delay = self.backoff.next_delay()
+        self.reconnects += 1
+        self.log.info("tunnel to {target} lost ({reason}); reconnecting in {delay:.2f} s",
+                      target=self.target, reason=reason, delay=delay)
+        self._retry = self.clock.callLater(delay, self.dial)
+
+    async def _run(self, handle: StreamHandle) -> None:
+        options: list[tuple[str, Any]] = KEEPALIVE_OPTIONS + message_size_options(self.max_message_size)
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        if self.credentials is not None:
+            channel = grpc.aio.secure_channel(self.target, self.credentials, options=options)
+        else:
+            channel = grpc.aio.insecure_channel(self.target, options=options)
+        stub = pb_grpc.TunnelServiceStub(channel)
+        call = stub.Proxy(metadata=(("authorization", f"Bearer {self.token}"),))
+        handle.attach(lambda reason: call.cancel())
+        writer = asyncio.get_running_loop().create_task(handle.run_writer(call.write, call.done_writing))
+        reason = "server closed the stream"
+        try:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    break
+                handle.reader_delivered(msg)
+        except grpc.aio.AioRpcError as e:
+            reason = f"{e.code().name}: {e.details()}"
+        except asyncio.CancelledError:
+            reason = "cancelled"
+        except Exception as e:
+            reason = repr(e)
+        finally:
+            writer.cancel()
+            handle.reader_lost(reason)
+            call.cancel()
+            await channel.close()

@@ -1,0 +1,163 @@
+"""The tunnel port: a grpc.aio server for ``TunnelService.Proxy``, as a Service.
+
+Each Proxy call is authenticated here, in the bridge thread, before anything
+reaches the reactor: the first message must be ``stream_open``, and the
+group's token (``authorization: Bearer …`` metadata, else the message's
+``token``) is compared in constant time.  A refused call ends with
+``UNAUTHENTICATED`` and is never registered.  Accepted calls are announced to
+the reactor as a ``StreamHandle`` plus their first message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import grpc
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from tunneld import tunnel_pb2 as pb
+from tunneld import tunnel_pb2_grpc as pb_grpc
+from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, StreamHandle, message_size_options
+
+Authenticate = Callable[[str, str], bool]          # (group, token) -> ok; must be thread-safe
+OnStream = Callable[[StreamHandle, pb.TunnelMessage], None]
+
+
+def bearer_token(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            v = value.decode() if isinstance(value, bytes) else value
+            if v.lower().startswith("bearer "):
+                return str(v[7:].strip())
+    return ""
+
+
+class _Servicer(pb_grpc.TunnelServiceServicer):
+    def __init__(self, bridge: Bridge, authenticate: Authenticate, on_stream: OnStream) -> None:
+        self.bridge = bridge
+        self.authenticate = authenticate
+        self.on_stream = on_stream
+        self.calls: set[asyncio.Task[Any]] = set()
+
+    async def Proxy(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        task = asyncio.current_task()
+        assert task is not None
+        self.calls.add(task)
+        try:
+            await self._proxy(context, task)
+        finally:
+            self.calls.discard(task)
+
+    async def _proxy(self, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]) -> None:
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        if first.WhichOneof("payload") != "stream_open":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be stream_open")
+        so = first.stream_open
+        token = bearer_token(context.invocation_metadata()) or so.token
+        if not token or not self.authenticate(so.group, token):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid token for group {so.group!r}")
+        handle = StreamHandle(self.bridge, peer=context.peer())
+        handle.attach(lambda reason: task.cancel())
+        writer = asyncio.get_running_loop().create_task(handle.run_writer(context.write))
+        self.bridge.to_reactor(self.on_stream, handle, first)
+        reason = "client closed the stream"
+        try:
+            reader = asyncio.get_running_loop().create_task(self._read(context, handle))
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                reason = reader.result()
+                # The reactor closes the handle once it has failed the stream's requests.
+                handle.reader_lost(reason)
+                try:
+                    await asyncio.wait_for(writer, 5)
+                except (asyncio.TimeoutError, Exception):
+                    pass
+            else:
+                reader.cancel()
+                reason = "closed by the server"
+                handle.reader_lost(reason)
+        except asyncio.CancelledError:
+            handle.reader_lost("stream cancelled by the server")
+            raise
+        finally:
+            writer.cancel()
+
+    async def _read(self, context: grpc.aio.ServicerContext, handle: StreamHandle) -> str:
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    return "client closed the stream"
+                handle.reader_delivered(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # grpc reports a vanished peer as an exception here
+            return f"stream broken: {e!r}"
+
+
+class TunnelServerService(Service):
+    """Listens on ``tunnel_listen`` and announces authenticated streams."""
+
+    log = Logger()
+
+    def __init__(self, bridge: Bridge, listen: str, authenticate: Authenticate, on_stream: OnStream,
+                 *, max_message_size: int, credentials: grpc.ServerCredentials | None = None) -> None:
+        self.bridge = bridge
+        self.listen = listen
+        self.authenticate = authenticate
+        self.on_stream = on_stream
+        self.max_message_size = max_message_size
+        self.credentials = credentials
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._servicer: _Servicer | None = None
+        self.ready: Deferred[int] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.bridge.start()
+        d = self.bridge.submit(self._start())
+        d.addCallback(self._started)
+        d.addErrback(self._failed)
+
+    def _started(self, port: int) -> None:
+        self.port = port
+        self.log.info("tunnel port listening on {listen} (port {port})", listen=self.listen, port=port)
+        self.ready.callback(port)
+
+    def _failed(self, failure: Any) -> None:
+        self.log.failure("tunnel port failed to start on {listen}", failure, listen=self.listen)
+        self.ready.errback(failure)
+        from twisted.internet import reactor
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined,misc]
+
+    async def _start(self) -> int:
+        options = KEEPALIVE_OPTIONS + message_size_options(self.max_message_size) + [
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream)
+        pb_grpc.add_TunnelServiceServicer_to_server(self._servicer, server)
+        if self.credentials is not None:
+            port = server.add_secure_port(self.listen, self.credentials)
+        else:
+            port = server.add_insecure_port(self.listen)
+        if not port:
+            raise OSError(f"cannot listen on {self.listen}")
+        await server.start()
+        self._server = server
+        return port
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._server is None or not self.bridge.running:
+            return None
+        server, self._server = self._server, None
+        return self.bridge.submit(server.stop(grace=1.0))

@@ -1,0 +1,218 @@
+"""The thread boundary between the reactor and grpc.aio.
+
+Theory of operation
+-------------------
+grpcio's asyncio API runs in ONE dedicated thread with its own event loop
+(``Bridge``), created in ``startService`` and never before twistd forks.
+Reactor code never touches grpc objects; it holds ``StreamHandle``s:
+
+* reactor -> grpc: ``StreamHandle.send(msgs)`` hops with
+  ``loop.call_soon_threadsafe`` onto an asyncio queue drained by the stream's
+  single writer task (grpc.aio kills a call that two tasks write at once);
+* grpc -> reactor: the reader task hands every message to
+  ``reactor.callFromThread(handle.deliver, msg)``; ``on_message`` and
+  ``on_lost`` are looked up at delivery time on the reactor thread, so the
+  reactor may attach them after the handle was announced, and FIFO ordering of
+  ``callFromThread`` keeps messages behind that announcement.
+
+The outbound queue needs no bound of its own: every body byte in it is
+covered by a per-request flow-control window (window.py), and request heads
+are bounded by the peer's ``max_concurrency``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+
+from tunneld import tunnel_pb2 as pb
+
+T = TypeVar("T")
+
+KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
+    # Detect a frozen or vanished peer in ~15 s, well before heartbeat_timeout.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def message_size_options(limit: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+class Bridge:
+    """The one thread that runs an asyncio loop for grpc.aio."""
+
+    log = Logger()
+
+    def __init__(self, reactor: IReactorFromThreads) -> None:
+        self.reactor = reactor
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.loop is not None
+
+    def start(self) -> None:
+        if self.loop is not None:
+            return
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+            # Let cancelled tasks finish their cleanup before the loop closes.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="tunneld-grpc-bridge", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        self.loop = loop
+
+    def stop(self) -> None:
+        """Stop the loop and join the thread (after services closed their calls)."""
+        loop, thread = self.loop, self._thread
+        self.loop = None
+        self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the bridge thread (from the reactor thread)."""
+        if self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:
+                pass  # loop already closed during shutdown
+
+    def to_reactor(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the reactor thread (from the bridge thread)."""
+        self.reactor.callFromThread(fn, *args)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Deferred[T]:
+        """Run a coroutine on the bridge loop; its result fires a Deferred on the reactor."""
+        d: Deferred[T] = Deferred()
+        if self.loop is None:
+            coro.close()
+            d.errback(RuntimeError("grpc bridge is not running"))
+            return d
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+        def done(f: concurrent.futures.Future[T]) -> None:
+            if f.cancelled():
+                self.reactor.callFromThread(d.errback, asyncio.CancelledError())
+            elif f.exception() is not None:
+                self.reactor.callFromThread(d.errback, f.exception())
+            else:
+                self.reactor.callFromThread(d.callback, f.result())
+
+        fut.add_done_callback(done)
+        return d
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Start a task on the bridge loop and forget it (it reports by itself)."""
+        self.call_soon(self._create_task, coro)
+
+    def _create_task(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.to_reactor(lambda: self.log.error("grpc bridge task failed: {exc!r}", exc=exc))
+
+
+_CLOSE = object()
+
+
+class StreamHandle:
+    """One tunnel stream (server context or client call) seen from the reactor."""
+
+    def __init__(self, bridge: Bridge, peer: str = "") -> None:
+        self.bridge = bridge
+        self.peer = peer
+        self.on_message: Callable[[pb.TunnelMessage], None] | None = None
+        self.on_lost: Callable[[str], None] | None = None
+        # Created here so sends made before the call starts are kept (asyncio
+        # queues bind to a loop on first use, in the bridge thread).
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._abort: Callable[[str], object] | None = None
+        self._lost = False
+
+    # -- reactor thread --------------------------------------------------
+
+    def send(self, msgs: list[pb.TunnelMessage]) -> None:
+        if not self._lost:
+            self.bridge.call_soon(self._enqueue, msgs)
+
+    def close(self) -> None:
+        """Finish writing cleanly after what is queued."""
+        self.bridge.call_soon(self._enqueue, [_CLOSE])
+
+    def abort(self, reason: str) -> None:
+        """Cancel the stream at once."""
+        self.bridge.call_soon(self._do_abort, reason)
+
+    def deliver(self, msg: pb.TunnelMessage) -> None:
+        if self.on_message is not None and not self._lost:
+            self.on_message(msg)
+
+    def deliver_lost(self, reason: str) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+    # -- bridge thread --------------------------------------------------------
+
+    def attach(self, abort: Callable[[str], object]) -> None:
+        self._abort = abort
+
+    def _enqueue(self, msgs: list[object]) -> None:
+        for m in msgs:
+            self._queue.put_nowait(m)
+
+    def _do_abort(self, reason: str) -> None:
+        if self._abort is not None:
+            result = self._abort(reason)
+            if asyncio.iscoroutine(result):
+                asyncio.get_running_loop().create_task(result)
+
+    async def run_writer(self, write: Callable[[pb.TunnelMessage], Awaitable[None]],
+                         done_writing: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The only task that writes to this stream."""
+        queue = self._queue
+        while True:
+            item = await queue.get()
+            if item is _CLOSE:
+                if done_writing is not None:
+                    await done_writing()
+                return
+            await write(item)  # type: ignore[arg-type]
+
+    def reader_delivered(self, msg: pb.TunnelMessage) -> None:
+        self.bridge.to_reactor(self.deliver, msg)
+
+    def reader_lost(self, reason: str) -> None:
+        self.bridge.to_reactor(self.deliver_lost, reason)

@@ -1,0 +1,295 @@
+"""Serve one tunnelled HTTP request by dialing the origin with treq, streaming.
+
+The client uses it for backends of its routes; the server (forward
+direction) for upstreams.  The request body arrives from the tunnel and is fed
+to treq through an ``IBodyProducer``; credit goes back to the tunnel only
+while the origin's socket accepts writes.  The response is read with
+``unbuffered=True`` and ``deliverBody``; the origin's socket is paused while
+the request's tunnel window is exhausted.  A small response (head and body
+in the first read) leaves in a single tunnel message.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from tunneld import session as s
+from tunneld import tunnel_pb2 as pb
+from tunneld.protocols import headers as h
+from tunneld.tunnel import Tunnel
+
+_NO_BODY_STATUS = {204, 304}
+
+
+@implementer(IBodyProducer)
+class TunnelBodyProducer:
+    """Request body from the tunnel to treq, with credit only for what was written."""
+
+    def __init__(self, exchange: BackendExchange, length: int) -> None:
+        self.exchange = exchange
+        self.length: int | object = length if length >= 0 else UNKNOWN_LENGTH
+        self.consumer: IConsumer | None = None
+        self.finished: Deferred[None] = Deferred()
+        self.paused = False
+        self.owed = 0
+        self.buffer: list[bytes] = []  # body that arrived before treq asked for it
+        self.ended = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self.consumer = consumer
+        buffered, self.buffer = self.buffer, []
+        for data in buffered:
+            self.write(data)
+        if self.ended and not self.finished.called:
+            self.finished.callback(None)
+        return self.finished
+
+    def write(self, data: bytes) -> None:
+        if self.consumer is None:
+            self.buffer.append(data)
+            return
+        self.consumer.write(data)
+        if self.paused:
+            self.owed += len(data)
+        else:
+            self.exchange.credit(len(data))
+
+    def end(self) -> None:
+        self.ended = True
+        if self.consumer is not None and not self.finished.called:
+            self.finished.callback(None)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.owed:
+            n, self.owed = self.owed, 0
+            self.exchange.credit(n)
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class _ResponseReader(Protocol):
+    """Receives the origin's response body (treq ``unbuffered``)."""
+
+    def __init__(self, exchange: BackendExchange) -> None:
+        self.exchange = exchange
+
+    def dataReceived(self, data: bytes) -> None:
+        self.exchange.response_data(data)
+
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.exchange.response_done(reason)
+
+
+class BackendExchange:
+    """One request from the tunnel served by an HTTP origin (a ResponderHandler)."""
+
+    log = Logger()
+
+    def __init__(self, tunnel: Tunnel, request_id: str, head: pb.TunnelMessage, origin: str, client: HTTPClient,
+                 *, set_host: str = "", finished: Callable[[dict[str, object]], None] | None = None) -> None:
+        self.tunnel = tunnel
+        self.request_id = request_id
+        self.head = head
+        self.origin = origin.rstrip("/")
+        self.client = client
+        self.set_host = set_host
+        self.finished_cb = finished
+        self.trace_id = head.trace_id
+        self.producer: TunnelBodyProducer | None = None
+        self.request_d: Deferred[IResponse] | None = None
+        self.reader: _ResponseReader | None = None
+        self.response_head: pb.TunnelMessage | None = None   # held while deliverBody runs
+        self.head_sent = False
+        self.done = False
+        self.status = 0
+        self.bytes_out = 0
+        self.started = time.monotonic()
+        self.method = head.http_request.method
+
+    # -- ResponderHandler ------------------------------------------------------------
+
+    def begin(self) -> None:
+        req = self.head.http_request
+        pairs = h.from_pb(req.headers)
+        if self.set_host:
+            pairs = h.replace_host(pairs, self.set_host.encode("latin-1"))
+        headers = Headers()
+        for name, value in pairs:
+            headers.addRawHeader(name, value)
+        body: Any = None
+        if not (req.is_last_chunk and not req.body):
+            self.producer = TunnelBodyProducer(self, req.content_length)
+            if req.body:
+                self.producer.write(req.body)
+            if req.is_last_chunk:
+                self.producer.end()
+            body = self.producer
+        url = (self.origin + req.url).encode("latin-1")
+        self.request_d = self.client.request(
+            self.method, url, headers=headers, data=body, unbuffered=True, allow_redirects=False,
+        )
+        self.request_d.addCallbacks(self._got_response, self._request_failed)
+
+    def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
+        body = msg.http_request.body
+        if self.producer is None:
+            return
+        if body:
+            self.producer.write(body)
+        if end:
+            self.producer.end()
+
+    def writable(self) -> None:
+        if self.reader is not None and self.reader.transport is not None:
+            self.reader.transport.resumeProducing()
+
+    def closed(self) -> None:
+        self._finished()
+
+    def aborted(self, code: int, message: str, by_peer: bool) -> None:
+        self.done = True
+        if self.request_d is not None and not self.request_d.called:
+            self.request_d.cancel()
+        if self.reader is not None and self.reader.transport is not None:
+            self.reader.transport.stopProducing()
+        if self.producer is not None:
+            self.producer.stopProducing()
+        self.status = self.status or code
+        self._log_finished()
+
+    # -- credit for the request body -----------------------------------------------------
+
+    def credit(self, n: int) -> None:
+        if not self.done:
+            self.tunnel.consumed(self.request_id, n)
+
+    # -- the origin's answer ---------------------------------------------------------------
+
+    def _got_response(self, response: IResponse) -> None:
+        if self.done:
+            return
+        self.status = response.code
+        pairs = [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values]
+        self.response_head = pb.TunnelMessage(
+            http_response=pb.HttpResponse(
+                status_code=response.code, reason=(response.phrase or b"").decode("latin-1"),
+                headers=h.to_pb(h.response_headers_for_client(pairs)), is_first_chunk=True,
+            )
+        )
+        if self.method == "HEAD" or response.code in _NO_BODY_STATUS or 100 <= response.code < 200:
+            self.response_head.http_response.is_last_chunk = True
+            self._send_head()
+            response.deliverBody(_Discard())
+            return
+        self.reader = _ResponseReader(self)
+        response.deliverBody(self.reader)  # may deliver the whole body synchronously
+        if self.response_head is not None:
+            self._send_head()
+
+    def _send_head(self) -> None:
+        msg, self.response_head = self.response_head, None
+        if msg is None or self.done:
+            return
+        self.head_sent = True
+        if not self.tunnel.send(self.request_id, msg):
+            self._pause_origin()
+
+    def response_data(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.bytes_out += len(data)
+        head = self.response_head
+        if head is not None and not head.http_response.body and len(data) <= s.MAX_CHUNK:
+            head.http_response.body = data
+            return
+        if head is not None:
+            self._send_head()
+        if not self.tunnel.send_body(self.request_id, data):
+            self._pause_origin()
+
+    def response_done(self, reason: Failure) -> None:
+        if self.done:
+            return
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            self.log.warn("backend response from {origin} broke off: {reason}", origin=self.origin,
+                          reason=reason.getErrorMessage(), request_id=self.request_id, trace_id=self.trace_id)
+            self.done = True
+            self.tunnel.cancel(self.request_id, s.BAD_GATEWAY, "backend response broke off")
+            self._log_finished()
+            return
+        head = self.response_head
+        if head is not None:
+            head.http_response.is_last_chunk = True
+            self._send_head()
+        else:
+            self.tunnel.send_body(self.request_id, b"", end=True)
+
+    def _pause_origin(self) -> None:
+        if self.reader is not None and self.reader.transport is not None:
+            self.reader.transport.pauseProducing()
+
+    def _request_failed(self, failure: Failure) -> None:
+        if self.done:
+            return
+        self.done = True
+        if failure.check(ConnectionRefusedError, DNSLookupError, TimeoutError):
+            message = f"backend {self.origin} unreachable: {failure.getErrorMessage()}"
+        elif failure.check(ResponseFailed):
+            message = f"backend {self.origin} failed: {failure.value!r}"
+        else:
+            message = f"backend {self.origin} error: {failure.getErrorMessage()}"
+        self.log.info("{message}", message=message, request_id=self.request_id, trace_id=self.trace_id)
+        self.status = 502
+        self.tunnel.cancel(self.request_id, s.BAD_GATEWAY, message)
+        self._log_finished()
+
+    def _finished(self) -> None:
+        if not self.done:
+            self.done = True
+            self._log_finished()
+
+    def _log_finished(self) -> None:
+        if self.finished_cb is not None:
+            self.finished_cb({
+                "protocol": "http", "route": self.head.http_request.route, "status": self.status,
+                "duration": time.monotonic() - self.started, "bytes_out": self.bytes_out,
+                "request_id": self.request_id, "trace_id": self.trace_id, "origin": self.origin,
+            })
+
+
+class _Discard(Protocol):
+    def connectionLost(self, reason: Failure = ConnectionDone()) -> None:  # type: ignore[assignment]
+        pass
+
+
+def make_client(reactor: Any, pool_size: int = 64) -> HTTPClient:
+    """A treq client with a persistent connection pool for backends."""
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = pool_size
+    pool.retryAutomatically = False  # never replay a non-idempotent request on our own
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+__all__ = ["BackendExchange", "TunnelBodyProducer", "make_client", "treq"]

@@ -1,0 +1,419 @@
+"""twisted.web entry for external HTTP requests, forwarded through a tunnel.
+
+Used by the server's ``http_listen`` (reverse direction) and, later, the
+client's ``http_entry`` (forward direction): a ``Dispatcher`` decides which
+tunnel a request goes to.
+
+twisted.web normally reads the whole request body (spooling it to a temp
+file) before ``render``.  ``EntryRequest`` instead starts the tunnel request as
+soon as the headers are in (``gotLength``), forwards every body chunk as it
+arrives and pauses the socket while the request's window is exhausted.  The
+response is written from ``render`` on, i.e. once the upload is complete; a
+response that arrives earlier waits, uncredited, so the window bounds it.
+Response bytes are credited back to the tunnel only while the external
+socket is not pushing back (we are the request's push producer).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.web import http, server
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from tunneld import session as s
+from tunneld import tunnel_pb2 as pb
+from tunneld.protocols import headers as h
+from tunneld.tunnel import Tunnel
+
+# Codes an ErrorMessage may carry that the external client sees unchanged.
+_PASSED_CODES = {413, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a request goes: a tunnel and the route's limits."""
+
+    tunnel: Tunnel
+    route: str
+    timeout: float
+    max_body_size: int = 0
+    set_host: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Answer the request locally (no route, no client)."""
+
+    status: int
+    message: str
+
+
+class Dispatcher(Protocol):
+    def dispatch(self, host: str, path: str) -> Target | Refusal:
+        """Pick the tunnel for a request, or say why not."""
+
+    def finished(self, record: dict[str, object]) -> None:
+        """A request ended (for logs and metrics)."""
+
+
+def trace_id_of(pairs: list[tuple[bytes, bytes]]) -> str:
+    """W3C traceparent's trace-id, else X-Request-Id, else a new id."""
+    tp = h.get_first(pairs, b"traceparent")
+    if tp:
+        parts = tp.split(b"-")
+        if len(parts) >= 4 and len(parts[1]) == 32:
+            return parts[1].decode("ascii", "replace")
+    rid = h.get_first(pairs, b"x-request-id")
+    if rid:
+        return rid.decode("latin-1")[:128]
+    return uuid.uuid4().hex
+
+
+@implementer(IPushProducer)
+class HttpExchange:
+    """One external HTTP request travelling through a tunnel."""
+
+    log = Logger()
+
+    def __init__(self, request: EntryRequest, dispatcher: Dispatcher, clock: IReactorTime, scheme: str) -> None:
+        self.request = request
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.scheme = scheme
+        self.started = time.monotonic()
+        self.tunnel: Tunnel | None = None
+        self.target: Target | None = None
+        self.request_id = ""
+        self.trace_id = ""
+        self.refusal: Refusal | None = None
+        self.pending_head: pb.TunnelMessage | None = None
+        self.rendered = False
+        self.head_received = False
+        self.done = False
+        self.paused = False
+        self.owed_credit = 0
+        self.early: list[tuple[pb.TunnelMessage, bool]] = []
+        self.body_in = 0
+        self.body_out = 0
+        self.status = 0
+        self.timer: IDelayedCall | None = None
+        self.socket_paused = False
+
+    # -- request side (called by EntryRequest) ---------------------------------
+
+    def head(self, length: int | None) -> None:
+        req = self.request
+        pairs = list(req.requestHeaders.getAllRawHeaders())
+        flat = [(name, value) for name, values in pairs for value in values]
+        host = (h.get_first(flat, b"host") or b"").decode("latin-1")
+        uri = req.uri.decode("latin-1")
+        path, _, query = uri.partition("?")
+        self.trace_id = trace_id_of(flat)
+        decision = self.dispatcher.dispatch(host, path)
+        if isinstance(decision, Refusal):
+            self.refusal = decision
+            return
+        if decision.max_body_size and length is not None and length > decision.max_body_size:
+            self.refusal = Refusal(413, f"request body of {length} bytes exceeds {decision.max_body_size}")
+            return
+        self.target = decision
+        peer = req.getClientAddress()
+        client_ip = getattr(peer, "host", "") or ""
+        fwd = h.request_headers_for_backend(
+            flat, client_ip=client_ip, proto=self.scheme, host=host, set_host=decision.set_host
+        )
+        msg = pb.TunnelMessage(
+            trace_id=self.trace_id,
+            http_request=pb.HttpRequest(
+                method=req.method.decode("latin-1"), url=uri, host=host, path=path, query=query,
+                headers=h.to_pb(fwd), is_first_chunk=True, route=decision.route, scheme=self.scheme,
+                remote_addr=client_ip, content_length=-1 if length is None else length,
+            ),
+        )
+        self.tunnel = decision.tunnel
+        if length == 0:
+            msg.http_request.is_last_chunk = True
+            self._start(msg)
+        else:
+            # Hold the head for the first body chunk: one message instead of two.
+            self.pending_head = msg
+
+    def _start(self, msg: pb.TunnelMessage) -> None:
+        assert self.tunnel is not None and self.target is not None
+        try:
+            self.request_id = self.tunnel.start(msg, self)
+        except s.SessionError as e:
+            self.refusal = Refusal(502, f"tunnel not available: {e}")
+            self.tunnel = None
+            return
+        self.timer = self.clock.callLater(self.target.timeout, self._timed_out)
+
+    def body(self, data: bytes) -> None:
+        if self.refusal is not None or self.done:
+            return
+        self.body_in += len(data)
+        assert self.target is not None
+        if self.target.max_body_size and self.body_in > self.target.max_body_size:
+            self._fail_request(413, f"request body exceeds {self.target.max_body_size} bytes")
+            return
+        if self.pending_head is not None:
+            msg, self.pending_head = self.pending_head, None
+            first = data[: s.MAX_CHUNK]
+            msg.http_request.body = first
+            self._start(msg)
+            data = data[len(first):]
+            if not data:
+                return
+        if self.tunnel is not None and not self.tunnel.send_body(self.request_id, data):
+            self._pause_socket()
+
+    def body_end(self) -> None:
+        if self.refusal is not None or self.done:
+            return
+        if self.pending_head is not None:
+            msg, self.pending_head = self.pending_head, None
+            msg.http_request.is_last_chunk = True
+            self._start(msg)
+        elif self.tunnel is not None:
+            self.tunnel.send_body(self.request_id, b"", end=True)
+
+    def _pause_socket(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None and not self.socket_paused:
+            self.socket_paused = True
+            transport.pauseProducing()
+
+    def _resume_socket(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None and self.socket_paused:
+            self.socket_paused = False
+            transport.resumeProducing()
+
+    def render(self) -> None:
+        """Called from the resource once the whole request was read."""
+        self.rendered = True
+        self.request.notifyFinish().addErrback(self._client_gone)
+        if self.refusal is not None:
+            self._answer_error(self.refusal.status, self.refusal.message)
+            return
+        early, self.early = self.early, []
+        for msg, end in early:
+            self.message_received(msg, end)
+
+    # -- tunnel side (ExchangeHandler) -------------------------------------------
+
+    def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
+        if not self.rendered:
+            self.early.append((msg, end))
+            return
+        resp = msg.http_response
+        req = self.request
+        if not self.head_received:
+            self.head_received = True
+            self._cancel_timer()
+            self.status = resp.status_code
+            req.setResponseCode(resp.status_code, resp.reason.encode("latin-1") if resp.reason else None)
+            req.responseHeaders = http.Headers()
+            for name, value in h.response_headers_for_client(h.from_pb(resp.headers)):
+                req.responseHeaders.addRawHeader(name, value)
+            req.registerProducer(self, True)
+            req.write(b"")  # the head goes out now, even before any body
+        data = resp.body
+        if data:
+            self.body_out += len(data)
+            req.write(data)
+            if self.paused:
+                self.owed_credit += len(data)
+            elif self.tunnel is not None:
+                self.tunnel.consumed(self.request_id, len(data))
+        if end:
+            self._finish()
+
+    def writable(self) -> None:
+        self._resume_socket()
+
+    def closed(self) -> None:
+        self._finish()
+
+    def aborted(self, code: int, message: str, by_peer: bool) -> None:
+        self.tunnel = None
+        if not self.rendered:
+            # Answer once the request has been read; stop forwarding its body.
+            self.refusal = Refusal(code if code in _PASSED_CODES else 502, message)
+            self._resume_socket()
+            self._cancel_timer()
+            return
+        if self.head_received:
+            # Mid-body: the only honest signal left is to cut the connection.
+            self.log.warn("{route} response aborted mid-body: {message}", route=self._route(), message=message,
+                          request_id=self.request_id, trace_id=self.trace_id)
+            self._end(abort=True)
+        else:
+            self._answer_error(code if code in _PASSED_CODES else 502, message)
+
+    # -- IPushProducer for the response body ----------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.owed_credit and self.tunnel is not None:
+            n, self.owed_credit = self.owed_credit, 0
+            self.tunnel.consumed(self.request_id, n)
+
+    def stopProducing(self) -> None:
+        self._client_gone(None)
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.head_received or self.done:
+            return
+        timeout = self.target.timeout if self.target else 0
+        self._fail_request(504, f"no response from the backend within {timeout:g} s")
+
+    def _fail_request(self, status: int, message: str) -> None:
+        if self.tunnel is not None and self.request_id:
+            self.tunnel.cancel(self.request_id, s.TIMEOUT if status == 504 else s.CANCELLED, message)
+        self.tunnel = None
+        self.pending_head = None
+        if self.rendered:
+            self._answer_error(status, message)
+        else:
+            self.refusal = Refusal(status, message)
+            self._resume_socket()
+
+    def _client_gone(self, _reason: object) -> None:
+        if self.done:
+            return
+        if self.tunnel is not None and self.request_id:
+            self.tunnel.cancel(self.request_id, s.CANCELLED, "external client went away")
+        self.tunnel = None
+        self.status = self.status or 499
+        self._end(abort=False, write=False)
+
+    def _answer_error(self, status: int, message: str) -> None:
+        if self.done:
+            return
+        req = self.request
+        self.status = status
+        body = f"{status} {http.RESPONSES.get(status, b'').decode()}: {message}\n".encode()
+        req.setResponseCode(status)
+        req.responseHeaders = http.Headers()
+        req.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        req.setHeader(b"content-length", str(len(body)).encode())
+        req.write(body)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._end(abort=False)
+
+    def _end(self, abort: bool, write: bool = True) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timer()
+        req = self.request
+        if write and self.rendered and not req.finished and not req._disconnected:
+            if req.producer is not None:
+                req.unregisterProducer()
+            if abort:
+                if req.channel is not None and req.channel.transport is not None:
+                    req.channel.transport.abortConnection()
+            else:
+                req.finish()
+        self.dispatcher.finished({
+            "protocol": "http", "route": self._route(), "status": self.status,
+            "duration": time.monotonic() - self.started, "bytes_in": self.body_in, "bytes_out": self.body_out,
+            "request_id": self.request_id, "trace_id": self.trace_id,
+            "method": req.method.decode("latin-1"), "path": req.path.decode("latin-1", "replace"),
+        })
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _route(self) -> str:
+        return self.target.route if self.target else "-"
+
+
+class EntryRequest(server.Request):
+    """A twisted.web request whose body streams into the tunnel."""
+
+    exchange: HttpExchange
+    defaultContentType = None  # never invent a Content-Type the backend did not send
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = _NullContent()
+        channel = self.channel
+        self.method = channel._command  # twisted fills these only after the body
+        self.uri = channel._path
+        self.clientproto = channel._version
+        self.path = self.uri.split(b"?", 1)[0]
+        site: EntrySite = channel.site
+        self.exchange = HttpExchange(self, site.dispatcher, site.clock, site.scheme)
+        self.exchange.head(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.exchange.body(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.exchange.body_end()
+        super().requestReceived(command, path, version)
+
+
+class _NullContent:
+    """Stands in for twisted.web's spooled body: we never keep it."""
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, *args: object) -> int:
+        return 0
+
+    def read(self, *args: object) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class EntryResource(Resource):
+    isLeaf = True
+
+    def render(self, request: EntryRequest) -> object:  # type: ignore[override]
+        request.exchange.render()
+        return server.NOT_DONE_YET
+
+
+class EntrySite(server.Site):
+    """The HTTP entry: every request goes to the dispatcher."""
+
+    requestFactory = EntryRequest
+
+    def __init__(self, dispatcher: Dispatcher, clock: IReactorTime, *, scheme: str = "http",
+                 max_header_size: int = 16384, resource: Resource | None = None) -> None:
+        super().__init__(resource or EntryResource())
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.scheme = scheme
+        self.max_header_size = max_header_size
+        self.displayTracebacks = False
+
+    def buildProtocol(self, addr: object) -> object:
+        channel = super().buildProtocol(addr)
+        channel.totalHeadersSize = self.max_header_size
+        return channel
+
+    def log(self, request: object) -> None:
+        pass  # one line per request comes from the dispatcher's ``finished``
