@@ -225,6 +225,13 @@ def body_of(msg: pb.TunnelMessage) -> bytes:
     return b""
 
 
+def _is_head(kind: str, msg: pb.TunnelMessage) -> bool:
+    """Does this message open its direction (a request or response head)?"""
+    if kind in ("http_request", "http_response", "grpc_request", "grpc_response"):
+        return bool(getattr(msg, kind).is_first_chunk)
+    return kind in ("ws_request", "ws_response")
+
+
 def _ends_direction(kind: str, msg: pb.TunnelMessage) -> bool:
     if kind in ("http_request", "http_response", "grpc_request", "grpc_response"):
         return bool(getattr(msg, kind).is_last_chunk)
@@ -476,12 +483,12 @@ class Session:
             self._receive_handshake(kind, msg)
         elif kind is None:
             self._violation("message without payload", msg.request_id)
+        elif kind == "error_message":
+            self._receive_error(msg)  # checked first: an error is never answered
         elif msg.direction != self.peer_direction:
             self._violation(f"{kind} has the wrong direction", msg.request_id)
         elif kind in _CONTROL_KINDS:
             self._receive_control(kind, msg)
-        elif kind == "error_message":
-            self._receive_error(msg)
         else:
             self._receive_exchange(kind, msg)
         return self.take_events()
@@ -535,7 +542,7 @@ class Session:
         rid = msg.request_id
         ex = self._exchanges.get(rid)
         if ex is None:
-            if kind in _REQUEST_KINDS and rid and rid not in self._recent_set:
+            if kind in _REQUEST_KINDS and rid and rid not in self._recent_set and _is_head(kind, msg):
                 self._receive_new_request(kind, msg)
             elif rid in self._recent_set:
                 pass  # in flight when we released it: expected, drop quietly
@@ -567,6 +574,10 @@ class Session:
         if ex.remote_ended:
             self._fail(ex, f"{kind} after the end of the peer's direction")
             return
+        expect_head = ex.initiated_here and not ex.head_received
+        if _is_head(kind, msg) != expect_head:
+            self._fail(ex, f"{kind} {'without' if expect_head else 'with'} a head where {'one' if expect_head else 'none'} belongs")
+            return
         body = body_of(msg)
         if ex.protocol == pb.HTTP and len(body) > self.max_chunk:
             self._fail(ex, f"body chunk of {len(body)} bytes exceeds {self.max_chunk}")
@@ -576,7 +587,7 @@ class Session:
         except FlowControlError as e:
             self._fail(ex, str(e))
             return
-        if kind in _RESPONSE_KINDS:
+        if expect_head:
             ex.head_received = True
         end = _ends_direction(kind, msg)
         if end:
@@ -584,7 +595,7 @@ class Session:
             if kind == "ws_response":
                 ex.local_ended = True  # a refused WebSocket never sends frames
         self._events.append(MessageReceived(rid, msg, end))
-        if end and ex.initiated_here and not ex.local_ended and ex.protocol != pb.WEBSOCKET:
+        if end and ex.initiated_here and (not ex.local_ended or ex.outbox) and ex.protocol != pb.WEBSOCKET:
             # The response is complete while we still send the request (an
             # early 413, a refused WebSocket, a gRPC server that finished
             # first): stop our direction and let the peer release too.
@@ -608,7 +619,9 @@ class Session:
             self._send_error(rid, PROTOCOL_ERROR, "protocol_type does not match the payload", protocol)
             return
         if self._remote_count >= self.max_concurrency:
-            self._send_error(rid, OVERLOADED, f"client at max_concurrency {self.max_concurrency}", protocol)
+            self._send_error(rid, OVERLOADED, f"at max_concurrency {self.max_concurrency}", protocol)
+            self._remember(rid)
+            self._events.append(ProtocolViolation(f"refused: at max_concurrency {self.max_concurrency}", rid))
             return
         body = body_of(msg)
         if protocol == pb.HTTP and len(body) > self.max_chunk:
@@ -636,10 +649,14 @@ class Session:
         if not ex.initiated_here:
             self._remote_count -= 1
         ex.outbox.clear()
+        self._remember(ex.request_id)
+
+    def _remember(self, request_id: str) -> None:
+        """Keep a released id for a while: late messages for it are dropped quietly."""
         if len(self._recent) == self._recent.maxlen:
             self._recent_set.discard(self._recent[0])
-        self._recent.append(ex.request_id)
-        self._recent_set.add(ex.request_id)
+        self._recent.append(request_id)
+        self._recent_set.add(request_id)
 
     def _fail(self, ex: Exchange, message: str) -> None:
         """A protocol violation on one exchange: end it on both sides."""

@@ -72,6 +72,7 @@ class Tunnel:
         self.handlers: dict[str, ExchangeHandler] = {}
         self.trace_ids: dict[str, str] = {}
         self._pumping = False
+        self._pending: list[s.Event] = []   # events returned by receive(), not yet dispatched
         self.lost_reason: str | None = None
         self.messages_in = 0
         self.messages_out = 0
@@ -126,7 +127,7 @@ class Tunnel:
     def receive(self, msg: pb.TunnelMessage) -> None:
         """A message from the peer (called by the bridge on the reactor thread)."""
         self.messages_in += 1
-        self.session.receive(msg)
+        self._pending.extend(self.session.receive(msg))
         self._pump()
 
     def lost(self, reason: str) -> None:
@@ -150,7 +151,8 @@ class Tunnel:
                 if out and flush and self.lost_reason is None:
                     self.messages_out += len(out)
                     self._send(out)
-                events = self.session.take_events()
+                events = self._pending + self.session.take_events()
+                self._pending = []
                 if not events and not out:
                     break
                 for event in events:

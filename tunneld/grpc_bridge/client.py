@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import grpc
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tunneld import tunnel_pb2_grpc as pb_grpc
@@ -50,12 +51,16 @@ class TunnelClientService(Service):
     log = Logger()
 
     def __init__(self, bridge: Bridge, target: str, token: str, connected: Callable[[StreamHandle], None],
+                 lost: Callable[[StreamHandle, str], None],
                  clock: Any, *, max_message_size: int, backoff: Backoff | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, server_name: str = "") -> None:
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str = "",
+                 before_stop: Callable[[], Deferred[None]] | None = None) -> None:
         self.bridge = bridge
         self.target = target
         self.token = token
         self.connected = connected
+        self.lost = lost
+        self.before_stop = before_stop
         self.clock = clock
         self.max_message_size = max_message_size
         self.backoff = backoff or Backoff()
@@ -63,6 +68,7 @@ class TunnelClientService(Service):
         self.server_name = server_name
         self.handle: StreamHandle | None = None
         self._retry: Any = None
+        self._ended: Deferred[None] | None = None
         self.attempts = 0
         self.reconnects = 0
 
@@ -71,14 +77,33 @@ class TunnelClientService(Service):
         self.bridge.start()
         self.dial()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        if self.handle is not None:
-            self.handle.abort("client stopping")
-            self.handle = None
+        d = maybeDeferred(self.before_stop) if self.before_stop is not None else succeed(None)
+        return d.addBoth(self._abort_rest)
+
+    def _abort_rest(self, _: object) -> Deferred[None] | None:
+        handle = self.handle
+        if handle is None:
+            return None
+        # A drained stream was closed cleanly; give the close a moment to reach
+        # the server before cancelling what is left.
+        ended: Deferred[None] = Deferred()
+        self._ended = ended
+        timer = self.clock.callLater(2.0, lambda: ended.called or ended.callback(None))
+
+        def abort(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if self.handle is handle:
+                self.handle = None
+                handle.abort("client stopping")
+                self.lost(handle, "client stopping")
+
+        return ended.addCallback(abort)
 
     def reset(self) -> None:
         self.backoff.reset()
@@ -95,10 +120,13 @@ class TunnelClientService(Service):
         self.connected(handle)
 
     def _lost(self, handle: StreamHandle, reason: str) -> None:
+        self.lost(handle, reason)
         if handle is not self.handle:
             return
         self.handle = None
         if not self.running:
+            if self._ended is not None and not self._ended.called:
+                self._ended.callback(None)
             return
         delay = self.backoff.next_delay()
         self.reconnects += 1

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tunneld import tunnel_pb2 as pb
@@ -106,7 +106,8 @@ class TunnelServerService(Service):
     log = Logger()
 
     def __init__(self, bridge: Bridge, listen: str, authenticate: Authenticate, on_stream: OnStream,
-                 *, max_message_size: int, credentials: grpc.ServerCredentials | None = None) -> None:
+                 *, max_message_size: int, credentials: grpc.ServerCredentials | None = None,
+                 before_stop: Callable[[], Deferred[None]] | None = None) -> None:
         self.bridge = bridge
         self.listen = listen
         self.authenticate = authenticate
@@ -117,6 +118,7 @@ class TunnelServerService(Service):
         self._server: grpc.aio.Server | None = None
         self._servicer: _Servicer | None = None
         self.ready: Deferred[int] = Deferred()
+        self.before_stop = before_stop
 
     def startService(self) -> None:
         super().startService()
@@ -155,8 +157,12 @@ class TunnelServerService(Service):
         self._server = server
         return port
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
+        d = maybeDeferred(self.before_stop) if self.before_stop is not None else succeed(None)
+        return d.addBoth(self._stop_server)
+
+    def _stop_server(self, _: object) -> Deferred[None] | None:
         if self._server is None or not self.bridge.running:
             return None
         server, self._server = self._server, None

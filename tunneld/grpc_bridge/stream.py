@@ -27,7 +27,8 @@ import concurrent.futures
 import threading
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
@@ -216,3 +217,29 @@ class StreamHandle:
 
     def reader_lost(self, reason: str) -> None:
         self.bridge.to_reactor(self.deliver_lost, reason)
+
+
+class BridgeService(MultiService):
+    """Starts the bridge thread before its children and stops it after them.
+
+    ``MultiService`` does not wait between children; nesting the grpc
+    services here makes sure their own ``stopService`` (drain, close calls,
+    stop servers) is done before the loop stops and the thread is joined.
+    """
+
+    def __init__(self, bridge: Bridge) -> None:
+        super().__init__()
+        self.bridge = bridge
+
+    def startService(self) -> None:
+        self.bridge.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[Any]:
+        d: Deferred[Any] = super().stopService()  # type: ignore[assignment]
+
+        def stop_thread(result: object) -> object:
+            self.bridge.stop()
+            return result
+
+        return d.addBoth(stop_thread)

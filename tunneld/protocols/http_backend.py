@@ -135,7 +135,9 @@ class BackendExchange:
             pairs = h.replace_host(pairs, self.set_host.encode("latin-1"))
         headers = Headers()
         for name, value in pairs:
-            headers.addRawHeader(name, value)
+            # The Agent frames the body itself from the producer's length.
+            if name.lower() != b"content-length":
+                headers.addRawHeader(name, value)
         body: Any = None
         if not (req.is_last_chunk and not req.body):
             self.producer = TunnelBodyProducer(self, req.content_length)

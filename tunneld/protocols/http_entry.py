@@ -105,6 +105,7 @@ class HttpExchange:
         self.status = 0
         self.timer: IDelayedCall | None = None
         self.socket_paused = False
+        self.request_ended = False
 
     # -- request side (called by EntryRequest) ---------------------------------
 
@@ -140,6 +141,7 @@ class HttpExchange:
         self.tunnel = decision.tunnel
         if length == 0:
             msg.http_request.is_last_chunk = True
+            self.request_ended = True
             self._start(msg)
         else:
             # Hold the head for the first body chunk: one message instead of two.
@@ -175,8 +177,9 @@ class HttpExchange:
             self._pause_socket()
 
     def body_end(self) -> None:
-        if self.refusal is not None or self.done:
+        if self.refusal is not None or self.done or self.request_ended:
             return
+        self.request_ended = True
         if self.pending_head is not None:
             msg, self.pending_head = self.pending_head, None
             msg.http_request.is_last_chunk = True

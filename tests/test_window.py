@@ -1,0 +1,217 @@
+"""Tests for tunneld.window: send credit, receive accounting and credit batching."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunneld.window import DEFAULT_WINDOW, FlowControlError, ReceiveWindow, SendWindow
+
+KIB = 1024
+
+
+class SendWindowTests(SynchronousTestCase):
+    def test_default_size(self) -> None:
+        """A new send window holds the default 256 KiB of credit."""
+        w = SendWindow()
+        self.assertEqual(DEFAULT_WINDOW, 256 * KIB)
+        self.assertEqual(w.size, DEFAULT_WINDOW)
+        self.assertEqual(w.available, DEFAULT_WINDOW)
+        self.assertTrue(w.can_send())
+
+    def test_spend_reduces_credit(self) -> None:
+        """Spending subtracts the unit's length; sending stays allowed while credit is left."""
+        w = SendWindow(1000)
+        w.spend(300)
+        self.assertEqual(w.available, 700)
+        self.assertTrue(w.can_send())
+        w.spend(699)
+        self.assertEqual(w.available, 1)
+        self.assertTrue(w.can_send())
+
+    def test_exhausted_window_blocks(self) -> None:
+        """Once exactly the whole window is spent, no further unit may be sent."""
+        w = SendWindow(1000)
+        w.spend(1000)
+        self.assertEqual(w.available, 0)
+        self.assertFalse(w.can_send())
+
+    def test_empty_unit_costs_nothing(self) -> None:
+        """A zero-length unit (an end marker, a close frame) leaves the credit unchanged."""
+        w = SendWindow(1000)
+        w.spend(0)
+        self.assertEqual(w.available, 1000)
+
+    def test_oversized_unit_overshoots(self) -> None:
+        """An indivisible unit larger than the credit may be spent while credit > 0 and leaves it negative."""
+        w = SendWindow(1000)
+        w.spend(999)
+        self.assertTrue(w.can_send())
+        w.spend(5000)
+        self.assertEqual(w.available, 1 - 5000)
+        self.assertFalse(w.can_send())
+
+    def test_oversized_unit_on_fresh_window(self) -> None:
+        """A unit four times the window fits on a fresh window and leaves a deficit of three windows."""
+        w = SendWindow(1000)
+        w.spend(4000)
+        self.assertEqual(w.available, -3000)
+        self.assertFalse(w.can_send())
+
+    def test_credit_restores(self) -> None:
+        """A WindowUpdate gives back exactly its increment of credit."""
+        w = SendWindow(1000)
+        w.spend(1000)
+        w.credit(250)
+        self.assertEqual(w.available, 250)
+        self.assertTrue(w.can_send())
+        w.credit(750)
+        self.assertEqual(w.available, 1000)
+
+    def test_credit_after_overshoot(self) -> None:
+        """Credit for an oversized unit is accepted in full and brings the window back to size."""
+        w = SendWindow(1000)
+        w.spend(4000)
+        w.credit(3000)
+        self.assertEqual(w.available, 0)
+        self.assertFalse(w.can_send())
+        w.credit(1000)
+        self.assertEqual(w.available, 1000)
+
+    def test_over_credit_raises(self) -> None:
+        """Credit beyond the bytes outstanding is a FlowControlError and changes nothing."""
+        w = SendWindow(1000)
+        w.spend(100)
+        self.assertRaises(FlowControlError, w.credit, 101)
+        self.assertEqual(w.available, 900)
+
+    def test_credit_on_full_window_raises(self) -> None:
+        """Any credit while nothing is outstanding is a FlowControlError."""
+        w = SendWindow(1000)
+        self.assertRaises(FlowControlError, w.credit, 1)
+        self.assertEqual(w.available, 1000)
+
+    def test_zero_or_negative_credit_raises(self) -> None:
+        """A WindowUpdate of zero or fewer bytes is a FlowControlError."""
+        w = SendWindow(1000)
+        w.spend(500)
+        self.assertRaises(FlowControlError, w.credit, 0)
+        self.assertRaises(FlowControlError, w.credit, -1)
+        self.assertEqual(w.available, 500)
+
+
+class ReceiveWindowTests(SynchronousTestCase):
+    def test_received_counts_unacked(self) -> None:
+        """Received bytes are counted as unacknowledged."""
+        w = ReceiveWindow(1000)
+        w.received(300)
+        w.received(700)
+        self.assertEqual(w.unacked, 1000)
+        self.assertEqual(w.consumed, 0)
+
+    def test_unit_while_window_full_raises(self) -> None:
+        """A unit that arrives while `size` bytes are already unacked is a FlowControlError."""
+        w = ReceiveWindow(1000)
+        w.received(1000)
+        self.assertRaises(FlowControlError, w.received, 1)
+        self.assertEqual(w.unacked, 1000)
+
+    def test_unit_overshooting_from_partial_window_allowed(self) -> None:
+        """A unit that starts below `size` unacked is allowed even if it overshoots the window."""
+        w = ReceiveWindow(1000)
+        w.received(999)
+        w.received(64 * KIB)
+        self.assertEqual(w.unacked, 999 + 64 * KIB)
+        self.assertRaises(FlowControlError, w.received, 1)
+
+    def test_empty_unit_when_full_allowed(self) -> None:
+        """A zero-length unit (an end marker) is allowed even when the window is full."""
+        w = ReceiveWindow(1000)
+        w.received(1000)
+        w.received(0)
+        self.assertEqual(w.unacked, 1000)
+
+    def test_small_consumption_is_batched(self) -> None:
+        """Consumption below a quarter window returns no credit yet."""
+        w = ReceiveWindow(1000)
+        w.received(1000)
+        self.assertEqual(w.consume(100), 0)
+        self.assertEqual(w.consume(149), 0)
+        self.assertEqual(w.consumed, 249)
+        self.assertEqual(w.unacked, 1000)
+
+    def test_quarter_window_returns_batch(self) -> None:
+        """Reaching a quarter window returns everything consumed so far, in one batch."""
+        w = ReceiveWindow(1000)
+        w.received(1000)
+        self.assertEqual(w.consume(100), 0)
+        self.assertEqual(w.consume(150), 250)
+        self.assertEqual(w.unacked, 750)
+        self.assertEqual(w.consumed, 0)
+        self.assertEqual(w.consume(249), 0)
+        self.assertEqual(w.consume(1), 250)
+        self.assertEqual(w.unacked, 500)
+
+    def test_batch_larger_than_quarter(self) -> None:
+        """A single large consumption is credited in full, not clipped to a quarter."""
+        w = ReceiveWindow(1000)
+        w.received(1000)
+        self.assertEqual(w.consume(900), 900)
+        self.assertEqual(w.unacked, 100)
+
+    def test_credit_never_exceeds_received(self) -> None:
+        """The consumer cannot be credited for more bytes than were received."""
+        w = ReceiveWindow(1000)
+        w.received(300)
+        self.assertEqual(w.consume(5000), 300)
+        self.assertEqual(w.unacked, 0)
+        self.assertEqual(w.consume(5000), 0)
+        self.assertEqual(w.unacked, 0)
+
+    def test_consume_before_receive_gives_nothing(self) -> None:
+        """Consumption reported before any bytes arrived is not banked as future credit."""
+        w = ReceiveWindow(1000)
+        self.assertEqual(w.consume(1000), 0)
+        w.received(100)
+        self.assertEqual(w.consume(0), 0)
+        self.assertEqual(w.consumed, 0)
+        self.assertEqual(w.unacked, 100)
+
+    def test_credit_reopens_window(self) -> None:
+        """After credit is returned a unit is accepted again on a window that was full."""
+        w = ReceiveWindow(1000)
+        w.received(1000)
+        self.assertEqual(w.consume(250), 250)
+        w.received(250)
+        self.assertEqual(w.unacked, 1000)
+
+    def test_oversized_unit_fully_creditable(self) -> None:
+        """A unit larger than the window is accepted on an empty window and credited in full."""
+        w = ReceiveWindow(1000)
+        w.received(4000)
+        self.assertRaises(FlowControlError, w.received, 1)
+        self.assertEqual(w.consume(4000), 4000)
+        self.assertEqual(w.unacked, 0)
+        w.received(1)
+
+    def test_tiny_window_credits_each_byte(self) -> None:
+        """A window smaller than four bytes still returns credit (threshold at least one byte)."""
+        w = ReceiveWindow(3)
+        w.received(3)
+        self.assertEqual(w.consume(1), 1)
+        self.assertEqual(w.unacked, 2)
+
+    def test_send_and_receive_agree(self) -> None:
+        """A sender that only sends while credit is positive never trips the receiver's check."""
+        send, recv = SendWindow(1000), ReceiveWindow(1000)
+        units = [300, 300, 300, 300, 50, 2000, 10, 700]
+        sent_units = 0
+        for n in units:
+            while not send.can_send():
+                credit = recv.consume(recv.unacked)
+                self.assertGreater(credit, 0)
+                send.credit(credit)
+            send.spend(n)
+            recv.received(n)
+            sent_units += 1
+        self.assertEqual(sent_units, len(units))
+        self.assertEqual(send.size - send.available, recv.unacked)

@@ -1,0 +1,200 @@
+"""Client side: the one tunnel stream, its routes, and serving its requests.
+
+For every connection attempt the dial service hands over a fresh
+``StreamHandle``; the hub builds a session on it, sends ``stream_open``, keeps
+the routes the server granted, and starts a backend exchange for each request
+the server sends, but only for a route it was given and, when
+``allow_backends`` is set, only to an allowed host:port.  A silent server
+(nothing received for ``heartbeat_timeout``) is dropped so the dial service
+reconnects.  SIGTERM lets in-flight requests finish, then closes cleanly.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from tunneld import __version__
+from tunneld import session as s
+from tunneld import tunnel_pb2 as pb
+from tunneld.config import ClientSettings
+from tunneld.grpc_bridge.stream import StreamHandle
+from tunneld.tunnel import ResponderHandler, Tunnel
+
+BackendFactory = Callable[[Tunnel, s.RequestReceived, pb.Route], ResponderHandler]
+
+
+def backend_hostport(url: str) -> str:
+    """"http://Host:port/…" -> "host:port" (default port by scheme)."""
+    scheme, _, rest = url.partition("://")
+    hostport = rest.split("/", 1)[0].lower()
+    if hostport.startswith("["):
+        return hostport if "]:" in hostport else f"{hostport}:{_DEFAULT_PORTS.get(scheme, 80)}"
+    if ":" not in hostport:
+        hostport = f"{hostport}:{_DEFAULT_PORTS.get(scheme, 80)}"
+    return hostport
+
+
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "grpc": 80, "https": 443, "wss": 443, "grpcs": 443}
+
+
+class ClientHub:
+    """Owner of the client's tunnel stream (a tunnel ``StreamOwner``)."""
+
+    log = Logger()
+
+    def __init__(self, settings: ClientSettings, clock: Any, backends: dict[int, BackendFactory]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.backends = backends
+        self.client_id = settings.client_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.tunnel: Tunnel | None = None
+        self.handle: StreamHandle | None = None
+        self.routes: dict[str, pb.Route] = {}
+        self.config_version = ""
+        self.connected_since: float | None = None
+        self.last_received = 0.0
+        self.rtt: float | None = None
+        self.on_ready: Callable[[], None] | None = None   # the dial service resets its backoff here
+        self.draining = False
+
+    # -- connection lifecycle -----------------------------------------------------
+
+    def connected(self, handle: StreamHandle) -> None:
+        """A fresh dial: build the session and send stream_open."""
+        session = s.Session(s.Role.CLIENT, client_id=self.client_id, max_concurrency=self.settings.max_concurrency)
+        tunnel = Tunnel(session, handle.send, self, name=handle.peer)
+        self.tunnel, self.handle = tunnel, handle
+        self.last_received = self.clock.seconds()
+        handle.on_message = lambda msg: self._received(tunnel, msg)
+        request = pb.StreamOpenRequest(
+            client_id=self.client_id, group=self.settings.group, version=__version__,
+            stream_id=uuid.uuid4().hex, token=self.settings.token, max_concurrency=self.settings.max_concurrency,
+        )
+        tunnel.control(lambda: session.open(request))
+
+    def lost(self, handle: StreamHandle, reason: str) -> None:
+        if handle is not self.handle or self.tunnel is None:
+            return
+        self.tunnel.lost(reason)
+        self.tunnel = self.handle = None
+        self.connected_since = None
+
+    def _received(self, tunnel: Tunnel, msg: pb.TunnelMessage) -> None:
+        self.last_received = self.clock.seconds()
+        tunnel.receive(msg)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.tunnel is not None and self.tunnel.is_open
+
+    # -- StreamOwner --------------------------------------------------------------
+
+    def stream_event(self, tunnel: Tunnel, event: s.Event) -> None:
+        if tunnel is not self.tunnel:
+            return
+        if isinstance(event, s.OpenAccepted):
+            self._install(event.response.config)
+            self.connected_since = self.clock.seconds()
+            self.log.info("connected to {server} as {client_id} (group {group}, {n} routes)",
+                          server=self.settings.server, client_id=self.client_id, group=self.settings.group,
+                          n=len(self.routes))
+            if self.on_ready is not None:
+                self.on_ready()
+        elif isinstance(event, s.OpenRejected):
+            self.log.error("server refused the stream: {message}", message=event.message)
+            self._drop(f"refused: {event.message}")
+        elif isinstance(event, s.ConfigReceived):
+            self._install(event.config)
+            self.log.info("routes updated to version {version} ({n} routes)", version=self.config_version,
+                          n=len(self.routes))
+        elif isinstance(event, s.HeartbeatReceived):
+            if event.ack:
+                self.rtt = max(0.0, time.time() - event.sent_at_ms / 1000.0)
+        elif isinstance(event, s.ProtocolViolation):
+            self.log.warn("protocol violation from the server: {message}", message=event.message,
+                          request_id=event.request_id, trace_id="")
+            if event.fatal:
+                self._drop(f"protocol violation: {event.message}")
+
+    def _install(self, config: pb.ConfigSyncResponse) -> None:
+        self.routes = {r.name: r for r in config.routes}
+        self.config_version = config.config_version
+
+    def request_received(self, tunnel: Tunnel, event: s.RequestReceived) -> ResponderHandler | None:
+        head = event.message
+        kind = head.WhichOneof("payload")
+        route_name = getattr(head, kind).route if kind else ""
+        route = self.routes.get(route_name)
+        trace = head.trace_id
+        if route is None:
+            self.log.warn("request for unknown route {route!r} refused", route=route_name,
+                          request_id=event.request_id, trace_id=trace)
+            tunnel.cancel(event.request_id, s.BAD_GATEWAY, f"client has no route {route_name!r}")
+            return None
+        allowed = self.settings.allow_backends
+        if allowed and backend_hostport(route.backend) not in allowed:
+            self.log.warn("backend {backend} of route {route} is not in allow_backends", backend=route.backend,
+                          route=route.name, request_id=event.request_id, trace_id=trace)
+            tunnel.cancel(event.request_id, s.BAD_GATEWAY, f"backend of route {route.name!r} not allowed by the client")
+            return None
+        factory = self.backends.get(event.protocol)
+        if factory is None:
+            tunnel.cancel(event.request_id, s.BAD_GATEWAY, "protocol not supported by this client")
+            return None
+        return factory(tunnel, event, route)
+
+    def finished(self, record: dict[str, object]) -> None:
+        self.log.info("{protocol} route={route} status={status} {duration:.3f}s out={bytes_out}", **record)
+
+    # -- periodic work --------------------------------------------------------------
+
+    def heartbeat_tick(self) -> None:
+        tunnel = self.tunnel
+        if tunnel is None:
+            return
+        if self.clock.seconds() - self.last_received > self.settings.heartbeat_timeout:
+            self._drop(f"nothing from the server for {self.settings.heartbeat_timeout:g} s")
+            return
+        now_ms = int(time.time() * 1000)
+        tunnel.control(lambda: tunnel.session.heartbeat(now_ms))
+
+    def config_sync_tick(self) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.is_open:
+            tunnel.control(lambda: tunnel.session.request_config(self.config_version))
+
+    def _drop(self, reason: str) -> None:
+        handle = self.handle
+        if handle is not None:
+            self.lost(handle, reason)
+            handle.abort(reason)
+
+    # -- SIGTERM ------------------------------------------------------------------------
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Let in-flight requests finish (up to ``timeout``), then close the stream cleanly."""
+        self.draining = True
+        tunnel = self.tunnel
+        if tunnel is None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        deadline = self.clock.seconds() + timeout
+
+        def check() -> None:
+            if self.tunnel is tunnel and len(tunnel.session) and self.clock.seconds() < deadline:
+                self.clock.callLater(0.05, check)
+                return
+            handle = self.handle
+            if handle is not None and self.tunnel is tunnel:
+                self.lost(handle, "client shutting down")
+                handle.close()
+            done.callback(None)
+
+        check()
+        return done

@@ -1,0 +1,76 @@
+"""``twistd tunneld-client``: options and the client's service tree.
+
+  bridge (thread) -> dial service (reconnects forever; drains before stopping)
+  heartbeat and config-sync TimerServices
+Without ``-c`` the client runs on built-in defaults that match the shipped
+etc/client.toml, so it works against the shipped etc/server.toml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from tunneld import session as s
+from tunneld import tunnel_pb2 as pb
+from tunneld.client_hub import ClientHub
+from tunneld.config import ClientConfig, ConfigError, load_client_config
+from tunneld.grpc_bridge.client import TunnelClientService
+from tunneld.grpc_bridge.stream import Bridge, BridgeService
+from tunneld.protocols.http_backend import BackendExchange, make_client
+from tunneld.tunnel import ResponderHandler, Tunnel
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", None, "client configuration file (TOML); default: built-in defaults"]]
+
+    def postOptions(self) -> None:
+        try:
+            self["loaded"] = load_client_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+@dataclass
+class ClientApp:
+    service: MultiService
+    hub: ClientHub
+    dial: TunnelClientService
+
+
+def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 64 * 1024 * 1024) -> ClientApp:
+    cfg = config.client
+    top = MultiService()
+    http_client = make_client(reactor)
+    hub: ClientHub
+
+    def http_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
+        return BackendExchange(tunnel, event.request_id, event.message, route.backend, http_client,
+                               finished=hub.finished)
+
+    hub = ClientHub(cfg, reactor, {pb.HTTP: http_backend})
+    bridge = Bridge(reactor)
+    bridge_service = BridgeService(bridge)
+    bridge_service.setServiceParent(top)
+    dial = TunnelClientService(
+        bridge, cfg.server, cfg.token, hub.connected, hub.lost, reactor,
+        max_message_size=max_message_size, before_stop=lambda: hub.drain(cfg.drain_timeout),
+    )
+    hub.on_ready = dial.reset
+    dial.setServiceParent(bridge_service)
+    for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick),
+                           (cfg.config_sync_interval, hub.config_sync_tick)):
+        timer = TimerService(interval, tick)
+        timer.clock = reactor
+        timer.setServiceParent(top)
+    return ClientApp(top, hub, dial)
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    return build_client(options["loaded"], reactor).service

@@ -1,0 +1,234 @@
+"""Server side: the connected tunnel streams, and which one serves a request.
+
+The hub accepts authenticated streams from the bridge (handshake, registry
+entry, the group's routes), keeps them alive (heartbeats, cleanup of silent
+streams), and answers the HTTP entry's question "which tunnel serves this
+host and path" (``dispatch``).  Losing a stream fails its requests at once.
+SIGTERM drains: new requests are refused, in-flight ones may finish for up
+to ``drain_timeout``, then streams close cleanly.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from tunneld import __version__
+from tunneld import session as s
+from tunneld import tunnel_pb2 as pb
+from tunneld.config import Route, ServerConfig
+from tunneld.grpc_bridge.stream import StreamHandle
+from tunneld.protocols.http_entry import Refusal, Target
+from tunneld.registry.routes import RouteTable
+from tunneld.registry.streams import DuplicateStream, StreamEntry, StreamRegistry
+from tunneld.tunnel import ResponderHandler, Tunnel
+
+
+def route_to_pb(route: Route) -> pb.Route:
+    return pb.Route(
+        name=route.name, host=route.host, path_prefix=route.path_prefix, backend=route.backend,
+        set_host=route.set_host, timeout=route.timeout, grpc_service=route.grpc_service,
+        max_message_size=route.max_message_size, max_body_size=route.max_body_size,
+    )
+
+
+@dataclass(eq=False)
+class ServerStream:
+    tunnel: Tunnel
+    handle: StreamHandle
+    entry: StreamEntry | None = None
+
+
+class ServerHub:
+    """Owner of every tunnel stream on the server (a tunnel ``StreamOwner``)."""
+
+    log = Logger()
+
+    def __init__(self, config: ServerConfig, clock: Any) -> None:
+        self.clock = clock
+        self.config = config
+        self.routes: RouteTable[Route] = RouteTable(config.routes)
+        self.registry = StreamRegistry(config.server.heartbeat_timeout)
+        self.streams: dict[Tunnel, ServerStream] = {}
+        self.draining = False
+        self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0}
+
+    # -- authentication (bridge thread: reads immutable config only) -----------
+
+    def authenticate(self, group: str, token: str) -> bool:
+        g = self.config.group(group)
+        if g is None:
+            return False
+        ok = False
+        for candidate in g.tokens:
+            # Compare against every token so timing says nothing about which.
+            ok |= hmac.compare_digest(candidate.encode(), token.encode())
+        return ok
+
+    # -- streams ----------------------------------------------------------------
+
+    def stream_connected(self, handle: StreamHandle, first: pb.TunnelMessage) -> None:
+        """An authenticated Proxy call (reactor thread)."""
+        cfg = self.config.server
+        session = s.Session(s.Role.SERVER, window=cfg.window)
+        tunnel = Tunnel(session, handle.send, self, name=handle.peer)
+        stream = ServerStream(tunnel, handle)
+        self.streams[tunnel] = stream
+        handle.on_message = lambda msg: self._received(stream, msg)
+        handle.on_lost = lambda reason: self._lost(stream, reason)
+        if self.draining:
+            tunnel.control(lambda: session.reject("server shutting down"))
+            self._close(stream, "server shutting down")
+            return
+        tunnel.receive(first)
+
+    def _received(self, stream: ServerStream, msg: pb.TunnelMessage) -> None:
+        if stream.entry is not None:
+            stream.entry.last_heartbeat = self.clock.seconds()
+        stream.tunnel.receive(msg)
+
+    def stream_event(self, tunnel: Tunnel, event: s.Event) -> None:
+        stream = self.streams.get(tunnel)
+        if stream is None:
+            return
+        if isinstance(event, s.OpenRequested):
+            self._open(stream, event.request)
+        elif isinstance(event, s.HeartbeatReceived):
+            if event.ack and stream.entry is not None:
+                rtt = max(0.0, time.time() - event.sent_at_ms / 1000.0)
+                self.registry.touch(stream.entry.key, self.clock.seconds(), rtt)
+        elif isinstance(event, s.ConfigSyncRequested):
+            if stream.entry is not None and event.version != self.config.version():
+                tunnel.control(lambda: tunnel.session.push_config(self._config_for(stream.entry.group)))  # type: ignore[union-attr]
+        elif isinstance(event, s.ProtocolViolation):
+            self.counters["violations"] += 1
+            self.log.warn("protocol violation from {client}: {message}", client=self._who(stream),
+                          message=event.message, request_id=event.request_id, trace_id="")
+            if event.fatal:
+                self._close(stream, f"protocol violation: {event.message}", abort=True)
+
+    def _open(self, stream: ServerStream, req: pb.StreamOpenRequest) -> None:
+        now = self.clock.seconds()
+        entry = StreamEntry(
+            group=req.group, client_id=req.client_id or "anonymous", stream_id=req.stream_id or str(id(stream)),
+            handle=stream, connected_at=now, last_heartbeat=now, address=stream.handle.peer, version=req.version,
+        )
+        session = stream.tunnel.session
+        try:
+            self.registry.add(entry)
+        except DuplicateStream:
+            stream.tunnel.control(lambda: session.reject("duplicate client_id and stream_id"))
+            self._close(stream, "duplicate stream")
+            return
+        stream.entry = entry
+        self.counters["streams_opened"] += 1
+        response = pb.StreamOpenResponse(message=f"tunneld {__version__}", config=self._config_for(req.group))
+        stream.tunnel.control(lambda: session.accept(response))
+        self.log.info("client {client_id} connected to group {group} from {address} (stream {stream_id})",
+                      client_id=entry.client_id, group=entry.group, address=entry.address, stream_id=entry.stream_id)
+
+    def _config_for(self, group: str) -> pb.ConfigSyncResponse:
+        return pb.ConfigSyncResponse(
+            config_version=self.config.version(),
+            routes=[route_to_pb(r) for r in self.config.routes_for_group(group)],
+        )
+
+    def request_received(self, tunnel: Tunnel, event: s.RequestReceived) -> ResponderHandler | None:
+        # Forward direction (client http_entry -> upstreams) is served by a later module.
+        tunnel.cancel(event.request_id, 404, "this server has no forward rules")
+        return None
+
+    def _lost(self, stream: ServerStream, reason: str) -> None:
+        self._close(stream, reason)
+
+    def _close(self, stream: ServerStream, reason: str, abort: bool = False) -> None:
+        if self.streams.pop(stream.tunnel, None) is None:
+            return
+        stream.tunnel.lost(reason)
+        if stream.entry is not None:
+            self.registry.remove(stream.entry.key)
+            self.log.info("client {client_id} disconnected: {reason}", client_id=stream.entry.client_id, reason=reason)
+        if abort:
+            stream.handle.abort(reason)
+        else:
+            stream.handle.close()
+
+    def _who(self, stream: ServerStream) -> str:
+        return stream.entry.client_id if stream.entry else stream.handle.peer
+
+    # -- periodic work (TimerServices) ---------------------------------------------
+
+    def heartbeat_tick(self) -> None:
+        now_ms = int(time.time() * 1000)
+        for stream in list(self.streams.values()):
+            if stream.entry is not None:
+                session = stream.tunnel.session
+                stream.tunnel.control(lambda: session.heartbeat(now_ms))
+
+    def cleanup_tick(self) -> None:
+        for entry in self.registry.expire(self.clock.seconds()):
+            stream = entry.handle
+            assert isinstance(stream, ServerStream)
+            self.log.warn("client {client_id}: no heartbeat for {timeout:g} s, dropping its stream",
+                          client_id=entry.client_id, timeout=self.registry.heartbeat_timeout)
+            self._close(stream, "heartbeat timeout", abort=True)
+
+    # -- the HTTP entry's Dispatcher -------------------------------------------------
+
+    def choose(self, group: str) -> Tunnel | None:
+        entries = self.registry.streams(group)
+        for entry in entries:
+            entry.in_flight = len(entry.handle.tunnel.session)  # type: ignore[attr-defined]
+        entry = self.registry.choose(group, self.clock.seconds())
+        if entry is None:
+            return None
+        tunnel: Tunnel = entry.handle.tunnel  # type: ignore[attr-defined]
+        return tunnel if tunnel.is_open else None
+
+    def dispatch(self, host: str, path: str) -> Target | Refusal:
+        if self.draining:
+            return Refusal(503, "server is shutting down")
+        route = self.routes.match_http(host, path)
+        if route is None:
+            return Refusal(404, f"no route for host {host or '-'} path {path}")
+        tunnel = self.choose(route.group)
+        if tunnel is None:
+            return Refusal(502, f"no client connected for group {route.group!r} (route {route.name})")
+        self.counters["requests"] += 1
+        return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host)
+
+    def finished(self, record: dict[str, object]) -> None:
+        self.log.info(
+            "{protocol} {method} {path} route={route} status={status} {duration:.3f}s in={bytes_in} out={bytes_out}",
+            **record,
+        )
+
+    # -- SIGTERM ----------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        return sum(len(stream.tunnel.session) for stream in self.streams.values())
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Refuse new requests, wait for in-flight ones (up to ``timeout``), close streams."""
+        self.draining = True
+        done: Deferred[None] = Deferred()
+        deadline = self.clock.seconds() + timeout
+
+        def check() -> None:
+            if self.in_flight() and self.clock.seconds() < deadline:
+                self.clock.callLater(0.05, check)
+                return
+            left = self.in_flight()
+            if left:
+                self.log.warn("drain timeout: {n} requests still in flight are cut", n=left)
+            for stream in list(self.streams.values()):
+                self._close(stream, "server shutting down")
+            done.callback(None)
+
+        check()
+        return done

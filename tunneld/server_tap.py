@@ -1,0 +1,82 @@
+"""``twistd tunneld-server``: options and the server's service tree.
+
+The tree (children start in this order, stop in reverse):
+  bridge (thread)  -> tunnel port (grpc.aio; drains the hub before stopping)
+  HTTP entry       (twisted.web Site on http_listen)
+  heartbeat, cleanup TimerServices
+Nothing here touches grpc or starts threads: that happens in startService,
+after twistd has forked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from tunneld.config import ConfigError, ServerConfig, load_server_config, parse_listen
+from tunneld.grpc_bridge.server import TunnelServerService
+from tunneld.grpc_bridge.stream import Bridge, BridgeService
+from tunneld.protocols.http_entry import EntrySite
+from tunneld.server_hub import ServerHub
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", "etc/server.toml", "server configuration file (TOML)"]]
+
+    def postOptions(self) -> None:
+        try:
+            self["loaded"] = load_server_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def server_endpoint(reactor: Any, listen: str, backlog: int = 1024) -> Any:
+    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+
+    host, port = parse_listen(listen)
+    if ":" in host:
+        return TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=host)
+    return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
+
+
+@dataclass
+class ServerApp:
+    service: MultiService
+    hub: ServerHub
+    tunnel: TunnelServerService
+    http: StreamServerEndpointService | None
+
+
+def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
+    cfg = config.server
+    top = MultiService()
+    hub = ServerHub(config, reactor)
+    bridge = Bridge(reactor)
+    bridge_service = BridgeService(bridge)
+    bridge_service.setServiceParent(top)
+    tunnel = TunnelServerService(
+        bridge, cfg.tunnel_listen, hub.authenticate, hub.stream_connected,
+        max_message_size=cfg.max_message_size, before_stop=lambda: hub.drain(cfg.drain_timeout),
+    )
+    tunnel.setServiceParent(bridge_service)
+    http = None
+    if cfg.http_listen:
+        site = EntrySite(hub, reactor, max_header_size=cfg.max_header_size)
+        http = StreamServerEndpointService(server_endpoint(reactor, cfg.http_listen), site)
+        http._raiseSynchronously = True
+        http.setServiceParent(top)
+    for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick), (cfg.cleanup_interval, hub.cleanup_tick)):
+        timer = TimerService(interval, tick)
+        timer.clock = reactor
+        timer.setServiceParent(top)
+    return ServerApp(top, hub, tunnel, http)
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    return build_server(options["loaded"], reactor).service
