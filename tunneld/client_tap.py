@@ -21,7 +21,7 @@ from tunneld.client_hub import ClientHub
 from tunneld.config import ClientConfig, ConfigError, load_client_config
 from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService
-from tunneld.protocols.http_backend import BackendExchange, make_client
+from tunneld.protocols.http_backend import BackendExchange, make_agent
 from tunneld.tunnel import ResponderHandler, Tunnel
 
 
@@ -45,11 +45,11 @@ class ClientApp:
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 64 * 1024 * 1024) -> ClientApp:
     cfg = config.client
     top = MultiService()
-    http_client = make_client(reactor)
+    agent = make_agent(reactor)
     hub: ClientHub
 
     def http_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
-        return BackendExchange(tunnel, event.request_id, event.message, route.backend, http_client,
+        return BackendExchange(tunnel, event.request_id, event.message, route.backend, agent,
                                finished=hub.finished)
 
     hub = ClientHub(cfg, reactor, {pb.HTTP: http_backend})

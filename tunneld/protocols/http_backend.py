@@ -1,4 +1,9 @@
-"""Serve one tunnelled HTTP request by dialing the origin with treq, streaming.
+"""Serve one tunnelled HTTP request by dialing the origin, streaming.
+
+The origin is dialled with Twisted's ``Agent`` (the layer treq is built on),
+not treq itself: treq always adds a shared cookie jar and a gzip-decoding
+agent, and a transparent proxy must neither store users' cookies nor
+rewrite ``Accept-Encoding`` and bodies.
 
 The client uses it for backends of its routes; the server (forward
 direction) for upstreams.  The request body arrives from the tunnel and is fed
@@ -14,18 +19,16 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import treq
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from tunneld import session as s
@@ -38,7 +41,7 @@ _NO_BODY_STATUS = {204, 304}
 
 @implementer(IBodyProducer)
 class TunnelBodyProducer:
-    """Request body from the tunnel to treq, with credit only for what was written."""
+    """Request body from the tunnel to the Agent, with credit only for what was written."""
 
     def __init__(self, exchange: BackendExchange, length: int) -> None:
         self.exchange = exchange
@@ -47,7 +50,7 @@ class TunnelBodyProducer:
         self.finished: Deferred[None] = Deferred()
         self.paused = False
         self.owed = 0
-        self.buffer: list[bytes] = []  # body that arrived before treq asked for it
+        self.buffer: list[bytes] = []  # body that arrived before the Agent asked for it
         self.ended = False
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
@@ -88,7 +91,7 @@ class TunnelBodyProducer:
 
 
 class _ResponseReader(Protocol):
-    """Receives the origin's response body (treq ``unbuffered``)."""
+    """Receives the origin's response body as it arrives."""
 
     def __init__(self, exchange: BackendExchange) -> None:
         self.exchange = exchange
@@ -105,13 +108,13 @@ class BackendExchange:
 
     log = Logger()
 
-    def __init__(self, tunnel: Tunnel, request_id: str, head: pb.TunnelMessage, origin: str, client: HTTPClient,
+    def __init__(self, tunnel: Tunnel, request_id: str, head: pb.TunnelMessage, origin: str, agent: IAgent,
                  *, set_host: str = "", finished: Callable[[dict[str, object]], None] | None = None) -> None:
         self.tunnel = tunnel
         self.request_id = request_id
         self.head = head
         self.origin = origin.rstrip("/")
-        self.client = client
+        self.agent = agent
         self.set_host = set_host
         self.finished_cb = finished
         self.trace_id = head.trace_id
@@ -138,7 +141,7 @@ class BackendExchange:
             # The Agent frames the body itself from the producer's length.
             if name.lower() != b"content-length":
                 headers.addRawHeader(name, value)
-        body: Any = None
+        body: IBodyProducer | None = None
         if not (req.is_last_chunk and not req.body):
             self.producer = TunnelBodyProducer(self, req.content_length)
             if req.body:
@@ -147,9 +150,7 @@ class BackendExchange:
                 self.producer.end()
             body = self.producer
         url = (self.origin + req.url).encode("latin-1")
-        self.request_d = self.client.request(
-            self.method, url, headers=headers, data=body, unbuffered=True, allow_redirects=False,
-        )
+        self.request_d = self.agent.request(self.method.encode("latin-1"), url, headers, body)
         self.request_d.addCallbacks(self._got_response, self._request_failed)
 
     def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
@@ -192,6 +193,10 @@ class BackendExchange:
             return
         self.status = response.code
         pairs = [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values]
+        if response.length is not UNKNOWN_LENGTH and self.method != "HEAD" and response.code not in _NO_BODY_STATUS:
+            # Twisted keeps Content-Length among connection headers; the
+            # external client should still learn the length.
+            pairs.append((b"Content-Length", str(response.length).encode()))
         self.response_head = pb.TunnelMessage(
             http_response=pb.HttpResponse(
                 status_code=response.code, reason=(response.phrase or b"").decode("latin-1"),
@@ -284,14 +289,9 @@ class _Discard(Protocol):
         pass
 
 
-def make_client(reactor: Any, pool_size: int = 64) -> HTTPClient:
-    """A treq client with a persistent connection pool for backends."""
-    from twisted.web.client import Agent, HTTPConnectionPool
-
+def make_agent(reactor: Any, pool_size: int = 64) -> IAgent:
+    """An Agent with a persistent connection pool for backends."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = pool_size
     pool.retryAutomatically = False  # never replay a non-idempotent request on our own
-    return HTTPClient(Agent(reactor, pool=pool))
-
-
-__all__ = ["BackendExchange", "TunnelBodyProducer", "make_client", "treq"]
+    return Agent(reactor, pool=pool)
