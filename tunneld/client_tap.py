@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.web.client import HTTPConnectionPool
 from twisted.python import usage
 
 from tunneld import session as s
@@ -45,7 +46,7 @@ class ClientApp:
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 64 * 1024 * 1024) -> ClientApp:
     cfg = config.client
     top = MultiService()
-    agent = make_agent(reactor)
+    agent, pool = make_agent(reactor)
     hub: ClientHub
 
     def http_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
@@ -62,12 +63,24 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     )
     hub.on_ready = dial.reset
     dial.setServiceParent(bridge_service)
+    _PoolCloser(pool).setServiceParent(top)
     for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick),
                            (cfg.config_sync_interval, hub.config_sync_tick)):
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)
     return ClientApp(top, hub, dial)
+
+
+class _PoolCloser(Service):
+    """Closes idle backend connections when the client stops."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.pool.closeCachedConnections()
 
 
 def makeService(options: Options) -> MultiService:

@@ -171,7 +171,9 @@ class BackendExchange:
 
     def aborted(self, code: int, message: str, by_peer: bool) -> None:
         self.done = True
-        if self.request_d is not None and not self.request_d.called:
+        if self.request_d is not None:
+            # No ``called`` guard: while it waits on the connection's own
+            # Deferred it counts as called, and cancel() still reaches it.
             self.request_d.cancel()
         if self.reader is not None and self.reader.transport is not None:
             self.reader.transport.stopProducing()
@@ -289,9 +291,9 @@ class _Discard(Protocol):
         pass
 
 
-def make_agent(reactor: Any, pool_size: int = 64) -> IAgent:
-    """An Agent with a persistent connection pool for backends."""
+def make_agent(reactor: Any, pool_size: int = 64) -> tuple[IAgent, HTTPConnectionPool]:
+    """An Agent with a persistent connection pool for backends (close the pool on stop)."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = pool_size
     pool.retryAutomatically = False  # never replay a non-idempotent request on our own
-    return Agent(reactor, pool=pool)
+    return Agent(reactor, pool=pool), pool
