@@ -62,7 +62,13 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
         if not token or not self.authenticate(so.group, token):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid token for group {so.group!r}")
         handle = StreamHandle(self.bridge, peer=context.peer())
-        handle.attach(lambda reason: task.cancel())
+        aborted: list[str] = []
+
+        def abort(reason: str) -> None:
+            aborted.append(reason)
+            task.cancel()
+
+        handle.attach(abort)
         writer = asyncio.get_running_loop().create_task(handle.run_writer(context.write))
         self.bridge.to_reactor(self.on_stream, handle, first)
         reason = "client closed the stream"
@@ -82,8 +88,13 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
                 reason = "closed by the server"
                 handle.reader_lost(reason)
         except asyncio.CancelledError:
-            handle.reader_lost("stream cancelled by the server")
-            raise
+            writer.cancel()
+            if not aborted:
+                handle.reader_lost("stream cancelled")
+                raise
+            handle.reader_lost(aborted[0])
+            # The reactor ended this stream (violation, heartbeat timeout): say why.
+            await context.abort(grpc.StatusCode.ABORTED, aborted[0])
         finally:
             writer.cancel()
 

@@ -1,0 +1,137 @@
+"""Malformed tunnel traffic on the real tunnel port ends only the offender."""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+import grpc
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from tests.backends import test_site
+from tests.harness import TOKEN, Stack, wait_for
+from tunneld import tunnel_pb2 as pb
+from tunneld import tunnel_pb2_grpc as pb_grpc
+
+
+def rogue_session(port: int, messages: list[pb.TunnelMessage], token: str = TOKEN,
+                  read: int = 10) -> tuple[list[pb.TunnelMessage], str]:
+    """Speak to the tunnel port with a plain grpc client (in a thread); return what came back."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    outbox: queue.Queue[pb.TunnelMessage | None] = queue.Queue()
+    for m in messages:
+        outbox.put(m)
+
+    def requests() -> Any:
+        while True:
+            item = outbox.get(timeout=10)
+            if item is None:
+                return
+            yield item
+
+    got: list[pb.TunnelMessage] = []
+    status = "OK"
+    try:
+        call = channel.stream_stream("/tunneld.v1.TunnelService/Proxy",
+                                     request_serializer=pb.TunnelMessage.SerializeToString,
+                                     response_deserializer=pb.TunnelMessage.FromString)(
+            requests(), metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+        for msg in call:
+            got.append(msg)
+            if len(got) >= read:
+                break
+        outbox.put(None)
+    except grpc.RpcError as e:
+        status = e.code().name
+    finally:
+        outbox.put(None)
+        channel.close()
+    return got, status
+
+
+def c2s(**payload: Any) -> pb.TunnelMessage:
+    return pb.TunnelMessage(direction=pb.CLIENT_TO_SERVER, **payload)
+
+
+class RogueStreamTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        site, self.held, self.never = test_site()
+        self.backend = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.stack = Stack([{"name": "web", "group": "default",
+                             "backend": f"http://127.0.0.1:{self.backend.getHost().port}"}])
+        yield self.stack.start()
+        self.client = yield self.stack.add_client()
+        self.pool = HTTPConnectionPool(reactor)
+        self.http = HTTPClient(Agent(reactor, pool=self.pool))
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        yield self.pool.closeCachedConnections()
+        yield self.stack.stop()
+        yield self.backend.stopListening()
+
+    @inlineCallbacks
+    def assertLegitimateClientWorks(self) -> Any:
+        resp = yield self.http.get(self.stack.url("/small"))
+        self.assertEqual(resp.code, 200)
+        self.assertEqual((yield treq.content(resp)), b"ok\n")
+        yield wait_for(lambda: self.stack.server_in_flight() == 0, what="request table empty")
+
+    @inlineCallbacks
+    def test_message_before_stream_open_is_refused(self) -> Any:
+        """A stream whose first message is not stream_open is ended (FAILED_PRECONDITION), nothing registered."""
+        got, status = yield deferToThread(rogue_session, self.stack.tunnel_port,
+                                          [c2s(heartbeat=pb.Heartbeat(sent_at_ms=1))])
+        self.assertEqual(status, "FAILED_PRECONDITION")
+        self.assertEqual(len(self.stack.server.hub.registry), 1)  # type: ignore[union-attr]
+        yield self.assertLegitimateClientWorks()
+
+    @inlineCallbacks
+    def test_wrong_token_is_unauthenticated(self) -> Any:
+        """A stream with a wrong token gets UNAUTHENTICATED."""
+        open_msg = c2s(protocol_type=pb.CONTROL,
+                       stream_open=pb.StreamOpenRequest(client_id="rogue", group="default", stream_id="r1"))
+        got, status = yield deferToThread(rogue_session, self.stack.tunnel_port, [open_msg], "nope")
+        self.assertEqual(status, "UNAUTHENTICATED")
+        yield self.assertLegitimateClientWorks()
+
+    @inlineCallbacks
+    def test_responses_for_other_streams_requests_are_dropped(self) -> Any:
+        """Answers for unknown request_ids, stray window updates and empty messages get ErrorMessages; others unaffected."""
+        open_msg = c2s(protocol_type=pb.CONTROL,
+                       stream_open=pb.StreamOpenRequest(client_id="rogue", group="default", stream_id="r2"))
+        bad = [
+            open_msg,
+            c2s(request_id="not-mine", protocol_type=pb.HTTP,
+                http_response=pb.HttpResponse(status_code=200, is_first_chunk=True, is_last_chunk=True)),
+            c2s(request_id="not-mine-2", protocol_type=pb.HTTP, window_update=pb.WindowUpdate(increment=5)),
+        ]
+        got, status = yield deferToThread(rogue_session, self.stack.tunnel_port, bad, TOKEN, 3)
+        kinds = [m.WhichOneof("payload") for m in got]
+        self.assertEqual(kinds[0], "stream_open_response")
+        errors = {m.request_id: m.error_message.code for m in got if m.WhichOneof("payload") == "error_message"}
+        self.assertEqual(errors, {"not-mine": 400, "not-mine-2": 400})
+        assert self.stack.server is not None
+        yield wait_for(lambda: self.stack.server.hub.counters["violations"] >= 2, what="violations counted")
+        yield self.assertLegitimateClientWorks()
+
+    @inlineCallbacks
+    def test_second_stream_open_closes_only_that_stream(self) -> Any:
+        """A second stream_open on an open stream is fatal for that stream only."""
+        open_msg = c2s(protocol_type=pb.CONTROL,
+                       stream_open=pb.StreamOpenRequest(client_id="rogue", group="default", stream_id="r3"))
+        got, status = yield deferToThread(rogue_session, self.stack.tunnel_port, [open_msg, open_msg], TOKEN, 5)
+        self.assertEqual(got[0].WhichOneof("payload"), "stream_open_response")
+        self.assertEqual(status, "ABORTED")
+        assert self.stack.server is not None
+        yield wait_for(lambda: len(self.stack.server.hub.registry) == 1, what="rogue stream dropped")
+        yield self.assertLegitimateClientWorks()
