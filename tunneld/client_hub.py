@@ -12,7 +12,6 @@ reconnects.  SIGTERM lets in-flight requests finish, then closes cleanly.
 from __future__ import annotations
 
 import socket
-import time
 import uuid
 from typing import Any, Callable
 
@@ -115,7 +114,7 @@ class ClientHub:
                           n=len(self.routes))
         elif isinstance(event, s.HeartbeatReceived):
             if event.ack:
-                self.rtt = max(0.0, time.time() - event.sent_at_ms / 1000.0)
+                self.rtt = max(0.0, self.clock.seconds() - event.sent_at_ms / 1000.0)
         elif isinstance(event, s.ProtocolViolation):
             self.log.warn("protocol violation from the server: {message}", message=event.message,
                           request_id=event.request_id, trace_id="")
@@ -127,6 +126,9 @@ class ClientHub:
         self.config_version = config.config_version
 
     def request_received(self, tunnel: Tunnel, event: s.RequestReceived) -> ResponderHandler | None:
+        if self.draining:
+            tunnel.cancel(event.request_id, s.OVERLOADED, "client is shutting down")
+            return None
         head = event.message
         kind = head.WhichOneof("payload")
         route_name = getattr(head, kind).route if kind else ""
@@ -161,7 +163,7 @@ class ClientHub:
         if self.clock.seconds() - self.last_received > self.settings.heartbeat_timeout:
             self._drop(f"nothing from the server for {self.settings.heartbeat_timeout:g} s")
             return
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock.seconds() * 1000)
         tunnel.control(lambda: tunnel.session.heartbeat(now_ms))
 
     def config_sync_tick(self) -> None:

@@ -11,7 +11,6 @@ to ``drain_timeout``, then streams close cleanly.
 from __future__ import annotations
 
 import hmac
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +99,7 @@ class ServerHub:
             self._open(stream, event.request)
         elif isinstance(event, s.HeartbeatReceived):
             if event.ack and stream.entry is not None:
-                rtt = max(0.0, time.time() - event.sent_at_ms / 1000.0)
+                rtt = max(0.0, self.clock.seconds() - event.sent_at_ms / 1000.0)
                 self.registry.touch(stream.entry.key, self.clock.seconds(), rtt)
         elif isinstance(event, s.ConfigSyncRequested):
             if stream.entry is not None and event.version != self.config.version():
@@ -164,7 +163,7 @@ class ServerHub:
     # -- periodic work (TimerServices) ---------------------------------------------
 
     def heartbeat_tick(self) -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock.seconds() * 1000)
         for stream in list(self.streams.values()):
             if stream.entry is not None:
                 session = stream.tunnel.session

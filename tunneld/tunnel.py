@@ -134,6 +134,12 @@ class Tunnel:
         """The stream is gone: fail every request in flight at once."""
         if self.lost_reason is not None:
             return
+        # Messages queued by the handler that decided to close (a refusal)
+        # still go out; on a dead stream the handle drops them.
+        out = self.session.take_outgoing()
+        if out:
+            self.messages_out += len(out)
+            self._send(out)
         self.lost_reason = reason
         self.session.fail_all(f"tunnel stream lost: {reason}")
         self._pump(flush=False)

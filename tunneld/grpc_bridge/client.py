@@ -36,7 +36,7 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
-        base = min(self.cap, self.initial * self.factor ** self.attempt)
+        base = min(self.cap, self.initial * self.factor ** min(self.attempt, 64))
         self.attempt += 1
         # Jitter only downwards, so the first wait is never above 0.5 s and the cap holds.
         return base * (1 - self.jitter * self.rand())
