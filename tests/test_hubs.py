@@ -337,11 +337,12 @@ class DispatchTests(HubCase):
         self.assertEqual(self.hub.counters["requests"], 0)
 
     def test_target_carries_route_limits(self) -> None:
-        """A connected route gives a Target with the stream's tunnel and the route's timeout, body limit and set_host."""
+        """A connected route gives a Target with the stream's tunnel and the route's timeout, limits and set_host."""
         link, _, _ = self.link()
         self.assertEqual(self.hub.dispatch(HOST, "/"),
-                         Target(link.server_tunnel, "web", 12.0, 0, "internal.example:8080"))
-        self.assertEqual(self.hub.dispatch(HOST, "/api/v1"), Target(link.server_tunnel, "api", 30.0, 1000, ""))
+                         Target(link.server_tunnel, "web", 12.0, 0, "internal.example:8080", 16 * 1024 * 1024))
+        self.assertEqual(self.hub.dispatch(HOST, "/api/v1"),
+                         Target(link.server_tunnel, "api", 30.0, 1000, "", 16 * 1024 * 1024))
         self.assertEqual(self.hub.counters["requests"], 2)
 
     def test_host_port_and_case_ignored(self) -> None:

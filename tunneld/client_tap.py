@@ -23,6 +23,7 @@ from tunneld.config import ClientConfig, ConfigError, load_client_config
 from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService
 from tunneld.protocols.http_backend import BackendExchange, make_agent
+from tunneld.protocols.websocket import BackendWebSocketExchange
 from tunneld.tunnel import ResponderHandler, Tunnel
 
 
@@ -53,7 +54,12 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         return BackendExchange(tunnel, event.request_id, event.message, route.backend, agent,
                                finished=hub.finished)
 
-    hub = ClientHub(cfg, reactor, {pb.HTTP: http_backend})
+    def websocket_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
+        return BackendWebSocketExchange(tunnel, event.request_id, event.message, route.backend, reactor,
+                                        max_message_size=route.max_message_size or 16 * 1024 * 1024,
+                                        ping_interval=cfg.websocket_ping_interval)
+
+    hub = ClientHub(cfg, reactor, {pb.HTTP: http_backend, pb.WEBSOCKET: websocket_backend})
     bridge = Bridge(reactor)
     bridge_service = BridgeService(bridge)
     bridge_service.setServiceParent(top)

@@ -95,6 +95,7 @@ class ServerSettings:
     heartbeat_interval: float = 10.0  # how often the server sends heartbeats
     cleanup_interval: float = 30.0
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may finish
+    websocket_ping_interval: int = 0  # whole seconds between pings on idle entry WebSockets; 0 = off
     window: int = 262144  # per-request per-direction flow-control window
     max_message_size: int = 67108864  # gRPC message limit on the tunnel port
     max_header_size: int = 16384  # HTTP entry: total request header bytes
@@ -200,6 +201,7 @@ class ClientSettings:
     max_concurrency: int = 1000
     allow_backends: tuple[str, ...] = ()  # "host:port" entries; () allows every route backend
     drain_timeout: float = 10.0
+    websocket_ping_interval: int = 0  # whole seconds between pings on idle backend WebSockets; 0 = off
 
 
 @dataclass(frozen=True)
@@ -539,6 +541,7 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         window=t.integer("window", d.window, 65536),
         max_message_size=t.integer("max_message_size", d.max_message_size, 1),
         max_header_size=t.integer("max_header_size", d.max_header_size, 1),
+        websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
     )
 
 
@@ -723,6 +726,7 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         max_concurrency=t.integer("max_concurrency", d.max_concurrency, 1),
         allow_backends=tuple(allowed),
         drain_timeout=t.seconds("drain_timeout", d.drain_timeout, zero_ok=True),
+        websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
     )
     return ClientConfig(path=path, client=settings)
 

@@ -199,7 +199,7 @@ class ServerHub:
         if tunnel is None:
             return Refusal(502, f"no client connected for group {route.group!r} (route {route.name})")
         self.counters["requests"] += 1
-        return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host)
+        return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size)
 
     def finished(self, record: dict[str, object]) -> None:
         self.log.info(

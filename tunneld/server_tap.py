@@ -21,6 +21,7 @@ from tunneld.config import ConfigError, ServerConfig, load_server_config, parse_
 from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService
 from tunneld.protocols.http_entry import EntrySite
+from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
 from tunneld.server_hub import ServerHub
 
 
@@ -65,7 +66,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     tunnel.setServiceParent(bridge_service)
     http = None
     if cfg.http_listen:
-        site = EntrySite(hub, reactor, max_header_size=cfg.max_header_size)
+        websocket = EntryWebSocketResource(EntryWebSocketFactory(hub, reactor, ping_interval=cfg.websocket_ping_interval))
+        site = EntrySite(hub, reactor, max_header_size=cfg.max_header_size, websocket=websocket)
         http = StreamServerEndpointService(server_endpoint(reactor, cfg.http_listen), site)
         http._raiseSynchronously = True
         http.setServiceParent(top)

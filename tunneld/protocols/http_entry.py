@@ -45,6 +45,7 @@ class Target:
     timeout: float
     max_body_size: int = 0
     set_host: str = ""
+    max_message_size: int = 0   # WebSocket / gRPC message limit of the route
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,10 @@ class HttpExchange:
         self.target = decision
         peer = req.getClientAddress()
         client_ip = getattr(peer, "host", "") or ""
+        # Expect was answered here already (twisted sends 100 Continue itself).
+        flat_fwd = [(n, v) for n, v in flat if n.lower() != b"expect"]
         fwd = h.request_headers_for_backend(
-            flat, client_ip=client_ip, proto=self.scheme, host=host, set_host=decision.set_host
+            flat_fwd, client_ip=client_ip, proto=self.scheme, host=host, set_host=decision.set_host
         )
         msg = pb.TunnelMessage(
             trace_id=self.trace_id,
@@ -350,10 +353,19 @@ class HttpExchange:
         return self.target.route if self.target else "-"
 
 
-class EntryRequest(server.Request):
-    """A twisted.web request whose body streams into the tunnel."""
+def is_websocket_upgrade(request: server.Request) -> bool:
+    upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
+    return request.method == b"GET" and any(b"websocket" in v.lower() for v in upgrade)
 
-    exchange: HttpExchange
+
+class EntryRequest(server.Request):
+    """A twisted.web request whose body streams into the tunnel.
+
+    WebSocket upgrades get no HTTP exchange: the site's WebSocket resource
+    takes the connection over in ``render``.
+    """
+
+    exchange: HttpExchange | None
     defaultContentType = None  # never invent a Content-Type the backend did not send
 
     def gotLength(self, length: int | None) -> None:
@@ -364,14 +376,19 @@ class EntryRequest(server.Request):
         self.clientproto = channel._version
         self.path = self.uri.split(b"?", 1)[0]
         site: EntrySite = channel.site
+        if site.websocket is not None and is_websocket_upgrade(self):
+            self.exchange = None
+            return
         self.exchange = HttpExchange(self, site.dispatcher, site.clock, site.scheme)
         self.exchange.head(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        self.exchange.body(data)
+        if self.exchange is not None:
+            self.exchange.body(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self.exchange.body_end()
+        if self.exchange is not None:
+            self.exchange.body_end()
         super().requestReceived(command, path, version)
 
 
@@ -395,6 +412,10 @@ class EntryResource(Resource):
     isLeaf = True
 
     def render(self, request: EntryRequest) -> object:  # type: ignore[override]
+        if request.exchange is None:
+            site: EntrySite = request.channel.site
+            assert site.websocket is not None
+            return site.websocket.render(request)
         request.exchange.render()
         return server.NOT_DONE_YET
 
@@ -405,8 +426,9 @@ class EntrySite(server.Site):
     requestFactory = EntryRequest
 
     def __init__(self, dispatcher: Dispatcher, clock: IReactorTime, *, scheme: str = "http",
-                 max_header_size: int = 16384, resource: Resource | None = None) -> None:
-        super().__init__(resource or EntryResource())
+                 max_header_size: int = 16384, websocket: Resource | None = None) -> None:
+        super().__init__(EntryResource())
+        self.websocket = websocket  # renders upgrade requests (autobahn's WebSocketResource)
         self.dispatcher = dispatcher
         self.clock = clock
         self.scheme = scheme

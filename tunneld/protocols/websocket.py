@@ -1,0 +1,501 @@
+"""WebSocket through the tunnel: autobahn at both ends, frames relayed piecewise.
+
+Server side, an upgrade request on the HTTP entry is handed to autobahn's
+``WebSocketResource``; ``EntryWebSocket.onConnect`` sends ``ws_request``
+through the tunnel and answers the external handshake only once the backend
+did (``ws_response``): accepted -> 101 with the backend's subprotocol,
+refused -> the backend's status (502 when unreachable).  Client side,
+``BackendWebSocket`` dials the route's backend with autobahn's client.
+
+Frames are relayed with autobahn's frame API, never reassembled: incoming
+message data is cut into pieces of at most 64 KiB (a small message travels in
+one tunnel message), each piece becomes a ``WebSocketFrame`` (opcode on the
+first piece, ``fin`` on the last) and is written on the far side as one
+WebSocket frame.  Flow control is the tunnel's: a full window pauses reading
+from the sending socket, and credit returns only while the receiving socket
+keeps up.  Closes travel with their code and reason (codes autobahn's
+``sendClose`` refuses are sent with ``sendCloseFrame``; 1006 means "dropped",
+so it is relayed as a dropped connection).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory, WebSocketServerProtocol, connectWS,
+)
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tunneld import session as s
+from tunneld import tunnel_pb2 as pb
+from tunneld.protocols import headers as h
+from tunneld.protocols.http_entry import Refusal, trace_id_of
+from tunneld.tunnel import Tunnel
+
+PIECE = 64 * 1024
+CLOSE_LINGER = 10.0       # seconds to wait for the far side's close before cancelling
+_NO_WIRE_CODES = {1005, 1006, 1015}  # never sent in a close frame
+_HANDSHAKE_HEADERS = {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+                      b"sec-websocket-protocol", b"sec-websocket-accept", b"host", b"content-length"}
+_PASSED_STATUS = {413, 502, 503, 504}
+
+
+def _sendable(code: int) -> bool:
+    return code not in _NO_WIRE_CODES and (1000 <= code <= 1014 or 3000 <= code <= 4999)
+
+
+@implementer(IPushProducer)
+class _Credit:
+    """Returns tunnel credit for relayed bytes only while the socket keeps up."""
+
+    def __init__(self, relay: FrameRelay) -> None:
+        self.relay = relay
+        self.paused = False
+        self.owed = 0
+
+    def took(self, n: int) -> None:
+        if self.paused:
+            self.owed += n
+        else:
+            self.relay.credit(n)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.owed:
+            n, self.owed = self.owed, 0
+            self.relay.credit(n)
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class FrameRelay:
+    """Mixin for an autobahn protocol bound to one tunnel exchange."""
+
+    log = Logger()
+    tunnel: Tunnel | None = None
+    request_id = ""
+    trace_id = ""
+    clock: Any = None
+
+    def _relay_init(self) -> None:
+        self._opcode = 1
+        self._first = True
+        self._buf = bytearray()
+        self._credit = _Credit(self)
+        self._sent_close = False
+        self._socket_paused = False
+        self._linger: Any = None
+
+    def attach_producer(self) -> None:
+        transport = self.transport  # type: ignore[attr-defined]
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()  # the hijacked HTTP channel's
+        transport.registerProducer(self._credit, True)
+
+    # -- socket -> tunnel ---------------------------------------------------------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)  # type: ignore[misc]
+        self._opcode = 2 if isBinary else 1
+        self._first = True
+        self._buf = bytearray()
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.failedByMe:  # type: ignore[attr-defined]
+            return
+        self._buf += payload
+        while len(self._buf) > PIECE:
+            piece = bytes(self._buf[:PIECE])
+            del self._buf[:PIECE]
+            self._send_piece(piece, fin=False)
+
+    def onMessageFrameEnd(self) -> None:
+        self.frame_data = None  # nothing was kept; see onMessageFrameData
+
+    def onMessageEnd(self) -> None:
+        if self.failedByMe:  # type: ignore[attr-defined]
+            return
+        piece, self._buf = bytes(self._buf), bytearray()
+        self._send_piece(piece, fin=True)
+
+    def _send_piece(self, piece: bytes, fin: bool) -> None:
+        frame = pb.WebSocketFrame(opcode=self._opcode if self._first else 0, fin=fin, payload=piece)
+        self._first = False
+        if self.tunnel is not None and not self.tunnel.send(self.request_id, pb.TunnelMessage(ws_frame=frame)):
+            self._pause_socket()
+
+    def _pause_socket(self) -> None:
+        if not self._socket_paused and self.transport is not None:  # type: ignore[attr-defined]
+            self._socket_paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def writable(self) -> None:
+        if self._socket_paused and self.transport is not None:  # type: ignore[attr-defined]
+            self._socket_paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def credit(self, n: int) -> None:
+        if self.tunnel is not None:
+            self.tunnel.consumed(self.request_id, n)
+
+    # -- tunnel -> socket -------------------------------------------------------------
+
+    def relay_frame(self, frame: pb.WebSocketFrame) -> None:
+        proto: Any = self
+        if frame.opcode == 8:
+            self._peer_close(frame.close_code, frame.close_reason)
+            return
+        if proto.state != WebSocketServerProtocol.STATE_OPEN:
+            self._credit.took(len(frame.payload))
+            return
+        payload = frame.payload
+        if frame.opcode in (1, 2):
+            if frame.fin:
+                proto.sendMessage(payload, isBinary=frame.opcode == 2)
+            else:
+                proto.beginMessage(isBinary=frame.opcode == 2)
+                if payload:
+                    proto.beginMessageFrame(len(payload))
+                    proto.sendMessageFrameData(payload)
+        else:
+            if payload:
+                proto.beginMessageFrame(len(payload))
+                proto.sendMessageFrameData(payload)
+            if frame.fin:
+                proto.endMessage()
+        self._credit.took(len(payload))
+
+    def _peer_close(self, code: int, reason: str) -> None:
+        """The far side closed: close this socket the same way."""
+        proto: Any = self
+        if proto.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if code == 1006 or code == 1015:
+            proto.dropConnection(abort=True)
+        elif code in (0, 1005) or not _sendable(code):
+            proto.sendCloseFrame(code=1000 if code not in (0, 1005) else None, isReply=False)
+        else:
+            proto.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def relay_close(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        """This socket closed: end our direction of the exchange with its code."""
+        if self._sent_close or self.tunnel is None or self.request_id not in self.tunnel.session:
+            return
+        self._sent_close = True
+        close_code = (code or 1005) if wasClean else 1006
+        frame = pb.WebSocketFrame(opcode=8, fin=True, close_code=close_code, close_reason=(reason or "")[:123])
+        self.tunnel.send(self.request_id, pb.TunnelMessage(ws_frame=frame))
+        if self.request_id in self.tunnel.session and self.clock is not None:
+            self._linger = self.clock.callLater(CLOSE_LINGER, self._give_up)
+
+    def _give_up(self) -> None:
+        self._linger = None
+        if self.tunnel is not None:
+            self.tunnel.cancel(self.request_id, s.CANCELLED, "no close from the far side")
+
+    def closed(self) -> None:
+        """The exchange is released: nothing more to wait for."""
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
+
+# -- server side: the external client's connection -------------------------------------
+
+
+class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
+    """An external WebSocket; the tunnel exchange's handler on the server."""
+
+    factory: EntryWebSocketFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._relay_init()
+        self.entry_request: Any = None
+        self._handshake: Deferred[Any] | None = None
+        self._timer: Any = None
+        self.route = "-"
+
+    def onConnect(self, request: Any) -> Deferred[Any]:
+        req = self.entry_request
+        factory = self.factory
+        self.clock = factory.clock
+        flat = [(n, v) for n, vs in req.requestHeaders.getAllRawHeaders() for v in vs]
+        host = (h.get_first(flat, b"host") or b"").decode("latin-1")
+        uri = req.uri.decode("latin-1")
+        path = uri.partition("?")[0]
+        self.trace_id = trace_id_of(flat)
+        decision = factory.dispatcher.dispatch(host, path)
+        if isinstance(decision, Refusal):
+            raise ConnectionDeny(decision.status, decision.message)
+        self.route = decision.route
+        if decision.max_message_size:
+            self.maxMessagePayloadSize = decision.max_message_size
+        client_ip = getattr(req.getClientAddress(), "host", "") or ""
+        fwd = [(n, v) for n, v in h.request_headers_for_backend(flat, client_ip=client_ip, proto=factory.scheme,
+                                                                 host=host, set_host=decision.set_host)
+               if n.lower() not in _HANDSHAKE_HEADERS]
+        msg = pb.TunnelMessage(trace_id=self.trace_id, ws_request=pb.WebSocketRequest(
+            url=uri, host=host, headers=h.to_pb(fwd), subprotocols=list(request.protocols), route=decision.route,
+            scheme="wss" if factory.scheme == "https" else "ws", remote_addr=client_ip,
+        ))
+        self.tunnel = decision.tunnel
+        self._handshake = Deferred()
+        try:
+            self.request_id = decision.tunnel.start(msg, self)
+        except s.SessionError as e:
+            raise ConnectionDeny(502, f"tunnel not available: {e}") from None
+        self._timer = self.clock.callLater(decision.timeout, self._timed_out, decision.timeout)
+        return self._handshake
+
+    def _timed_out(self, timeout: float) -> None:
+        self._timer = None
+        if self.tunnel is not None:
+            self.tunnel.cancel(self.request_id, s.TIMEOUT, "no handshake answer")
+        self._deny(504, f"no handshake answer from the backend within {timeout:g} s")
+
+    def _deny(self, status: int, reason: str) -> None:
+        d, self._handshake = self._handshake, None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if d is not None:
+            d.errback(ConnectionDeny(status, reason))
+
+    def onOpen(self) -> None:
+        self.attach_producer()
+
+    # ExchangeHandler
+    def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
+        kind = msg.WhichOneof("payload")
+        if kind == "ws_response":
+            resp = msg.ws_response
+            if not resp.accepted:
+                self._deny(resp.status_code or 502, resp.reason or "refused by the backend")
+                return
+            d, self._handshake = self._handshake, None
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            extra: dict[str, list[str]] = {}
+            for name, value in h.response_headers_for_client(h.from_pb(resp.headers)):
+                if name.lower() not in _HANDSHAKE_HEADERS and not name.lower().startswith(b"sec-websocket"):
+                    extra.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+            if d is not None:
+                d.callback((resp.subprotocol or None, extra))
+        elif kind == "ws_frame":
+            self.relay_frame(msg.ws_frame)
+
+    def aborted(self, code: int, message: str, by_peer: bool) -> None:
+        self.tunnel = None
+        self.closed()
+        if self._handshake is not None:
+            self._deny(code if code in _PASSED_STATUS else 502, message)
+            return
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=1011, reasonUtf8=b"tunnel lost" if not by_peer else message.encode()[:123])
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._handshake is not None and self.tunnel is not None:
+            self.tunnel.cancel(self.request_id, s.CANCELLED, "external client went away")
+            self._handshake = None
+        self.relay_close(wasClean, code, reason)
+
+
+class EntryWebSocketFactory(WebSocketServerFactory):
+    protocol = EntryWebSocket
+
+    def __init__(self, dispatcher: Any, clock: Any, *, scheme: str = "http", ping_interval: int = 0,
+                 max_message_size: int = 16 * 1024 * 1024) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.scheme = scheme
+        self.pending_request: Any = None
+        options: dict[str, Any] = {"webStatus": False, "maxMessagePayloadSize": max_message_size,
+                                   "maxFramePayloadSize": 0, "failByDrop": False}
+        if ping_interval:
+            options.update(autoPingInterval=ping_interval, autoPingTimeout=max(1, ping_interval))
+        self.setProtocolOptions(**options)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = super().buildProtocol(addr)
+        proto.entry_request, self.pending_request = self.pending_request, None
+        return proto
+
+
+class EntryWebSocketResource(WebSocketResource):
+    """autobahn's resource, told which twisted.web request it takes over."""
+
+    def __init__(self, factory: EntryWebSocketFactory) -> None:
+        super().__init__(factory)
+        self.entry_factory = factory
+
+    def render(self, request: Any) -> Any:
+        self.entry_factory.pending_request = request
+        return super().render(request)
+
+
+# -- client side: the connection to the backend ------------------------------------------
+
+
+class BackendWebSocket(FrameRelay, WebSocketClientProtocol):
+    """The client's WebSocket to a route's backend."""
+
+    factory: BackendWebSocketFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._relay_init()
+        self.opened = False
+        self.subprotocol: str | None = None
+        self.response_headers: dict[str, Any] = {}
+
+    def connectionMade(self) -> None:
+        exchange = self.factory.exchange
+        exchange.protocol = self
+        self.tunnel = exchange.tunnel
+        self.request_id = exchange.request_id
+        self.clock = exchange.clock
+        super().connectionMade()
+
+    def onConnect(self, response: Any) -> None:
+        self.subprotocol = response.protocol
+        self.response_headers = dict(response.headers)
+
+    def onOpen(self) -> None:
+        self.opened = True
+        self.attach_producer()
+        self.factory.exchange.opened(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened:
+            self.factory.exchange.handshake_failed(getattr(self, "http_status_line", None), reason or "")
+            return
+        self.relay_close(wasClean, code, reason)
+
+
+class BackendWebSocketFactory(WebSocketClientFactory):
+    protocol = BackendWebSocket
+
+    def __init__(self, exchange: BackendWebSocketExchange, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.exchange = exchange
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        self.exchange.unreachable(reason.getErrorMessage())
+
+
+class BackendWebSocketExchange:
+    """A tunnelled WebSocket served by a backend (a ResponderHandler on the client)."""
+
+    log = Logger()
+
+    def __init__(self, tunnel: Tunnel, request_id: str, head: pb.TunnelMessage, backend: str, clock: Any,
+                 *, max_message_size: int, ping_interval: int = 0, connect: Any = connectWS) -> None:
+        self.tunnel = tunnel
+        self.request_id = request_id
+        self.head = head
+        self.backend = backend.rstrip("/")
+        self.clock = clock
+        self.max_message_size = max_message_size
+        self.ping_interval = ping_interval
+        self.connect = connect
+        self.protocol: BackendWebSocket | None = None
+        self.connector: Any = None
+        self.answered = False
+
+    def begin(self) -> None:
+        req = self.head.ws_request
+        scheme, _, rest = self.backend.partition("://")
+        url = ("wss" if scheme in ("https", "wss") else "ws") + "://" + rest + (req.url or "/")
+        pairs = h.from_pb(req.headers)
+        origin = h.get_first(pairs, b"origin")
+        agent = h.get_first(pairs, b"user-agent")
+        extra: dict[str, str] = {}
+        for name, value in pairs:
+            lname = name.lower()
+            if lname in _HANDSHAKE_HEADERS or lname in (b"origin", b"user-agent", b"pragma", b"cache-control"):
+                continue
+            key = name.decode("latin-1")
+            sep = "; " if lname == b"cookie" else ", "
+            extra[key] = extra[key] + sep + value.decode("latin-1") if key in extra else value.decode("latin-1")
+        factory = BackendWebSocketFactory(
+            self, url, origin=origin.decode("latin-1") if origin else None,
+            protocols=list(req.subprotocols) or None, useragent=agent.decode("latin-1") if agent else "",
+            headers=extra,
+        )
+        options: dict[str, Any] = {"maxMessagePayloadSize": self.max_message_size, "maxFramePayloadSize": 0,
+                                   "failByDrop": False}
+        if self.ping_interval:
+            options.update(autoPingInterval=self.ping_interval, autoPingTimeout=max(1, self.ping_interval))
+        factory.setProtocolOptions(**options)
+        self.connector = self.connect(factory)
+
+    # -- from the backend connection ----------------------------------------------------------
+
+    def opened(self, proto: BackendWebSocket) -> None:
+        self.answered = True
+        headers = [(k.encode("latin-1"), (v if isinstance(v, str) else ", ".join(v)).encode("latin-1"))
+                   for k, v in proto.response_headers.items()]
+        self.tunnel.send(self.request_id, pb.TunnelMessage(ws_response=pb.WebSocketResponse(
+            status_code=101, accepted=True, subprotocol=proto.subprotocol or "",
+            headers=h.to_pb([(n, v) for n, v in headers if n.lower() not in _HANDSHAKE_HEADERS]),
+        )))
+
+    def handshake_failed(self, status_line: str | None, reason: str) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        status = 502
+        if status_line:
+            parts = status_line.split(None, 2)
+            if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) >= 300:
+                status = int(parts[1])  # a refusal passes through; a 200 to an upgrade is a bad gateway
+        message = f"backend {self.backend} refused the WebSocket: {status_line or reason}"
+        self.log.info("{message}", message=message, request_id=self.request_id, trace_id=self.head.trace_id)
+        self.tunnel.send(self.request_id, pb.TunnelMessage(ws_response=pb.WebSocketResponse(
+            status_code=status, accepted=False, reason=message)))
+
+    def unreachable(self, why: str) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        self.tunnel.cancel(self.request_id, s.BAD_GATEWAY, f"backend {self.backend} unreachable: {why}")
+
+    # -- ResponderHandler --------------------------------------------------------------------
+
+    def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
+        if self.protocol is not None and msg.WhichOneof("payload") == "ws_frame":
+            self.protocol.relay_frame(msg.ws_frame)
+
+    def writable(self) -> None:
+        if self.protocol is not None:
+            self.protocol.writable()
+
+    def closed(self) -> None:
+        if self.protocol is not None:
+            self.protocol.closed()
+
+    def aborted(self, code: int, message: str, by_peer: bool) -> None:
+        proto = self.protocol
+        if proto is None:
+            if self.connector is not None:
+                self.connector.disconnect()
+            return
+        proto.tunnel = None
+        proto.closed()
+        if proto.state == WebSocketClientProtocol.STATE_OPEN:
+            proto.sendCloseFrame(code=1011 if not by_peer else 1001, reasonUtf8=message.encode()[:123])
+        else:
+            proto.dropConnection(abort=True)
