@@ -152,7 +152,10 @@ class ClientHub:
         return factory(tunnel, event, route)
 
     def finished(self, record: dict[str, object]) -> None:
-        self.log.info("{protocol} route={route} status={status} {duration:.3f}s out={bytes_out}", **record)
+        if not self.settings.access_log:
+            return
+        self.log.info("{protocol} route={route} status={status} {duration:.3f}s out={bytes_out} "
+                       "request_id={request_id} trace_id={trace_id}", **record)
 
     # -- periodic work --------------------------------------------------------------
 

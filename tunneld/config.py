@@ -96,6 +96,7 @@ class ServerSettings:
     cleanup_interval: float = 30.0
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may finish
     websocket_ping_interval: int = 0  # whole seconds between pings on idle entry WebSockets; 0 = off
+    access_log: bool = True  # one log line per finished request
     window: int = 262144  # per-request per-direction flow-control window
     max_message_size: int = 67108864  # gRPC message limit on the tunnel port
     max_header_size: int = 16384  # HTTP entry: total request header bytes
@@ -202,6 +203,7 @@ class ClientSettings:
     allow_backends: tuple[str, ...] = ()  # "host:port" entries; () allows every route backend
     drain_timeout: float = 10.0
     websocket_ping_interval: int = 0  # whole seconds between pings on idle backend WebSockets; 0 = off
+    access_log: bool = False  # one log line per request served (the server logs them already)
 
 
 @dataclass(frozen=True)
@@ -401,6 +403,13 @@ class _Table:
             raise self.error(key, f"must be >= {minimum}, not {value}")
         return value
 
+    def boolean(self, key: str, default: bool) -> bool:
+        """``true`` or ``false`` (not 0/1, not a string)."""
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {_kind(value)}")
+        return value
+
     def listen(self, key: str, default: str, *, optional: bool = False, dial: bool = False) -> str:
         """A ``host:port`` address; ``optional`` allows "" (disabled), ``dial`` forbids port 0."""
         value = self.text(key, default)
@@ -542,6 +551,7 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         max_message_size=t.integer("max_message_size", d.max_message_size, 1),
         max_header_size=t.integer("max_header_size", d.max_header_size, 1),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
+        access_log=t.boolean("access_log", d.access_log),
     )
 
 
@@ -727,6 +737,7 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         allow_backends=tuple(allowed),
         drain_timeout=t.seconds("drain_timeout", d.drain_timeout, zero_ok=True),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
+        access_log=t.boolean("access_log", d.access_log),
     )
     return ClientConfig(path=path, client=settings)
 

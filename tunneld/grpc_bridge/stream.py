@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from collections import deque
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 from twisted.application.service import MultiService
@@ -146,8 +147,20 @@ class Bridge:
 _CLOSE = object()
 
 
+class _Lost:
+    """Marks the end of a stream in the inbound deque (after its last message)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 class StreamHandle:
-    """One tunnel stream (server context or client call) seen from the reactor."""
+    """One tunnel stream (server context or client call) seen from the reactor.
+
+    Both directions coalesce thread hops: items wait in a deque and one
+    wake-up of the other thread drains all of them, so a busy stream costs
+    one hop per batch rather than per message.
+    """
 
     def __init__(self, bridge: Bridge, peer: str = "") -> None:
         self.bridge = bridge
@@ -159,20 +172,40 @@ class StreamHandle:
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._abort: Callable[[str], object] | None = None
         self._lost = False
+        self._out: deque[object] = deque()
+        self._out_scheduled = False
+        self._in: deque[object] = deque()
+        self._in_scheduled = False
 
     # -- reactor thread --------------------------------------------------
 
     def send(self, msgs: list[pb.TunnelMessage]) -> None:
         if not self._lost:
-            self.bridge.call_soon(self._enqueue, msgs)
+            self._push_out(msgs)
 
     def close(self) -> None:
         """Finish writing cleanly after what is queued."""
-        self.bridge.call_soon(self._enqueue, [_CLOSE])
+        self._push_out([_CLOSE])
+
+    def _push_out(self, items: list[Any]) -> None:
+        self._out.extend(items)
+        if not self._out_scheduled:
+            self._out_scheduled = True
+            self.bridge.call_soon(self._drain_out)
 
     def abort(self, reason: str) -> None:
         """Cancel the stream at once."""
         self.bridge.call_soon(self._do_abort, reason)
+
+    def _drain_in(self) -> None:
+        # Clear the flag first: an item appended after it schedules a new drain.
+        self._in_scheduled = False
+        while self._in:
+            item = self._in.popleft()
+            if isinstance(item, _Lost):
+                self.deliver_lost(item.reason)
+            else:
+                self.deliver(item)  # type: ignore[arg-type]
 
     def deliver(self, msg: pb.TunnelMessage) -> None:
         if self.on_message is not None and not self._lost:
@@ -190,9 +223,10 @@ class StreamHandle:
     def attach(self, abort: Callable[[str], object]) -> None:
         self._abort = abort
 
-    def _enqueue(self, msgs: list[object]) -> None:
-        for m in msgs:
-            self._queue.put_nowait(m)
+    def _drain_out(self) -> None:
+        self._out_scheduled = False
+        while self._out:
+            self._queue.put_nowait(self._out.popleft())
 
     def _do_abort(self, reason: str) -> None:
         if self._abort is not None:
@@ -213,10 +247,16 @@ class StreamHandle:
             await write(item)  # type: ignore[arg-type]
 
     def reader_delivered(self, msg: pb.TunnelMessage) -> None:
-        self.bridge.to_reactor(self.deliver, msg)
+        self._push_in(msg)
 
     def reader_lost(self, reason: str) -> None:
-        self.bridge.to_reactor(self.deliver_lost, reason)
+        self._push_in(_Lost(reason))
+
+    def _push_in(self, item: object) -> None:
+        self._in.append(item)
+        if not self._in_scheduled:
+            self._in_scheduled = True
+            self.bridge.to_reactor(self._drain_in)
 
 
 class BridgeService(MultiService):
