@@ -77,6 +77,10 @@ class EchoBackend(WebSocketServerProtocol):
         self.factory.open.discard(self)
         self.factory.closes.append((code, reason))
 
+    def onPing(self, payload: bytes) -> None:
+        self.factory.pings += 1
+        super().onPing(payload)
+
 
 class NotWebSocket(resource.Resource):
     isLeaf = True
@@ -96,6 +100,7 @@ class WebSocketEndToEndTests(TestCase):
         self.factory.connects = 0
         self.factory.open = set()
         self.factory.closes = []
+        self.factory.pings = 0
         self.backend = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         plain = reactor.listenTCP(0, server.Site(NotWebSocket()), interface="127.0.0.1")
         self.addCleanup(plain.stopListening)
@@ -361,3 +366,76 @@ class WebSocketEndToEndTests(TestCase):
         ok = [r for success, r in results if success and r]
         self.assertEqual(len(ok), 200, [r for r in results if not (r[0] and r[1])][:3])
         yield self.assertReleased()
+
+
+class WebSocketLimitsTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.factory = WebSocketServerFactory()
+        self.factory.protocol = EchoBackend
+        self.factory.connects = 0
+        self.factory.open = set()
+        self.factory.closes = []
+        self.factory.pings = 0
+        self.backend = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.stack = Stack([{"name": "ws", "group": "default",
+                             "backend": f"http://127.0.0.1:{self.backend.getHost().port}"}])
+        yield self.stack.start()
+        self.client = yield self.stack.add_client(max_concurrency=2, websocket_ping_interval=1)
+        self.url = f"ws://127.0.0.1:{self.stack.http_port}/"
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        yield self.stack.stop()
+        yield self.backend.stopListening()
+        yield wait_for(lambda: not any("_notify_bucket" in repr(c) for c in reactor.getDelayedCalls()),
+                       what="autobahn timers to expire")
+
+    @inlineCallbacks
+    def test_pings_answered_and_client_auto_pings_backend(self) -> Any:
+        """The entry answers an external ping, and the client pings its idle backend connection."""
+        def run() -> bool:
+            with connect(self.url) as ws:
+                ws.send("x")
+                ws.recv()
+                pong = ws.ping(b"are you there")
+                answered = pong.wait(5)
+                deadline = time.monotonic() + 10
+                while self.factory.pings == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return bool(answered)
+
+        self.assertTrue((yield deferToThread(run)))
+        self.assertGreater(self.factory.pings, 0)
+
+    @inlineCallbacks
+    def test_websockets_beyond_max_concurrency_are_refused_503(self) -> Any:
+        """With the client's max_concurrency at 2, a third WebSocket is refused with 503."""
+        release = threading.Event()
+        opened = threading.Barrier(3)
+
+        def hold() -> None:
+            with connect(self.url) as ws:
+                ws.send("x")
+                ws.recv()
+                opened.wait(10)
+                release.wait(20)
+
+        holders = [deferToThread(hold) for _ in range(2)]
+        yield deferToThread(opened.wait, 10)
+
+        def third() -> int:
+            try:
+                connect(self.url)
+            except InvalidStatus as e:
+                return int(e.response.status_code)
+            return 101
+
+        status = yield deferToThread(third)
+        release.set()
+        yield DeferredList(holders)
+        self.assertEqual(status, 503)
+        yield wait_for(lambda: self.stack.server_in_flight() == 0 and self.stack.client_in_flight() == 0,
+                       what="request tables to empty")
