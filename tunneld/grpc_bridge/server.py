@@ -47,11 +47,11 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
         assert task is not None
         self.calls.add(task)
         try:
-            await self._proxy(context, task)
+            await self._proxy(context)
         finally:
             self.calls.discard(task)
 
-    async def _proxy(self, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]) -> None:
+    async def _proxy(self, context: grpc.aio.ServicerContext) -> None:
         first = await context.read()
         if first is grpc.aio.EOF:
             return
@@ -62,40 +62,34 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
         if not token or not self.authenticate(so.group, token):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid token for group {so.group!r}")
         handle = StreamHandle(self.bridge, peer=context.peer())
-        aborted: list[str] = []
-
-        def abort(reason: str) -> None:
-            aborted.append(reason)
-            task.cancel()
-
-        handle.attach(abort)
-        writer = asyncio.get_running_loop().create_task(handle.run_writer(context.write))
+        loop = asyncio.get_running_loop()
+        # The reactor ends a stream (violation, heartbeat timeout) through this
+        # future rather than by cancelling the handler task, so grpc always
+        # sees a clean abort with our reason.
+        aborting: asyncio.Future[str] = loop.create_future()
+        handle.attach(lambda reason: aborting.done() or aborting.set_result(reason))
+        writer = loop.create_task(handle.run_writer(context.write))
+        reader = loop.create_task(self._read(context, handle))
         self.bridge.to_reactor(self.on_stream, handle, first)
-        reason = "client closed the stream"
         try:
-            reader = asyncio.get_running_loop().create_task(self._read(context, handle))
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                reason = reader.result()
+            done, _ = await asyncio.wait({reader, writer, aborting}, return_when=asyncio.FIRST_COMPLETED)
+            if aborting in done:
+                handle.reader_lost(aborting.result())
+                # Never cancel a write in progress: it breaks the call (UNKNOWN).
+                handle.stop_writer()
+                await asyncio.wait({writer}, timeout=5)
+                await context.abort(grpc.StatusCode.ABORTED, aborting.result())
+            elif reader in done:
                 # The reactor closes the handle once it has failed the stream's requests.
-                handle.reader_lost(reason)
-                try:
-                    await asyncio.wait_for(writer, 5)
-                except (asyncio.TimeoutError, Exception):
-                    pass
+                handle.reader_lost(reader.result())
+                await asyncio.wait({writer, aborting}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
             else:
-                reader.cancel()
-                reason = "closed by the server"
-                handle.reader_lost(reason)
+                handle.reader_lost("closed by the server")
         except asyncio.CancelledError:
-            writer.cancel()
-            if not aborted:
-                handle.reader_lost("stream cancelled")
-                raise
-            handle.reader_lost(aborted[0])
-            # The reactor ended this stream (violation, heartbeat timeout): say why.
-            await context.abort(grpc.StatusCode.ABORTED, aborted[0])
+            handle.reader_lost("stream cancelled")
+            raise
         finally:
+            reader.cancel()
             writer.cancel()
 
     async def _read(self, context: grpc.aio.ServicerContext, handle: StreamHandle) -> str:

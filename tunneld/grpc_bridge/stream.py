@@ -176,6 +176,7 @@ class StreamHandle:
         self._out_scheduled = False
         self._in: deque[object] = deque()
         self._in_scheduled = False
+        self._stopping = False
 
     # -- reactor thread --------------------------------------------------
 
@@ -228,6 +229,11 @@ class StreamHandle:
         while self._out:
             self._queue.put_nowait(self._out.popleft())
 
+    def stop_writer(self) -> None:
+        """Make the writer return after the write in progress, dropping the rest."""
+        self._stopping = True
+        self._queue.put_nowait(_CLOSE)
+
     def _do_abort(self, reason: str) -> None:
         if self._abort is not None:
             result = self._abort(reason)
@@ -240,6 +246,8 @@ class StreamHandle:
         queue = self._queue
         while True:
             item = await queue.get()
+            if self._stopping:
+                return
             if item is _CLOSE:
                 if done_writing is not None:
                     await done_writing()
