@@ -1,7 +1,8 @@
 """Real server and client services on loopback, in the test process.
 
 ``Stack`` starts a tunneld server (tunnel port + HTTP entry on ephemeral
-ports) and, on demand, clients, exactly as the taps build them, against
+ports; the gRPC entry too with ``server={"grpc_listen": "127.0.0.1:0"}``,
+its port in ``grpc_port``) and, on demand, clients, exactly as the taps build them, against
 whatever backends a test listens on.  ``wait_for`` polls a condition with a
 bound instead of sleeping.
 """
@@ -64,12 +65,15 @@ class Stack:
         self.clients: list[ClientApp] = []
         self.tunnel_port = 0
         self.http_port = 0
+        self.grpc_port = 0
 
     @inlineCallbacks
     def start(self) -> Any:
         self.server = build_server(self.config, reactor)
         self.server.service.startService()
         self.tunnel_port = yield self.server.tunnel.ready
+        if self.server.grpc is not None:
+            self.grpc_port = yield self.server.grpc.ready
         assert self.server.http is not None
         # Chain a copy: yielding the service's own Deferred would eat the port
         # its stopService needs.

@@ -1,6 +1,7 @@
 """``twistd tunneld-client``: options and the client's service tree.
 
   bridge (thread) -> dial service (reconnects forever; drains before stopping)
+                  -> gRPC backend channels (closed after in-flight calls end, drain_timeout at most)
   heartbeat and config-sync TimerServices
 Without ``-c`` the client runs on built-in defaults that match the shipped
 etc/client.toml, so it works against the shipped etc/server.toml.
@@ -20,6 +21,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.client_hub import ClientHub
 from tunneld.config import ClientConfig, ConfigError, load_client_config
+from tunneld.grpc_bridge.backend import GrpcBackendExchange, GrpcChannels, GrpcChannelsService
 from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService
 from tunneld.protocols.http_backend import BackendExchange, make_agent
@@ -59,7 +61,13 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
                                         max_message_size=route.max_message_size or 16 * 1024 * 1024,
                                         ping_interval=cfg.websocket_ping_interval)
 
-    hub = ClientHub(cfg, reactor, {pb.HTTP: http_backend, pb.WEBSOCKET: websocket_backend})
+    channels = GrpcChannels()  # backend channels, closed on stop (after the drain)
+
+    def grpc_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
+        return GrpcBackendExchange(tunnel, event.request_id, event.message, route, bridge, channels,
+                                   finished=hub.finished)
+
+    hub = ClientHub(cfg, reactor, {pb.HTTP: http_backend, pb.WEBSOCKET: websocket_backend, pb.GRPC: grpc_backend})
     bridge = Bridge(reactor)
     bridge_service = BridgeService(bridge)
     bridge_service.setServiceParent(top)
@@ -69,6 +77,7 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     )
     hub.on_ready = dial.reset
     dial.setServiceParent(bridge_service)
+    GrpcChannelsService(bridge, channels, grace=cfg.drain_timeout).setServiceParent(bridge_service)
     _PoolCloser(pool).setServiceParent(top)
     for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick),
                            (cfg.config_sync_interval, hub.config_sync_tick)):

@@ -21,6 +21,7 @@ from tunneld import __version__
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import Route, ServerConfig
+from tunneld.grpc_bridge.entry import GrpcRefusal, GrpcTarget
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.registry.routes import RouteTable
@@ -181,12 +182,12 @@ class ServerHub:
 
     def choose(self, group: str) -> Tunnel | None:
         entries = self.registry.streams(group)
-        for entry in entries:
-            entry.in_flight = len(entry.handle.tunnel.session)  # type: ignore[attr-defined]
-        entry = self.registry.choose(group, self.clock.seconds())
-        if entry is None:
+        for e in entries:
+            e.in_flight = len(e.handle.tunnel.session)  # type: ignore[attr-defined]
+        chosen = self.registry.choose(group, self.clock.seconds())
+        if chosen is None:
             return None
-        tunnel: Tunnel = entry.handle.tunnel  # type: ignore[attr-defined]
+        tunnel: Tunnel = chosen.handle.tunnel  # type: ignore[attr-defined]
         return tunnel if tunnel.is_open else None
 
     def dispatch(self, host: str, path: str) -> Target | Refusal:
@@ -201,9 +202,25 @@ class ServerHub:
         self.counters["requests"] += 1
         return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size)
 
+    def dispatch_grpc(self, service: str, authority: str) -> GrpcTarget | GrpcRefusal:
+        """The gRPC entry's question: which tunnel serves ``service`` (called at ``authority``)."""
+        if self.draining:
+            return GrpcRefusal("UNAVAILABLE", "server is shutting down")
+        route = self.routes.match_grpc(service, authority)
+        if route is None:
+            return GrpcRefusal("UNIMPLEMENTED", f"no route for gRPC service {service!r}")
+        tunnel = self.choose(route.group)
+        if tunnel is None:
+            return GrpcRefusal("UNAVAILABLE", f"no client connected for group {route.group!r} (route {route.name})")
+        self.counters["requests"] += 1
+        return GrpcTarget(tunnel, route.name, route.max_message_size)
+
     def finished(self, record: dict[str, object]) -> None:
+        if not self.config.server.access_log:
+            return
         self.log.info(
-            "{protocol} {method} {path} route={route} status={status} {duration:.3f}s in={bytes_in} out={bytes_out}",
+            "{protocol} {method} {path} route={route} status={status} {duration:.3f}s in={bytes_in} out={bytes_out} "
+            "request_id={request_id} trace_id={trace_id}",
             **record,
         )
 

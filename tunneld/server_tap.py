@@ -2,6 +2,7 @@
 
 The tree (children start in this order, stop in reverse):
   bridge (thread)  -> tunnel port (grpc.aio; drains the hub before stopping)
+                   -> gRPC entry (grpc.aio on grpc_listen, when set; in-flight calls get drain_timeout)
   HTTP entry       (twisted.web Site on http_listen)
   heartbeat, cleanup TimerServices
 Nothing here touches grpc or starts threads: that happens in startService,
@@ -18,6 +19,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from tunneld.config import ConfigError, ServerConfig, load_server_config, parse_listen
+from tunneld.grpc_bridge.entry import GrpcEntryService
 from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService
 from tunneld.protocols.http_entry import EntrySite
@@ -50,6 +52,7 @@ class ServerApp:
     hub: ServerHub
     tunnel: TunnelServerService
     http: StreamServerEndpointService | None
+    grpc: GrpcEntryService | None = None
 
 
 def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
@@ -64,6 +67,18 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         max_message_size=cfg.max_message_size, before_stop=lambda: hub.drain(cfg.drain_timeout),
     )
     tunnel.setServiceParent(bridge_service)
+    grpc_entry = None
+    if cfg.grpc_listen:
+        # The server-wide receive limit is the largest route's; each call is held to its own route's.
+        limit = max((r.max_message_size for r in config.routes if r.grpc_service), default=4 * 1024 * 1024)
+
+        def listen_failed() -> None:
+            if reactor.running:
+                reactor.stop()
+
+        grpc_entry = GrpcEntryService(bridge, cfg.grpc_listen, hub, max_message_size=limit,
+                                      grace=cfg.drain_timeout, on_failure=listen_failed)
+        grpc_entry.setServiceParent(bridge_service)
     http = None
     if cfg.http_listen:
         websocket = EntryWebSocketResource(EntryWebSocketFactory(hub, reactor, ping_interval=cfg.websocket_ping_interval))
@@ -75,7 +90,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)
-    return ServerApp(top, hub, tunnel, http)
+    return ServerApp(top, hub, tunnel, http, grpc_entry)
 
 
 def makeService(options: Options) -> MultiService:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -426,7 +426,7 @@ class EntrySite(server.Site):
     requestFactory = EntryRequest
 
     def __init__(self, dispatcher: Dispatcher, clock: IReactorTime, *, scheme: str = "http",
-                 max_header_size: int = 16384, websocket: Resource | None = None) -> None:
+                 max_header_size: int = 16384, websocket: Any = None) -> None:
         super().__init__(EntryResource())
         self.websocket = websocket  # renders upgrade requests (autobahn's WebSocketResource)
         self.dispatcher = dispatcher
