@@ -40,6 +40,7 @@ from tests.session_pair import (
 )
 from tunneld import tunnel_pb2 as pb
 from tunneld.session import (
+    UNIT_COST,
     BAD_GATEWAY,
     CANCELLED,
     MAX_CHUNK,
@@ -1122,6 +1123,20 @@ class GrpcTests(SessionTestCase):
         self.assertEqual([type(e) for e in server_events], [MessageReceived, MessageReceived, RequestClosed])
         self.assertEqual([m.error_message.code for m in self.errors(pair.to_client)], [CANCELLED])
         self.assertEqual([(e.request_id, e.by_peer) for e in of_type(client_events, RequestAborted)], [(rid, True)])
+        self.assertReleased(pair.server, pair.client)
+
+    def test_empty_messages_still_spend_credit(self) -> None:
+        """A flood of empty gRPC messages runs out of window like any other data (each unit has a cost)."""
+        pair = opened()
+        rid = pair.server.start(grpc_head("chat.Chat", "Talk"))
+        pair.pump()
+        sent = 0
+        while pair.server.send(rid, grpc_request_message(b"")):
+            sent += 1
+            self.assertLess(sent, 100_000, "empty messages never blocked")
+        self.assertEqual(sent, pair.server.window // UNIT_COST)
+        pair.server.cancel(rid)
+        pair.pump()
         self.assertReleased(pair.server, pair.client)
 
     def test_oversized_message_when_nothing_outstanding(self) -> None:

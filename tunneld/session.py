@@ -215,6 +215,30 @@ class Exchange:
     outbox: deque[pb.TunnelMessage] = field(default_factory=deque)
 
 
+UNIT_COST: Final = 64
+
+
+def unit_cost(n: int) -> int:
+    """Window cost of one gRPC message or WebSocket piece of ``n`` bytes.
+
+    Each unit costs a little more than its bytes, so a flood of empty
+    messages still runs out of credit instead of queueing without bound.
+    Receivers credit exactly this for each unit their consumer took.
+    """
+    return n + UNIT_COST
+
+
+def window_cost(msg: pb.TunnelMessage) -> int:
+    """What a message spends from its direction's window."""
+    kind = msg.WhichOneof("payload")
+    if kind == "ws_frame":
+        return 0 if msg.ws_frame.opcode == 8 else unit_cost(len(msg.ws_frame.payload))
+    if kind in ("grpc_request", "grpc_response"):
+        part = getattr(msg, kind)
+        return unit_cost(len(part.body)) if part.has_message else 0
+    return len(body_of(msg))
+
+
 def body_of(msg: pb.TunnelMessage) -> bytes:
     """The body bytes a message carries (what windows count)."""
     kind = msg.WhichOneof("payload")
@@ -431,7 +455,7 @@ class Session:
     def _flush(self, ex: Exchange) -> None:
         window = ex.send_window
         while ex.outbox:
-            cost = len(body_of(ex.outbox[0]))
+            cost = window_cost(ex.outbox[0])
             if cost and not window.can_send():
                 return
             msg = ex.outbox.popleft()
@@ -583,7 +607,7 @@ class Session:
             self._fail(ex, f"body chunk of {len(body)} bytes exceeds {self.max_chunk}")
             return
         try:
-            ex.recv_window.received(len(body))
+            ex.recv_window.received(window_cost(msg))
         except FlowControlError as e:
             self._fail(ex, str(e))
             return
@@ -630,7 +654,7 @@ class Session:
             self._send_error(rid, PROTOCOL_ERROR, "body chunk too large", protocol)
             return
         ex = Exchange(rid, protocol, False, SendWindow(self.window), ReceiveWindow(self.window))
-        ex.recv_window.received(len(body))
+        ex.recv_window.received(window_cost(msg))
         ex.remote_ended = _ends_direction(kind, msg)
         self._exchanges[rid] = ex
         self._remote_count += 1

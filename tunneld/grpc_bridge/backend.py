@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from tunneld import tunnel_pb2 as pb
+from tunneld.session import unit_cost
 from tunneld.grpc_bridge.stream import Bridge, message_size_options
 from tunneld.protocols.headers import grpc_metadata_from_pb
 from tunneld.tunnel import Tunnel
@@ -216,7 +217,7 @@ class _BackendCall:
         try:
             if first is not None:
                 await call.write(first)
-                owed += len(first)
+                owed += unit_cost(len(first))
             if end:
                 await call.done_writing()
                 return
@@ -229,7 +230,7 @@ class _BackendCall:
                     await call.done_writing()
                     return
                 await call.write(item)
-                owed += len(item)  # type: ignore[arg-type]
+                owed += unit_cost(len(item))  # type: ignore[arg-type]
                 if owed >= _CREDIT_BATCH:
                     to_reactor(ex.credit, owed)
                     owed = 0

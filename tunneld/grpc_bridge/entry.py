@@ -282,7 +282,7 @@ class _EntryCall:
                 if resp.has_message:
                     await context.write(resp.body)
                     if not resp.is_last_chunk:
-                        owed += len(resp.body)
+                        owed += s.unit_cost(len(resp.body))
                         if owed >= _CREDIT_BATCH:
                             self.bridge.to_reactor(self.exchange.consumed, owed)
                             owed = 0

@@ -156,7 +156,7 @@ class FrameRelay:
             self._peer_close(frame.close_code, frame.close_reason)
             return
         if proto.state != WebSocketServerProtocol.STATE_OPEN:
-            self._credit.took(len(frame.payload))
+            self._credit.took(s.unit_cost(len(frame.payload)))
             return
         payload = frame.payload
         if frame.opcode in (1, 2):
@@ -173,7 +173,7 @@ class FrameRelay:
                 proto.sendMessageFrameData(payload)
             if frame.fin:
                 proto.endMessage()
-        self._credit.took(len(payload))
+        self._credit.took(s.unit_cost(len(payload)))
 
     def _peer_close(self, code: int, reason: str) -> None:
         """The far side closed: close this socket the same way."""
