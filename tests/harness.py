@@ -53,12 +53,14 @@ class Stack:
     """One server plus clients, all real services on 127.0.0.1."""
 
     def __init__(self, routes: list[dict[str, Any]], *, groups: list[dict[str, Any]] | None = None,
-                 server: dict[str, Any] | None = None) -> None:
+                 server: dict[str, Any] | None = None, upstreams: list[dict[str, Any]] | None = None,
+                 forward: list[dict[str, Any]] | None = None) -> None:
         settings = {"tunnel_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "grpc_listen": "",
                     "admin_listen": "", "heartbeat_interval": 1, "cleanup_interval": 1}
         settings.update(server or {})
         self.config = parse_server_config(
-            {"server": settings, "groups": groups or [{"name": "default", "tokens": [TOKEN]}], "routes": routes},
+            {"server": settings, "groups": groups or [{"name": "default", "tokens": [TOKEN]}], "routes": routes,
+             "upstreams": upstreams or [], "forward": forward or []},
             "test-server.toml",
         )
         self.server: ServerApp | None = None
@@ -103,6 +105,20 @@ class Stack:
         if wait:
             yield wait_for(lambda: app.hub.is_connected and self._registered(app), what="client connected")
         return app
+
+    @inlineCallbacks
+    def entry_port(self, app: ClientApp) -> Any:
+        """The port of a client's http_entry (forward direction)."""
+        assert app.entry is not None
+        got: Deferred[Any] = Deferred()
+
+        def keep(port: Any) -> Any:
+            got.callback(port)
+            return port
+
+        app.entry._waitingForPort.addCallback(keep)
+        port = yield got
+        return port.getHost().port
 
     def _registered(self, app: ClientApp) -> bool:
         assert self.server is not None

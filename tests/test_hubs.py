@@ -306,13 +306,16 @@ class OpenTests(HubCase):
         self.assertTrue(h2.sent[0].stream_open_response.success)
 
     def test_forward_request_from_client_refused(self) -> None:
-        """A request the client starts is refused with 404 (no forward rules)."""
+        """A request the client starts is refused with 404 naming host and path when no forward rule matches."""
         link, client_hub, _ = self.link()
         handler = Recorder()
         assert client_hub.tunnel is not None
-        client_hub.tunnel.start(http_head(), handler)
+        head = http_head()
+        client_hub.tunnel.start(head, handler)
         link.flush()
-        self.assertEqual(handler.calls, [("aborted", 404, "this server has no forward rules", True)])
+        [(kind, code, message, by_peer)] = handler.calls
+        self.assertEqual((kind, code, by_peer), ("aborted", 404, True))
+        self.assertIn(f"path {head.http_request.path}", message)
         self.assert_quiet(link)
 
 

@@ -23,6 +23,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import ClientSettings
 from tunneld.grpc_bridge.stream import StreamHandle
+from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.tunnel import ResponderHandler, Tunnel
 
 BackendFactory = Callable[[Tunnel, s.RequestReceived, pb.Route], ResponderHandler]
@@ -150,6 +151,17 @@ class ClientHub:
             tunnel.cancel(event.request_id, s.BAD_GATEWAY, "protocol not supported by this client")
             return None
         return factory(tunnel, event, route)
+
+    # -- the http_entry's Dispatcher (forward direction) ------------------------------
+
+    def dispatch(self, host: str, path: str) -> Target | Refusal:
+        """Every entry request goes to the server, which matches its [[forward]] rules."""
+        tunnel = self.tunnel
+        if tunnel is None or not tunnel.is_open:
+            return Refusal(502, f"not connected to the server {self.settings.server}")
+        if self.draining:
+            return Refusal(503, "client is shutting down")
+        return Target(tunnel, "forward", self.settings.request_timeout)
 
     def finished(self, record: dict[str, object]) -> None:
         if not self.settings.access_log:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.internet import TimerService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.web.client import HTTPConnectionPool
 from twisted.python import usage
@@ -24,7 +24,9 @@ from tunneld.config import ClientConfig, ConfigError, load_client_config
 from tunneld.grpc_bridge.backend import GrpcBackendExchange, GrpcChannels, GrpcChannelsService
 from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService
-from tunneld.protocols.http_backend import BackendExchange, make_agent
+from tunneld.endpoints import server_endpoint
+from tunneld.protocols.http_entry import EntrySite
+from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent
 from tunneld.protocols.websocket import BackendWebSocketExchange
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -44,6 +46,7 @@ class ClientApp:
     service: MultiService
     hub: ClientHub
     dial: TunnelClientService
+    entry: StreamServerEndpointService | None = None   # the forward direction's http_entry
 
 
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 64 * 1024 * 1024) -> ClientApp:
@@ -78,24 +81,18 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     hub.on_ready = dial.reset
     dial.setServiceParent(bridge_service)
     GrpcChannelsService(bridge, channels, grace=cfg.drain_timeout).setServiceParent(bridge_service)
-    _PoolCloser(pool).setServiceParent(top)
+    PoolCloser(pool).setServiceParent(top)
     for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick),
                            (cfg.config_sync_interval, hub.config_sync_tick)):
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)
-    return ClientApp(top, hub, dial)
-
-
-class _PoolCloser(Service):
-    """Closes idle backend connections when the client stops."""
-
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self.pool = pool
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.pool.closeCachedConnections()
+    entry = None
+    if cfg.http_entry:
+        entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry), EntrySite(hub, reactor))
+        entry._raiseSynchronously = True
+        entry.setServiceParent(top)
+    return ClientApp(top, hub, dial, entry)
 
 
 def makeService(options: Options) -> MultiService:

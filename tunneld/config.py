@@ -135,6 +135,7 @@ class Upstream:
 
     name: str
     backends: tuple[str, ...]  # non-empty, each http:// or https://
+    cooldown: float = 10.0  # seconds a backend that refused a connection is left out
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ class ClientSettings:
     max_concurrency: int = 1000
     allow_backends: tuple[str, ...] = ()  # "host:port" entries; () allows every route backend
     drain_timeout: float = 10.0
+    request_timeout: float = 60.0  # http_entry: seconds to wait for a response head (server rules time out first)
     websocket_ping_interval: int = 0  # whole seconds between pings on idle backend WebSockets; 0 = off
     access_log: bool = False  # one log line per request served (the server logs them already)
 
@@ -612,7 +614,7 @@ def _parse_upstream(t: _Table) -> Upstream:
         raise t.error("backends", "must list at least one backend URL")
     for backend in backends:
         t.check_backend("backends", backend, ("http", "https"), "upstreams are HTTP origins")
-    return Upstream(name=name, backends=backends)
+    return Upstream(name=name, backends=backends, cooldown=t.seconds("cooldown", Upstream.cooldown))
 
 
 def _parse_forward(
@@ -736,6 +738,7 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         max_concurrency=t.integer("max_concurrency", d.max_concurrency, 1),
         allow_backends=tuple(allowed),
         drain_timeout=t.seconds("drain_timeout", d.drain_timeout, zero_ok=True),
+        request_timeout=t.seconds("request_timeout", d.request_timeout),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
         access_log=t.boolean("access_log", d.access_log),
     )

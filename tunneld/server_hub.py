@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -20,13 +20,18 @@ from twisted.logger import Logger
 from tunneld import __version__
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
-from tunneld.config import Route, ServerConfig
+from tunneld.config import ForwardRule, Route, ServerConfig
 from tunneld.grpc_bridge.entry import GrpcRefusal, GrpcTarget
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.registry.routes import RouteTable
 from tunneld.registry.streams import DuplicateStream, StreamEntry, StreamRegistry
+from tunneld.registry.upstreams import UpstreamPool
 from tunneld.tunnel import ResponderHandler, Tunnel
+
+# (tunnel, request, chosen origin, rule, next_origin(failed)) -> the handler dialling the upstream
+UpstreamFactory = Callable[[Tunnel, s.RequestReceived, str, ForwardRule, Callable[[str], "str | None"]],
+                           ResponderHandler]
 
 
 def route_to_pb(route: Route) -> pb.Route:
@@ -49,14 +54,17 @@ class ServerHub:
 
     log = Logger()
 
-    def __init__(self, config: ServerConfig, clock: Any) -> None:
+    def __init__(self, config: ServerConfig, clock: Any, *, upstream_factory: UpstreamFactory | None = None) -> None:
         self.clock = clock
         self.config = config
         self.routes: RouteTable[Route] = RouteTable(config.routes)
+        self.forward_rules: RouteTable[ForwardRule] = RouteTable(config.forward)
+        self.upstreams = {u.name: UpstreamPool(u.name, u.backends, u.cooldown) for u in config.upstreams}
+        self.upstream_factory = upstream_factory
         self.registry = StreamRegistry(config.server.heartbeat_timeout)
         self.streams: dict[Tunnel, ServerStream] = {}
         self.draining = False
-        self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0}
+        self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0, "forwarded": 0}
 
     # -- authentication (bridge thread: reads immutable config only) -----------
 
@@ -139,9 +147,32 @@ class ServerHub:
         )
 
     def request_received(self, tunnel: Tunnel, event: s.RequestReceived) -> ResponderHandler | None:
-        # Forward direction (client http_entry -> upstreams) is served by a later module.
-        tunnel.cancel(event.request_id, 404, "this server has no forward rules")
-        return None
+        """Forward direction: a client's http_entry request for one of our upstreams."""
+        rid = event.request_id
+        if self.draining:
+            tunnel.cancel(rid, s.OVERLOADED, "server is shutting down")
+            return None
+        if event.protocol != pb.HTTP:
+            tunnel.cancel(rid, s.BAD_GATEWAY, "the server forwards only HTTP requests")
+            return None
+        req = event.message.http_request
+        rule = self.forward_rules.match_http(req.host, req.path)
+        if rule is None or self.upstream_factory is None:
+            tunnel.cancel(rid, 404, f"no forward rule for host {req.host or '-'} path {req.path}")
+            return None
+        pool = self.upstreams[rule.upstream]
+        origin = pool.choose(self.clock.seconds())
+        if origin is None:
+            tunnel.cancel(rid, s.BAD_GATEWAY, f"every backend of upstream {pool.name!r} is down")
+            return None
+        self.counters["forwarded"] += 1
+
+        def next_origin(failed: str) -> str | None:
+            # Passive health: a refusing backend sits out its cool-down.
+            pool.mark_down(failed, self.clock.seconds())
+            return pool.choose(self.clock.seconds(), exclude=frozenset({failed}))
+
+        return self.upstream_factory(tunnel, event, origin, rule, next_origin)
 
     def _lost(self, stream: ServerStream, reason: str) -> None:
         self._close(stream, reason)

@@ -12,19 +12,23 @@ after twistd has forked.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from tunneld.config import ConfigError, ServerConfig, load_server_config, parse_listen
+from tunneld import session as s
+from tunneld.config import ConfigError, ForwardRule, ServerConfig, load_server_config
+from tunneld.endpoints import server_endpoint
 from tunneld.grpc_bridge.entry import GrpcEntryService
 from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService
+from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
 from tunneld.server_hub import ServerHub
+from tunneld.tunnel import ResponderHandler, Tunnel
 
 
 class Options(usage.Options):
@@ -35,15 +39,6 @@ class Options(usage.Options):
             self["loaded"] = load_server_config(self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-
-
-def server_endpoint(reactor: Any, listen: str, backlog: int = 1024) -> Any:
-    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-
-    host, port = parse_listen(listen)
-    if ":" in host:
-        return TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=host)
-    return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
 
 
 @dataclass
@@ -58,7 +53,16 @@ class ServerApp:
 def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     cfg = config.server
     top = MultiService()
-    hub = ServerHub(config, reactor)
+    agent, pool = make_agent(reactor)
+
+    def upstream_backend(tunnel: Tunnel, event: s.RequestReceived, origin: str, rule: ForwardRule,
+                         next_origin: Callable[[str], str | None]) -> ResponderHandler:
+        return BackendExchange(tunnel, event.request_id, event.message, origin, agent, set_host=rule.set_host,
+                               finished=hub.finished, route=rule.name, clock=reactor, timeout=rule.timeout,
+                               next_origin=next_origin)
+
+    hub = ServerHub(config, reactor, upstream_factory=upstream_backend)
+    PoolCloser(pool).setServiceParent(top)
     bridge = Bridge(reactor)
     bridge_service = BridgeService(bridge)
     bridge_service.setServiceParent(top)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -109,7 +110,12 @@ class BackendExchange:
     log = Logger()
 
     def __init__(self, tunnel: Tunnel, request_id: str, head: pb.TunnelMessage, origin: str, agent: IAgent,
-                 *, set_host: str = "", finished: Callable[[dict[str, object]], None] | None = None) -> None:
+                 *, set_host: str = "", finished: Callable[[dict[str, object]], None] | None = None,
+                 route: str = "", clock: Any = None, timeout: float = 0.0,
+                 next_origin: Callable[[str], str | None] | None = None) -> None:
+        """``timeout`` (with ``clock``): 504 when no response head came in time.
+        ``next_origin(failed)``: called when ``failed`` could not be reached;
+        returns another origin to try while no request byte was sent, or None."""
         self.tunnel = tunnel
         self.request_id = request_id
         self.head = head
@@ -126,8 +132,15 @@ class BackendExchange:
         self.done = False
         self.status = 0
         self.bytes_out = 0
+        self.bytes_in = 0
+        self.headers = Headers()
         self.started = time.monotonic()
         self.method = head.http_request.method
+        self.route = route or head.http_request.route
+        self.clock = clock
+        self.timeout = timeout
+        self.next_origin = next_origin
+        self.timer: Any = None
 
     # -- ResponderHandler ------------------------------------------------------------
 
@@ -141,16 +154,21 @@ class BackendExchange:
             # The Agent frames the body itself from the producer's length.
             if name.lower() != b"content-length":
                 headers.addRawHeader(name, value)
-        body: IBodyProducer | None = None
+        self.headers = headers
         if not (req.is_last_chunk and not req.body):
             self.producer = TunnelBodyProducer(self, req.content_length)
             if req.body:
+                self.bytes_in += len(req.body)
                 self.producer.write(req.body)
             if req.is_last_chunk:
                 self.producer.end()
-            body = self.producer
-        url = (self.origin + req.url).encode("latin-1")
-        self.request_d = self.agent.request(self.method.encode("latin-1"), url, headers, body)
+        if self.clock is not None and self.timeout:
+            self.timer = self.clock.callLater(self.timeout, self._timed_out)
+        self._dial()
+
+    def _dial(self) -> None:
+        url = (self.origin + self.head.http_request.url).encode("latin-1")
+        self.request_d = self.agent.request(self.method.encode("latin-1"), url, self.headers, self.producer)
         self.request_d.addCallbacks(self._got_response, self._request_failed)
 
     def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
@@ -158,6 +176,7 @@ class BackendExchange:
         if self.producer is None:
             return
         if body:
+            self.bytes_in += len(body)
             self.producer.write(body)
         if end:
             self.producer.end()
@@ -193,6 +212,7 @@ class BackendExchange:
     def _got_response(self, response: IResponse) -> None:
         if self.done:
             return
+        self._stop_timer()
         self.status = response.code
         pairs = [(name, value) for name, values in response.headers.getAllRawHeaders() for value in values]
         if response.length is not UNKNOWN_LENGTH and self.method != "HEAD" and response.code not in _NO_BODY_STATUS:
@@ -260,8 +280,19 @@ class BackendExchange:
     def _request_failed(self, failure: Failure) -> None:
         if self.done:
             return
+        unreachable = failure.check(ConnectionRefusedError, DNSLookupError, TimeoutError) is not None
+        untouched = self.producer is None or self.producer.consumer is None
+        if unreachable and untouched and self.next_origin is not None:
+            other = self.next_origin(self.origin)
+            if other is not None:
+                self.log.info("backend {origin} unreachable, trying {other}", origin=self.origin, other=other,
+                              request_id=self.request_id, trace_id=self.trace_id)
+                self.origin = other.rstrip("/")
+                self._dial()
+                return
         self.done = True
-        if failure.check(ConnectionRefusedError, DNSLookupError, TimeoutError):
+        self._stop_timer()
+        if unreachable:
             message = f"backend {self.origin} unreachable: {failure.getErrorMessage()}"
         elif failure.check(ResponseFailed):
             message = f"backend {self.origin} failed: {failure.value!r}"
@@ -275,14 +306,33 @@ class BackendExchange:
     def _finished(self) -> None:
         if not self.done:
             self.done = True
+            self._stop_timer()
             self._log_finished()
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.done or self.head_sent or self.response_head is not None:
+            return
+        self.done = True
+        if self.request_d is not None:
+            self.request_d.cancel()
+        message = f"no response from {self.origin} within {self.timeout:g} s"
+        self.status = 504
+        self.tunnel.cancel(self.request_id, s.TIMEOUT, message)
+        self._log_finished()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
 
     def _log_finished(self) -> None:
         if self.finished_cb is not None:
             self.finished_cb({
-                "protocol": "http", "route": self.head.http_request.route, "status": self.status,
-                "duration": time.monotonic() - self.started, "bytes_out": self.bytes_out,
+                "protocol": "http", "route": self.route, "status": self.status,
+                "duration": time.monotonic() - self.started, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "request_id": self.request_id, "trace_id": self.trace_id, "origin": self.origin,
+                "method": self.method, "path": self.head.http_request.path,
             })
 
 
@@ -297,3 +347,14 @@ def make_agent(reactor: Any, pool_size: int = 64) -> tuple[IAgent, HTTPConnectio
     pool.maxPersistentPerHost = pool_size
     pool.retryAutomatically = False  # never replay a non-idempotent request on our own
     return Agent(reactor, pool=pool), pool
+
+
+class PoolCloser(Service):
+    """Closes idle origin connections when the process stops."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.pool.closeCachedConnections()

@@ -33,7 +33,7 @@ from tunneld.protocols import headers as h
 from tunneld.tunnel import Tunnel
 
 # Codes an ErrorMessage may carry that the external client sees unchanged.
-_PASSED_CODES = {413, 502, 503, 504}
+_PASSED_CODES = {404, 413, 502, 503, 504}
 
 
 @dataclass(frozen=True)
