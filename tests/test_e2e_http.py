@@ -387,3 +387,58 @@ class DrainTests(PooledTestCase):
         self.assertEqual(len(hub.registry.streams()), 0)
         stack.server = None
         yield stack.stop()
+
+
+class LimitTests(PooledTestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        super().setUp()
+        site, _, _ = test_site()
+        self.backend = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.backend.stopListening)
+        self.stack = Stack([{"name": "web", "group": "default", "max_body_size": 1000,
+                             "backend": f"http://127.0.0.1:{self.backend.getHost().port}"}],
+                           server={"max_header_size": 2048})
+        yield self.stack.start()
+        self.addCleanup(self.stack.stop)
+        yield self.stack.add_client()
+
+    @inlineCallbacks
+    def test_oversized_headers_are_refused(self) -> Any:
+        """A request whose headers exceed max_header_size gets 400 and never reaches the tunnel."""
+        proto = RawClient(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.stack.http_port), proto)
+        yield wait_for(lambda: proto.received.startswith(b"HTTP/1.1 400"), what="400 answer")
+        proto.transport.loseConnection()
+        self.assertEqual(self.stack.server.hub.counters["requests"], 0)  # type: ignore[union-attr]
+
+    @inlineCallbacks
+    def test_body_over_route_limit_is_413(self) -> Any:
+        """A body over the route's max_body_size gets 413, with or without Content-Length."""
+        resp = yield self.http.post(self.stack.url("/upload"), data=b"x" * 5000)
+        self.assertEqual(resp.code, 413)
+        yield _treq.content(resp)
+        producer = PatternProducer(5000)
+        producer.length = UNKNOWN_LENGTH  # type: ignore[assignment]
+        producer.block = producer.block[:1000]
+        real = 5000
+
+        def pump() -> None:
+            while not producer.paused and producer.sent < real:
+                chunk = producer.block[: min(len(producer.block), real - producer.sent)]
+                producer.sent += len(chunk)
+                producer.consumer.write(chunk)
+            if producer.sent >= real and not producer.finished.called:
+                producer.finished.callback(None)
+
+        producer._pump = pump  # type: ignore[method-assign]
+        resp = yield self.http.post(self.stack.url("/upload"), data=producer)
+        self.assertEqual(resp.code, 413)
+        yield _treq.content(resp)
+        yield wait_for(lambda: self.stack.server_in_flight() == 0 and self.stack.client_in_flight() == 0,
+                       what="tables empty")
+        resp = yield self.http.post(self.stack.url("/upload"), data=b"x" * 500)
+        self.assertEqual(resp.code, 200)
+        yield _treq.content(resp)

@@ -47,6 +47,7 @@ class ClientHub:
     """Owner of the client's tunnel stream (a tunnel ``StreamOwner``)."""
 
     log = Logger()
+    metrics: Any = None   # admin.RequestMetrics when the admin port is on; fed by finished()
 
     def __init__(self, settings: ClientSettings, clock: Any, backends: dict[int, BackendFactory]) -> None:
         self.settings = settings
@@ -62,6 +63,7 @@ class ClientHub:
         self.rtt: float | None = None
         self.on_ready: Callable[[], None] | None = None   # the dial service resets its backoff here
         self.draining = False
+        self.counters: dict[str, int] = {"messages_dropped": 0, "flow_stalls": 0}  # of streams already lost
 
     # -- connection lifecycle -----------------------------------------------------
 
@@ -82,6 +84,8 @@ class ClientHub:
         if handle is not self.handle or self.tunnel is None:
             return
         self.tunnel.lost(reason)
+        self.counters["messages_dropped"] += self.tunnel.session.dropped
+        self.counters["flow_stalls"] += self.tunnel.stalls
         self.tunnel = self.handle = None
         self.connected_since = None
 
@@ -164,6 +168,8 @@ class ClientHub:
         return Target(tunnel, "forward", self.settings.request_timeout)
 
     def finished(self, record: dict[str, object]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(record)
         if not self.settings.access_log:
             return
         self.log.info("{protocol} route={route} status={status} {duration:.3f}s out={bytes_out} "

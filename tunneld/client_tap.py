@@ -19,11 +19,13 @@ from twisted.python import usage
 
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
+from tunneld.admin import AdminService, client_admin
 from tunneld.client_hub import ClientHub
 from tunneld.config import ClientConfig, ConfigError, load_client_config
 from tunneld.grpc_bridge.backend import GrpcBackendExchange, GrpcChannels, GrpcChannelsService
 from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService
+from tunneld.logs import with_log_format
 from tunneld.endpoints import server_endpoint
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent
@@ -47,6 +49,7 @@ class ClientApp:
     hub: ClientHub
     dial: TunnelClientService
     entry: StreamServerEndpointService | None = None   # the forward direction's http_entry
+    admin: AdminService | None = None   # /metrics, /status, dashboard (admin_listen)
 
 
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 64 * 1024 * 1024) -> ClientApp:
@@ -92,10 +95,16 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry), EntrySite(hub, reactor))
         entry._raiseSynchronously = True
         entry.setServiceParent(top)
-    return ClientApp(top, hub, dial, entry)
+    admin = None
+    if cfg.admin_listen:
+        admin = client_admin(hub, dial, reactor, cfg.admin_listen, cfg.admin_token)
+        admin.setServiceParent(top)
+    return ClientApp(top, hub, dial, entry, admin)
 
 
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return build_client(options["loaded"], reactor).service
+    config = options["loaded"]
+    service = build_client(config, reactor).service
+    return with_log_format(service, config.client.log_format, getattr(options, "parent", None))

@@ -97,6 +97,8 @@ class ServerSettings:
     drain_timeout: float = 10.0  # SIGTERM: how long in-flight requests may finish
     websocket_ping_interval: int = 0  # whole seconds between pings on idle entry WebSockets; 0 = off
     access_log: bool = True  # one log line per finished request
+    admin_token: str = field(default="", repr=False)  # "" = admin port open; else Authorization: Bearer <token>
+    log_format: str = "text"  # "text" or "json" (JSON lines for log shippers)
     window: int = 262144  # per-request per-direction flow-control window
     max_message_size: int = 67108864  # gRPC message limit on the tunnel port
     max_header_size: int = 16384  # HTTP entry: total request header bytes
@@ -206,6 +208,9 @@ class ClientSettings:
     request_timeout: float = 60.0  # http_entry: seconds to wait for a response head (server rules time out first)
     websocket_ping_interval: int = 0  # whole seconds between pings on idle backend WebSockets; 0 = off
     access_log: bool = False  # one log line per request served (the server logs them already)
+    admin_listen: str = ""  # /metrics, /status, dashboard; "" disables
+    admin_token: str = field(default="", repr=False)  # "" = admin port open; else Authorization: Bearer <token>
+    log_format: str = "text"  # "text" or "json"
 
 
 @dataclass(frozen=True)
@@ -554,7 +559,16 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         max_header_size=t.integer("max_header_size", d.max_header_size, 1),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
         access_log=t.boolean("access_log", d.access_log),
+        admin_token=t.text("admin_token", d.admin_token),
+        log_format=_log_format(t, d.log_format),
     )
+
+
+def _log_format(t: _Table, default: str) -> str:
+    value = t.text("log_format", default)
+    if value not in ("text", "json"):
+        raise t.error("log_format", f"must be \"text\" or \"json\", not {value!r}")
+    return value
 
 
 def _parse_group(t: _Table) -> Group:
@@ -741,6 +755,9 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         request_timeout=t.seconds("request_timeout", d.request_timeout),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
         access_log=t.boolean("access_log", d.access_log),
+        admin_listen=t.listen("admin_listen", d.admin_listen, optional=True),
+        admin_token=t.text("admin_token", d.admin_token),
+        log_format=_log_format(t, d.log_format),
     )
     return ClientConfig(path=path, client=settings)
 
@@ -796,13 +813,20 @@ def load_any_config(path: str) -> ServerConfig | ClientConfig:
     )
 
 
+def _admin(listen: str, token: str) -> str:
+    if not listen:
+        return "off"
+    return f"{listen} ({'token' if token else 'no token'})"
+
+
 def describe(config: ServerConfig | ClientConfig) -> str:
     """A one-line summary: listeners, groups and routes, or server, group and entry."""
     if isinstance(config, ClientConfig):
         c = config.client
         return (
             f"client config {config.path or '(defaults)'}: id {c.client_id or '(generated)'}, "
-            f"server {c.server}, group {c.group}, http entry {c.http_entry or 'off'}"
+            f"server {c.server}, group {c.group}, http entry {c.http_entry or 'off'}, "
+            f"admin {_admin(c.admin_listen, c.admin_token)}, log {c.log_format}"
         )
     s = config.server
 
@@ -812,7 +836,8 @@ def describe(config: ServerConfig | ClientConfig) -> str:
 
     return (
         f"server config {config.path or '(defaults)'}: tunnel {s.tunnel_listen}, "
-        f"http {s.http_listen}, grpc {s.grpc_listen or 'off'}, admin {s.admin_listen or 'off'}; "
+        f"http {s.http_listen}, grpc {s.grpc_listen or 'off'}, "
+        f"admin {_admin(s.admin_listen, s.admin_token)}, log {s.log_format}; "
         f"groups {names(config.groups)}; "
         f"routes {names(config.routes)}; upstreams {names(config.upstreams)}; "
         f"forward {names(config.forward)}; version {config.version()}"

@@ -47,12 +47,14 @@ class ServerStream:
     tunnel: Tunnel
     handle: StreamHandle
     entry: StreamEntry | None = None
+    token: str = ""   # the token it authenticated with (a reload may revoke it)
 
 
 class ServerHub:
     """Owner of every tunnel stream on the server (a tunnel ``StreamOwner``)."""
 
     log = Logger()
+    metrics: Any = None   # admin.RequestMetrics when the admin port is on; fed by finished()
 
     def __init__(self, config: ServerConfig, clock: Any, *, upstream_factory: UpstreamFactory | None = None) -> None:
         self.clock = clock
@@ -64,7 +66,8 @@ class ServerHub:
         self.registry = StreamRegistry(config.server.heartbeat_timeout)
         self.streams: dict[Tunnel, ServerStream] = {}
         self.draining = False
-        self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0, "forwarded": 0}
+        self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0, "forwarded": 0,
+                                         "messages_dropped": 0, "flow_stalls": 0}  # the last two: closed streams'
 
     # -- authentication (bridge thread: reads immutable config only) -----------
 
@@ -134,6 +137,7 @@ class ServerHub:
             self._close(stream, "duplicate stream")
             return
         stream.entry = entry
+        stream.token = req.token
         self.counters["streams_opened"] += 1
         response = pb.StreamOpenResponse(message=f"tunneld {__version__}", config=self._config_for(req.group))
         stream.tunnel.control(lambda: session.accept(response))
@@ -181,6 +185,8 @@ class ServerHub:
         if self.streams.pop(stream.tunnel, None) is None:
             return
         stream.tunnel.lost(reason)
+        self.counters["messages_dropped"] += stream.tunnel.session.dropped
+        self.counters["flow_stalls"] += stream.tunnel.stalls
         if stream.entry is not None:
             self.registry.remove(stream.entry.key)
             self.log.info("client {client_id} disconnected: {reason}", client_id=stream.entry.client_id, reason=reason)
@@ -191,6 +197,47 @@ class ServerHub:
 
     def _who(self, stream: ServerStream) -> str:
         return stream.entry.client_id if stream.entry else stream.handle.peer
+
+    # -- SIGHUP -----------------------------------------------------------------------
+
+    def reload(self, config: ServerConfig) -> None:
+        """Adopt a new (already validated) config: routes, rules, upstreams, groups, tokens.
+
+        Connected clients get their group's routes at once; streams whose token
+        or group is gone are disconnected.  Listen addresses and size limits
+        only change on restart.
+        """
+        old = self.config
+        self.config = config
+        self.routes = RouteTable(config.routes)
+        self.forward_rules = RouteTable(config.forward)
+        pools = {}
+        for u in config.upstreams:
+            pool = UpstreamPool(u.name, u.backends, u.cooldown)
+            previous = self.upstreams.get(u.name)
+            if previous is not None:
+                pool.down_until = {b: t for b, t in previous.down_until.items() if b in u.backends}
+            pools[u.name] = pool
+        self.upstreams = pools
+        self.registry.heartbeat_timeout = config.server.heartbeat_timeout
+        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "window")
+        changed = [k for k in listeners if getattr(old.server, k) != getattr(config.server, k)]
+        if changed:
+            self.log.warn("config reload: {keys} change only on restart", keys=", ".join(changed))
+        for stream in list(self.streams.values()):
+            entry = stream.entry
+            if entry is None:
+                continue
+            if not self.authenticate(entry.group, stream.token):
+                self.log.warn("client {client_id}: its token is no longer valid for group {group}; disconnecting",
+                              client_id=entry.client_id, group=entry.group)
+                self._close(stream, "token revoked by a config reload", abort=True)
+                continue
+            session = stream.tunnel.session
+            group = entry.group
+            stream.tunnel.control(lambda: session.push_config(self._config_for(group)))
+        self.log.info("config reloaded from {path}: version {version}, {n} routes", path=config.path,
+                      version=config.version(), n=len(config.routes))
 
     # -- periodic work (TimerServices) ---------------------------------------------
 
@@ -229,7 +276,7 @@ class ServerHub:
             return Refusal(404, f"no route for host {host or '-'} path {path}")
         tunnel = self.choose(route.group)
         if tunnel is None:
-            return Refusal(502, f"no client connected for group {route.group!r} (route {route.name})")
+            return Refusal(502, f"no client connected for group {route.group!r} (route {route.name})", route.name)
         self.counters["requests"] += 1
         return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size)
 
@@ -247,6 +294,8 @@ class ServerHub:
         return GrpcTarget(tunnel, route.name, route.max_message_size)
 
     def finished(self, record: dict[str, object]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(record)
         if not self.config.server.access_log:
             return
         self.log.info(

@@ -11,14 +11,17 @@ after twistd has forked.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from tunneld import session as s
+from tunneld.admin import AdminService, server_admin
 from tunneld.config import ConfigError, ForwardRule, ServerConfig, load_server_config
 from tunneld.endpoints import server_endpoint
 from tunneld.grpc_bridge.entry import GrpcEntryService
@@ -27,6 +30,7 @@ from tunneld.grpc_bridge.stream import Bridge, BridgeService
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
+from tunneld.logs import with_log_format
 from tunneld.server_hub import ServerHub
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -48,6 +52,7 @@ class ServerApp:
     tunnel: TunnelServerService
     http: StreamServerEndpointService | None
     grpc: GrpcEntryService | None = None
+    admin: AdminService | None = None   # /metrics, /status, dashboard (admin_listen)
 
 
 def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
@@ -94,10 +99,48 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)
-    return ServerApp(top, hub, tunnel, http, grpc_entry)
+    admin = None
+    if cfg.admin_listen:
+        admin = server_admin(hub, reactor, cfg.admin_listen)
+        admin.setServiceParent(top)
+    return ServerApp(top, hub, tunnel, http, grpc_entry, admin)
+
+
+class ReloadOnHangup(Service):
+    """SIGHUP: re-read the config file; a broken file is refused and the old config stays."""
+
+    log = Logger()
+
+    def __init__(self, path: str, hub: ServerHub, reactor: Any) -> None:
+        self.path = path
+        self.hub = hub
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self) -> None:
+        super().stopService()
+        signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            config = load_server_config(self.path)
+        except ConfigError as e:
+            self.log.error("config reload refused, keeping the running config: {error}", error=str(e))
+            return
+        self.hub.reload(config)
 
 
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return build_server(options["loaded"], reactor).service
+    config = options["loaded"]
+    app = build_server(config, reactor)
+    ReloadOnHangup(config.path, app.hub, reactor).setServiceParent(app.service)
+    return with_log_format(app.service, config.server.log_format, getattr(options, "parent", None))

@@ -76,6 +76,7 @@ class Tunnel:
         self.lost_reason: str | None = None
         self.messages_in = 0
         self.messages_out = 0
+        self.stalls = 0   # sends that ran out of window (the caller pauses its producer): flow-control stalls
 
     # -- actions ------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class Tunnel:
         if request_id not in self.session:
             return False
         ok = self.session.send(request_id, msg)
+        self.stalls += not ok
         self._pump()
         return ok
 
@@ -103,6 +105,7 @@ class Tunnel:
         if request_id not in self.session:
             return False
         ok = self.session.send_body(request_id, data, end)
+        self.stalls += not ok
         self._pump()
         return ok
 

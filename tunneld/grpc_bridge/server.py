@@ -6,6 +6,12 @@ group's token (``authorization: Bearer …`` metadata, else the message's
 ``token``) is compared in constant time.  A refused call ends with
 ``UNAUTHENTICATED`` and is never registered.  Accepted calls are announced to
 the reactor as a ``StreamHandle`` plus their first message.
+
+Connections that never become a tunnel are not kept: one that does not
+finish the HTTP/2 preface and SETTINGS within ``HANDSHAKE_TIMEOUT_MS`` is
+closed by grpc, a Proxy call whose first message does not arrive within
+``OPEN_TIMEOUT`` is ended with ``DEADLINE_EXCEEDED``, and a call whose peer
+sends bytes that are not a ``TunnelMessage`` is ended with ``ABORTED``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ from twisted.logger import Logger
 from tunneld import tunnel_pb2 as pb
 from tunneld import tunnel_pb2_grpc as pb_grpc
 from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, StreamHandle, message_size_options
+
+#: A TCP connection must send the HTTP/2 preface and SETTINGS within this
+#: (grpc's default is 120 s, and a silent connection was held ~60 s).
+HANDSHAKE_TIMEOUT_MS = 10_000
+#: An accepted Proxy call must send ``stream_open`` within this many seconds.
+OPEN_TIMEOUT = 10.0
 
 Authenticate = Callable[[str, str], bool]          # (group, token) -> ok; must be thread-safe
 OnStream = Callable[[StreamHandle, pb.TunnelMessage], None]
@@ -52,7 +64,12 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
             self.calls.discard(task)
 
     async def _proxy(self, context: grpc.aio.ServicerContext) -> None:
-        first = await context.read()
+        try:
+            first = await asyncio.wait_for(context.read(), OPEN_TIMEOUT)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no stream_open within {OPEN_TIMEOUT:g} s")
+        except Exception as e:  # not a TunnelMessage
+            await context.abort(grpc.StatusCode.ABORTED, f"malformed first message: {e!r}")
         if first is grpc.aio.EOF:
             return
         if first.WhichOneof("payload") != "stream_open":
@@ -61,6 +78,7 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
         token = bearer_token(context.invocation_metadata()) or so.token
         if not token or not self.authenticate(so.group, token):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid token for group {so.group!r}")
+        so.token = token  # the one that authenticated, so a reload can revoke it
         handle = StreamHandle(self.bridge, peer=context.peer())
         loop = asyncio.get_running_loop()
         # The reactor ends a stream (violation, heartbeat timeout) through this
@@ -81,8 +99,12 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
                 await context.abort(grpc.StatusCode.ABORTED, aborting.result())
             elif reader in done:
                 # The reactor closes the handle once it has failed the stream's requests.
-                handle.reader_lost(reader.result())
+                reason, broken = reader.result()
+                handle.reader_lost(reason)
                 await asyncio.wait({writer, aborting}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+                if broken:
+                    # Never end a call that failed (a malformed message) with OK.
+                    await context.abort(grpc.StatusCode.ABORTED, reason)
             else:
                 handle.reader_lost("closed by the server")
         except asyncio.CancelledError:
@@ -92,17 +114,18 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
             reader.cancel()
             writer.cancel()
 
-    async def _read(self, context: grpc.aio.ServicerContext, handle: StreamHandle) -> str:
+    async def _read(self, context: grpc.aio.ServicerContext, handle: StreamHandle) -> tuple[str, bool]:
+        """Deliver the peer's messages; return why reading ended and whether it failed."""
         try:
             while True:
                 msg = await context.read()
                 if msg is grpc.aio.EOF:
-                    return "client closed the stream"
+                    return "client closed the stream", False
                 handle.reader_delivered(msg)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # grpc reports a vanished peer as an exception here
-            return f"stream broken: {e!r}"
+        except Exception as e:  # a message that does not parse; grpc's errors on a vanished peer
+            return f"stream broken: {e!r}", True
 
 
 class TunnelServerService(Service):
@@ -148,6 +171,7 @@ class TunnelServerService(Service):
         options = KEEPALIVE_OPTIONS + message_size_options(self.max_message_size) + [
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.so_reuseport", 0),
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ]
         server = grpc.aio.server(options=options)
         self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream)

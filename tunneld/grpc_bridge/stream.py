@@ -38,9 +38,16 @@ from tunneld import tunnel_pb2 as pb
 T = TypeVar("T")
 
 KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
-    # Detect a frozen or vanished peer in ~15 s, well before heartbeat_timeout.
+    # Detect a frozen or vanished peer in ~15 s, well before heartbeat_timeout:
+    # a ping every 10 s, the connection closed when its ack is 5 s late.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # grpcio 1.85 does not apply keepalive_timeout_ms to a keepalive ping (its
+    # chttp2 writer arms that timer only in a case that does not happen); an
+    # unacknowledged ping is ended by the general ping timeout, 60 s by
+    # default.  Measured (tests/test_faults.py): a SIGSTOPped peer is noticed
+    # after ~5 s with this line; without it, after 60-70 s.
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]

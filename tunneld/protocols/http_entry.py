@@ -54,6 +54,7 @@ class Refusal:
 
     status: int
     message: str
+    route: str = ""   # the route it matched, if any (for logs and metrics)
 
 
 class Dispatcher(Protocol):
@@ -350,7 +351,9 @@ class HttpExchange:
         self.timer = None
 
     def _route(self) -> str:
-        return self.target.route if self.target else "-"
+        if self.target is not None:
+            return self.target.route
+        return self.refusal.route if self.refusal is not None and self.refusal.route else "-"
 
 
 def is_websocket_upgrade(request: server.Request) -> bool:
@@ -436,9 +439,11 @@ class EntrySite(server.Site):
         self.displayTracebacks = False
 
     def buildProtocol(self, addr: object) -> object:
-        channel = super().buildProtocol(addr)
-        channel.totalHeadersSize = self.max_header_size
-        return channel
+        protocol = super().buildProtocol(addr)
+        # Site wraps the HTTPChannel (to allow protocol switching); the limit
+        # belongs on the channel itself.
+        getattr(protocol, "_channel", protocol).totalHeadersSize = self.max_header_size
+        return protocol
 
     def log(self, request: object) -> None:
         pass  # one line per request comes from the dispatcher's ``finished``

@@ -20,6 +20,7 @@ so it is relayed as a dropped connection).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -79,9 +80,12 @@ class _Credit:
 
 
 class FrameRelay:
-    """Mixin for an autobahn protocol bound to one tunnel exchange."""
+    """Mixin for an autobahn protocol bound to one tunnel exchange.
 
-    log = Logger()
+    (No ``log`` attribute here: it would replace autobahn's own logger, which
+    drops its per-frame debug lines cheaply.)
+    """
+
     tunnel: Tunnel | None = None
     request_id = ""
     trace_id = ""
@@ -95,6 +99,8 @@ class FrameRelay:
         self._sent_close = False
         self._socket_paused = False
         self._linger: Any = None
+        self.bytes_from_socket = 0   # message payload bytes relayed socket -> tunnel
+        self.bytes_to_socket = 0     # and tunnel -> socket
 
     def attach_producer(self) -> None:
         transport = self.transport  # type: ignore[attr-defined]
@@ -131,6 +137,7 @@ class FrameRelay:
     def _send_piece(self, piece: bytes, fin: bool) -> None:
         frame = pb.WebSocketFrame(opcode=self._opcode if self._first else 0, fin=fin, payload=piece)
         self._first = False
+        self.bytes_from_socket += len(piece)
         if self.tunnel is not None and not self.tunnel.send(self.request_id, pb.TunnelMessage(ws_frame=frame)):
             self._pause_socket()
 
@@ -159,6 +166,7 @@ class FrameRelay:
             self._credit.took(s.unit_cost(len(frame.payload)))
             return
         payload = frame.payload
+        self.bytes_to_socket += len(payload)
         if frame.opcode in (1, 2):
             if frame.fin:
                 proto.sendMessage(payload, isBinary=frame.opcode == 2)
@@ -203,6 +211,11 @@ class FrameRelay:
         if self.tunnel is not None:
             self.tunnel.cancel(self.request_id, s.CANCELLED, "no close from the far side")
 
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)  # type: ignore[misc]
+        # The twisted.web request (and its channel) is no longer needed.
+        self.entry_request = None
+
     def closed(self) -> None:
         """The exchange is released: nothing more to wait for."""
         if self._linger is not None and self._linger.active():
@@ -225,6 +238,10 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self._handshake: Deferred[Any] | None = None
         self._timer: Any = None
         self.route = "-"
+        self.started = time.monotonic()
+        self.status = 0          # the handshake's answer: 101, or the refusal's status
+        self._reported = False
+        self._path = ""
 
     def onConnect(self, request: Any) -> Deferred[Any]:
         req = self.entry_request
@@ -235,8 +252,11 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         uri = req.uri.decode("latin-1")
         path = uri.partition("?")[0]
         self.trace_id = trace_id_of(flat)
+        self._path = path
         decision = factory.dispatcher.dispatch(host, path)
         if isinstance(decision, Refusal):
+            self.status = decision.status
+            self.route = decision.route or "-"
             raise ConnectionDeny(decision.status, decision.message)
         self.route = decision.route
         if decision.max_message_size:
@@ -254,6 +274,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         try:
             self.request_id = decision.tunnel.start(msg, self)
         except s.SessionError as e:
+            self.status = 502
             raise ConnectionDeny(502, f"tunnel not available: {e}") from None
         self._timer = self.clock.callLater(decision.timeout, self._timed_out, decision.timeout)
         return self._handshake
@@ -265,6 +286,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self._deny(504, f"no handshake answer from the backend within {timeout:g} s")
 
     def _deny(self, status: int, reason: str) -> None:
+        self.status = status
         d, self._handshake = self._handshake, None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -292,6 +314,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
                 if name.lower() not in _HANDSHAKE_HEADERS and not name.lower().startswith(b"sec-websocket"):
                     extra.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
             if d is not None:
+                self.status = 101
                 d.callback((resp.subprotocol or None, extra))
         elif kind == "ws_frame":
             self.relay_frame(msg.ws_frame)
@@ -309,7 +332,21 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         if self._handshake is not None and self.tunnel is not None:
             self.tunnel.cancel(self.request_id, s.CANCELLED, "external client went away")
             self._handshake = None
+            self.status = self.status or 499
         self.relay_close(wasClean, code, reason)
+        self._report()
+
+    def _report(self) -> None:
+        """One ``finished`` record per external WebSocket (access log, metrics)."""
+        if self._reported:
+            return
+        self._reported = True
+        self.factory.dispatcher.finished({
+            "protocol": "websocket", "method": "GET", "path": self._path, "route": self.route,
+            "status": self.status or 502, "duration": time.monotonic() - self.started,
+            "bytes_in": self.bytes_from_socket, "bytes_out": self.bytes_to_socket,
+            "request_id": self.request_id, "trace_id": self.trace_id,
+        })
 
 
 class EntryWebSocketFactory(WebSocketServerFactory):
@@ -363,6 +400,7 @@ class BackendWebSocket(FrameRelay, WebSocketClientProtocol):
 
     def connectionMade(self) -> None:
         exchange = self.factory.exchange
+        assert exchange is not None
         exchange.protocol = self
         self.tunnel = exchange.tunnel
         self.request_id = exchange.request_id
@@ -376,11 +414,13 @@ class BackendWebSocket(FrameRelay, WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.opened = True
         self.attach_producer()
-        self.factory.exchange.opened(self)
+        if self.factory.exchange is not None:
+            self.factory.exchange.opened(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened:
-            self.factory.exchange.handshake_failed(getattr(self, "http_status_line", None), reason or "")
+            if self.factory.exchange is not None:
+                self.factory.exchange.handshake_failed(getattr(self, "http_status_line", None), reason or "")
             return
         self.relay_close(wasClean, code, reason)
 
@@ -388,12 +428,15 @@ class BackendWebSocket(FrameRelay, WebSocketClientProtocol):
 class BackendWebSocketFactory(WebSocketClientFactory):
     protocol = BackendWebSocket
 
+    noisy = False  # no "Starting factory" line per WebSocket
+
     def __init__(self, exchange: BackendWebSocketExchange, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        self.exchange = exchange
+        self.exchange: BackendWebSocketExchange | None = exchange
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
-        self.exchange.unreachable(reason.getErrorMessage())
+        if self.exchange is not None:
+            self.exchange.unreachable(reason.getErrorMessage())
 
 
 class BackendWebSocketExchange:
@@ -436,7 +479,7 @@ class BackendWebSocketExchange:
             headers=extra,
         )
         options: dict[str, Any] = {"maxMessagePayloadSize": self.max_message_size, "maxFramePayloadSize": 0,
-                                   "failByDrop": False}
+                                   "failByDrop": False, "closeHandshakeTimeout": 5}
         if self.ping_interval:
             options.update(autoPingInterval=self.ping_interval, autoPingTimeout=max(1, self.ping_interval))
         factory.setProtocolOptions(**options)
@@ -486,6 +529,14 @@ class BackendWebSocketExchange:
     def closed(self) -> None:
         if self.protocol is not None:
             self.protocol.closed()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Break the exchange/protocol/factory cycle so reference counting frees them."""
+        proto, self.protocol = self.protocol, None
+        self.connector = None
+        if proto is not None and proto.factory is not None:
+            proto.factory.exchange = None
 
     def aborted(self, code: int, message: str, by_peer: bool) -> None:
         proto = self.protocol
@@ -499,3 +550,4 @@ class BackendWebSocketExchange:
             proto.sendCloseFrame(code=1011 if not by_peer else 1001, reasonUtf8=message.encode()[:123])
         else:
             proto.dropConnection(abort=True)
+        self._forget()

@@ -1,0 +1,135 @@
+"""The admin dashboard in a real browser: headless Chromium over the DevTools protocol.
+
+Set TUNNELD_WRITE_SCREENSHOT=1 to rewrite docs/dashboard.png (the README's
+picture) from this test's page.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.backends import test_site
+from tests.cdp import Browser, DevTools
+from tests.harness import TOKEN, Stack, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCREENSHOT = os.path.join(ROOT, "docs", "dashboard.png")
+ADMIN_TOKEN = "dash-token"
+
+
+class DashboardTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        site, self.held, _ = test_site()
+        self.backend = reactor.listenTCP(0, site, interface="127.0.0.1")
+        origin = f"http://127.0.0.1:{self.backend.getHost().port}"
+        self.stack = Stack(
+            [{"name": "web", "group": "edge", "backend": origin, "host": "app.example.com"},
+             {"name": "api", "group": "edge", "backend": origin, "host": "api.example.com"},
+             {"name": "greeter", "group": "edge", "grpc_service": "helloworld.Greeter", "backend": "grpc://127.0.0.1:50051"},
+             {"name": "reports", "group": "batch", "backend": origin, "path_prefix": "/reports"}],
+            groups=[{"name": "edge", "tokens": [TOKEN]}, {"name": "batch", "tokens": ["batch-token"]}],
+            server={"admin_listen": "127.0.0.1:0", "admin_token": ADMIN_TOKEN},
+        )
+        yield self.stack.start()
+        self.pending: Any = None
+        self.browser = Browser(self)
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        self.held.release()
+        if self.pending is not None:
+            yield self.pending   # it completes through the tunnel, so before the stack stops
+        yield self.stack.stop()
+        yield self.backend.stopListening()
+
+    @inlineCallbacks
+    def get(self, host: str, path: str) -> Any:
+        resp = yield treq.get(self.stack.url(path), headers={b"Host": [host.encode()]}, persistent=False)
+        yield treq.content(resp)
+        return resp.code
+
+    @inlineCallbacks
+    def traffic(self) -> Any:
+        """Some of everything: answers, a backend error, no route, no client, one request held in flight."""
+        codes = []
+        for host, path in (("app.example.com", "/"), ("app.example.com", "/bytes/100"), ("api.example.com", "/echo"),
+                           ("api.example.com", "/echo"), ("app.example.com", "/status/500"),
+                           ("other.example.com", "/"), ("reports.example.com", "/reports/daily")):
+            codes.append((yield self.get(host, path)))
+        self.assertEqual(codes, [200, 200, 200, 200, 500, 404, 502])
+        self.pending = treq.get(self.stack.url("/held"), headers={b"Host": [b"app.example.com"]}, persistent=False)
+        self.pending.addCallback(treq.content)
+        yield wait_for(lambda: len(self.held.requests) == 1, what="a request held at the backend")
+
+    @inlineCallbacks
+    def test_dashboard_shows_clients_routes_and_failures_live(self) -> Any:
+        """The page loads without console errors, shows the client, its routes and failures, and updates live."""
+        yield self.stack.add_client(group="edge", client_id="edge-1")
+        yield self.traffic()
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        admin = self.stack.server.admin.port.getHost().port
+        url = f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}"
+        yield self.browser.run(page.call, "Emulation.setDeviceMetricsOverride", width=1360, height=1000,
+                               deviceScaleFactor=1, mobile=False)
+        yield self.browser.run(page.call, "Page.navigate", url=url)
+        text = yield self.browser.run(page.wait_for_text, "edge-1")
+        for expected in ("Connected clients", "api.example.com/", "no client", "no route",
+                         "5xx 1", "4xx 1", "/status/500", "/reports/daily", "Recent failures"):
+            self.assertIn(expected, text)
+        # A marker survives the update: the page changes in place, it is not reloaded.
+        yield self.browser.run(page.evaluate, "window.__marker = 'kept'")
+        yield self.stack.add_client(group="edge", client_id="edge-2")
+        text = yield self.browser.run(page.wait_for_text, "edge-2")
+        self.assertIn("edge-1", text)
+        self.assertEqual((yield self.browser.run(page.evaluate, "window.__marker")), "kept")
+        self.assertEqual(page.console_errors(), [])
+        shot = yield self.browser.run(self.screenshot, page)
+        self.assertTrue(shot.startswith(b"\x89PNG"))
+        if os.environ.get("TUNNELD_WRITE_SCREENSHOT") == "1":
+            os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+            with open(SCREENSHOT, "wb") as f:
+                f.write(shot)
+
+    @inlineCallbacks
+    def test_dashboard_asks_for_the_token(self) -> Any:
+        """Opened without its token, the page says so and shows no data."""
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        admin = self.stack.server.admin.port.getHost().port
+        yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{admin}/")
+        text = yield self.browser.run(page.wait_for_text, "token needed")
+        self.assertIn("needs its admin_token", text)
+        self.assertNotIn("Connected clients", text)
+
+    @inlineCallbacks
+    def test_client_dashboard(self) -> Any:
+        """A client's dashboard shows its connection state and the routes the server granted."""
+        client = yield self.stack.add_client(group="edge", client_id="edge-9", admin_listen="127.0.0.1:0")
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{client.admin.port.getHost().port}/")
+        text = yield self.browser.run(page.wait_for_text, "greeter")
+        for expected in ("tunneld client edge-9", "connected", "web", "api", "grpc helloworld.Greeter"):
+            self.assertIn(expected, text)
+        self.assertNotIn("reports", text)
+        self.assertEqual(page.console_errors(), [])
+
+    @staticmethod
+    def screenshot(page: DevTools) -> bytes:
+        """Blocking: a PNG of the whole page at 1360 px wide."""
+        height = page.evaluate("Math.ceil(document.documentElement.scrollHeight)")
+        page.call("Emulation.setDeviceMetricsOverride", width=1360, height=int(height), deviceScaleFactor=1,
+                  mobile=False)
+        data = page.call("Page.captureScreenshot", format="png")["data"]
+        return base64.b64decode(data)

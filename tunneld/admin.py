@@ -1,0 +1,651 @@
+"""The admin port: ``/metrics`` (Prometheus), ``/status`` (JSON) and ``/`` (a live dashboard).
+
+Both the server (``[server] admin_listen``) and, optionally, the client
+(``[client] admin_listen``) serve it.  What it shows comes from two places:
+
+* ``RequestMetrics`` is fed by the hub's ``finished(record)``, once per
+  finished request (HTTP, WebSocket, gRPC): counters by protocol, route and
+  status class, body bytes, a duration histogram, and for ``/status`` a tally
+  by route and the last failures.
+* ``ServerCollector`` / ``ClientCollector`` read the hub's live state when
+  Prometheus scrapes (connected clients and streams, in-flight requests,
+  heartbeat round trips, dropped messages, flow-control stalls, reconnects);
+  ``server_status`` / ``client_status`` build ``/status`` from the same state.
+
+Each process has its own ``CollectorRegistry`` (never prometheus-client's
+global one), so tests can run several servers and clients side by side.
+
+Access: with ``admin_token`` set, ``/metrics`` and ``/status`` need
+``Authorization: Bearer <token>`` (else 401).  The dashboard page itself is
+static HTML with no data and no external assets; its script reads the token
+from the URL fragment (``/#token=…``, which browsers never send to a server
+or put in a Referer) and sends it as that header when it polls ``/status``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from tunneld import __version__
+
+if TYPE_CHECKING:
+    from tunneld.client_hub import ClientHub
+    from tunneld.config import ServerConfig
+    from tunneld.grpc_bridge.client import TunnelClientService
+    from tunneld.server_hub import ServerHub
+
+# Request durations range from milliseconds (HTTP) to hours (WebSocket, gRPC streams).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+RECENT_ERRORS = 20
+
+_GRPC_CODES = frozenset({
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+})
+
+
+def code_class(protocol: str, status: object) -> str:
+    """The ``code_class`` label: "2xx", "5xx", ... for HTTP and WebSocket, the status name for gRPC.
+
+    Anything else (no status at all, a free-form abort message) is "other",
+    so the label's values stay a small fixed set.
+    """
+    if protocol == "grpc":
+        name = str(status)
+        return name if name in _GRPC_CODES else "other"
+    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
+        return f"{status // 100}xx"
+    return "other"
+
+
+def is_failure(klass: str) -> bool:
+    """Does this status class count as a failure on the dashboard?"""
+    return klass not in ("1xx", "2xx", "3xx", "OK")
+
+
+class RequestMetrics:
+    """Counters fed by ``finished(record)``, one call per finished request."""
+
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.time) -> None:
+        disable_created_metrics()  # no *_created series: plain Prometheus text format
+        self.clock = clock
+        self.requests = Counter(
+            "tunneld_requests", "Finished requests by protocol, route and status class (2xx.. or gRPC status).",
+            ["protocol", "route", "code_class"], registry=registry)
+        self.bytes = Counter(
+            "tunneld_request_bytes", "Body bytes of finished requests: in = request bodies (toward the backend), "
+            "out = response bodies (toward the caller).", ["protocol", "direction"], registry=registry)
+        self.duration = Histogram(
+            "tunneld_request_duration_seconds", "Time from a request's start to its end.", ["protocol", "route"],
+            buckets=DURATION_BUCKETS, registry=registry)
+        self.tally: dict[tuple[str, str, str], int] = {}
+        self.recent_errors: deque[dict[str, object]] = deque(maxlen=RECENT_ERRORS)
+
+    def observe(self, record: dict[str, Any]) -> None:
+        protocol = str(record.get("protocol", "")) or "-"
+        route = str(record.get("route", "")) or "-"
+        klass = code_class(protocol, record.get("status"))
+        self.requests.labels(protocol, route, klass).inc()
+        self.bytes.labels(protocol, "in").inc(int(record.get("bytes_in", 0) or 0))
+        self.bytes.labels(protocol, "out").inc(int(record.get("bytes_out", 0) or 0))
+        duration = float(record.get("duration", 0.0) or 0.0)
+        self.duration.labels(protocol, route).observe(duration)
+        key = (protocol, route, klass)
+        self.tally[key] = self.tally.get(key, 0) + 1
+        if is_failure(klass):
+            self.recent_errors.appendleft({
+                "time": self.clock(), "protocol": protocol, "route": route, "status": _jsonable(record.get("status")),
+                "code_class": klass, "duration": round(duration, 6), "path": str(record.get("path", "")),
+                "request_id": str(record.get("request_id", "")), "trace_id": str(record.get("trace_id", "")),
+            })
+
+    def by_route(self) -> dict[str, dict[str, int]]:
+        """route -> code_class -> count."""
+        out: dict[str, dict[str, int]] = {}
+        for (_, route, klass), n in self.tally.items():
+            classes = out.setdefault(route, {})
+            classes[klass] = classes.get(klass, 0) + n
+        return out
+
+    def summary(self) -> dict[str, object]:
+        requests = sum(self.tally.values())
+        errors = sum(n for (_, _, klass), n in self.tally.items() if is_failure(klass))
+        rows = [{"protocol": p, "route": r, "code_class": k, "count": n} for (p, r, k), n in sorted(self.tally.items())]
+        return {"requests": requests, "errors": errors, "by_class": rows, "recent_errors": list(self.recent_errors)}
+
+
+def _jsonable(value: object) -> object:
+    return value if isinstance(value, (int, float, str)) or value is None else str(value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _tunnels_dropped_and_stalled(tunnels: Iterable[Any]) -> tuple[int, int]:
+    dropped = stalls = 0
+    for tunnel in tunnels:
+        dropped += tunnel.session.dropped
+        stalls += getattr(tunnel, "stalls", 0)
+    return dropped, stalls
+
+
+# -- server ---------------------------------------------------------------------------------
+
+
+class ServerCollector:
+    """Live server gauges and counters, read from the hub at scrape time."""
+
+    def __init__(self, hub: ServerHub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.hub
+        info = GaugeMetricFamily("tunneld_build_info", "Always 1; the version and role as labels.",
+                                 labels=["version", "role"])
+        info.add_metric([__version__, "server"], 1)
+        yield info
+        config = GaugeMetricFamily("tunneld_config_info", "Always 1; the routes' config version as a label.",
+                                   labels=["version"])
+        config.add_metric([hub.config.version()], 1)
+        yield config
+        groups = sorted({g.name for g in hub.config.groups} | set(hub.registry.groups()))
+        clients = GaugeMetricFamily("tunneld_clients_connected", "Distinct clients with a stream, by group.",
+                                    labels=["group"])
+        streams = GaugeMetricFamily("tunneld_streams_connected", "Registered tunnel streams, by group.",
+                                    labels=["group"])
+        in_flight = GaugeMetricFamily("tunneld_requests_in_flight", "Requests in flight on the group's streams.",
+                                      labels=["group"])
+        for group in groups:
+            entries = hub.registry.streams(group)
+            clients.add_metric([group], len({e.client_id for e in entries}))
+            streams.add_metric([group], len(entries))
+            in_flight.add_metric([group], sum(_stream_in_flight(e) for e in entries))
+        yield clients
+        yield streams
+        yield in_flight
+        rtt = GaugeMetricFamily("tunneld_heartbeat_rtt_seconds", "Last heartbeat round trip, by client.",
+                                labels=["group", "client_id"])
+        seen: dict[tuple[str, str], float] = {}
+        for e in hub.registry.streams():
+            if e.rtt is not None:
+                key = (e.group, e.client_id)
+                seen[key] = max(seen.get(key, 0.0), e.rtt)
+        for (group, client_id), value in sorted(seen.items()):
+            rtt.add_metric([group, client_id], value)
+        yield rtt
+        counters = hub.counters
+        dropped, stalls = _tunnels_dropped_and_stalled(stream.tunnel for stream in hub.streams.values())
+        yield _counter("tunneld_streams_opened", "Tunnel streams accepted since start.",
+                       counters.get("streams_opened", 0))
+        yield _counter("tunneld_protocol_violations", "Invalid messages or sequences from clients.",
+                       counters.get("violations", 0))
+        yield _counter("tunneld_tunnel_messages_dropped", "Tunnel messages from peers dropped as invalid.",
+                       counters.get("messages_dropped", 0) + dropped)
+        yield _counter("tunneld_flow_control_stalls", "Times a request's sender paused on an empty window.",
+                       counters.get("flow_stalls", 0) + stalls)
+        yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
+
+
+def _stream_in_flight(entry: Any) -> int:
+    tunnel = getattr(entry.handle, "tunnel", None)
+    return len(tunnel.session) if tunnel is not None else entry.in_flight
+
+
+def _route_match(route: Any) -> str:
+    if getattr(route, "grpc_service", ""):
+        return f"grpc {route.grpc_service}" + (f" @ {route.host}" if route.host else "")
+    return f"{route.host or '*'}{route.path_prefix}"
+
+
+def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float,
+                  clock: Callable[[], float] = time.time) -> dict[str, object]:
+    """The server's ``/status`` document (see README, "Operating")."""
+    config: ServerConfig = hub.config
+    now = clock()
+    offset = now - hub.clock.seconds()   # registry times are reactor seconds; report wall-clock times
+    entries = hub.registry.streams()
+    clients = []
+    for e in entries:
+        clients.append({
+            "client_id": e.client_id, "group": e.group, "stream_id": e.stream_id, "address": e.address,
+            "version": e.version, "connected_at": e.connected_at + offset, "last_heartbeat": e.last_heartbeat + offset,
+            "rtt": e.rtt, "in_flight": _stream_in_flight(e),
+            "healthy": hub.registry.is_healthy(e, hub.clock.seconds()),
+        })
+    group_names = [g.name for g in config.groups]
+    group_names += [g for g in hub.registry.groups() if g not in group_names]
+    groups = []
+    for name in group_names:
+        members = [c for c in clients if c["group"] == name]
+        groups.append({
+            "name": name, "clients": len({c["client_id"] for c in members}), "streams": len(members),
+            "in_flight": sum(int(c["in_flight"]) for c in members),  # type: ignore[call-overload]
+            "routes": [r.name for r in config.routes if r.group == name],
+        })
+    tally = metrics.by_route() if metrics is not None else {}
+    routes: list[dict[str, object]] = []
+    for r in config.routes:
+        routes.append({
+            "name": r.name, "kind": "grpc" if r.grpc_service else "http", "match": _route_match(r),
+            "group": r.group, "backend": r.backend,
+            "clients": sorted({str(c["client_id"]) for c in clients if c["group"] == r.group}),
+            "requests": tally.get(r.name, {}),
+        })
+    for f in getattr(config, "forward", ()):
+        routes.append({
+            "name": f.name, "kind": "forward", "match": _route_match(f), "group": "", "backend": f"upstream {f.upstream}",
+            "clients": [], "requests": tally.get(f.name, {}),
+        })
+    unrouted = tally.get("-")
+    summary = metrics.summary() if metrics is not None else {"requests": 0, "errors": 0, "by_class": [],
+                                                             "recent_errors": []}
+    dropped, stalls = _tunnels_dropped_and_stalled(stream.tunnel for stream in hub.streams.values())
+    counters = dict(hub.counters)
+    counters["messages_dropped"] = counters.get("messages_dropped", 0) + dropped
+    counters["flow_stalls"] = counters.get("flow_stalls", 0) + stalls
+    s = config.server
+    return {
+        "role": "server", "version": __version__, "now": now, "started": started, "draining": hub.draining,
+        "config": {"path": config.path, "version": config.version()},
+        "listen": {"tunnel": s.tunnel_listen, "http": s.http_listen, "grpc": s.grpc_listen, "admin": s.admin_listen},
+        "totals": {
+            "clients": len({c["client_id"] for c in clients}), "streams": len(clients),
+            "in_flight": hub.in_flight(), "requests": summary["requests"], "errors": summary["errors"],
+        },
+        "groups": groups, "clients": clients, "routes": routes, "unrouted": unrouted or {},
+        "requests": summary["by_class"], "recent_errors": summary["recent_errors"], "counters": counters,
+    }
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+class ClientCollector:
+    """Live client gauges and counters, read from the hub and dial service at scrape time."""
+
+    def __init__(self, hub: ClientHub, dial: TunnelClientService) -> None:
+        self.hub = hub
+        self.dial = dial
+
+    def collect(self) -> Iterator[Metric]:
+        hub, dial = self.hub, self.dial
+        info = GaugeMetricFamily("tunneld_build_info", "Always 1; the version and role as labels.",
+                                 labels=["version", "role"])
+        info.add_metric([__version__, "client"], 1)
+        yield info
+        yield _gauge("tunneld_client_connected", "1 while the tunnel stream to the server is open.",
+                     1 if hub.is_connected else 0)
+        yield _counter("tunneld_client_reconnects", "Tunnel streams lost and redialled since start.", dial.reconnects)
+        yield _gauge("tunneld_client_routes", "Routes the server granted this client.", len(hub.routes))
+        tunnel = hub.tunnel
+        yield _gauge("tunneld_requests_in_flight", "Requests in flight on the tunnel stream.",
+                     len(tunnel.session) if tunnel is not None else 0)
+        if hub.rtt is not None:
+            yield _gauge("tunneld_heartbeat_rtt_seconds", "Last heartbeat round trip to the server.", hub.rtt)
+        counters = getattr(hub, "counters", {})
+        dropped, stalls = _tunnels_dropped_and_stalled([tunnel] if tunnel is not None else [])
+        yield _counter("tunneld_tunnel_messages_dropped", "Tunnel messages from the server dropped as invalid.",
+                       counters.get("messages_dropped", 0) + dropped)
+        yield _counter("tunneld_flow_control_stalls", "Times a request's sender paused on an empty window.",
+                       counters.get("flow_stalls", 0) + stalls)
+        yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
+
+
+def client_status(hub: ClientHub, dial: TunnelClientService, metrics: RequestMetrics | None, started: float,
+                  clock: Callable[[], float] = time.time) -> dict[str, object]:
+    """The client's ``/status`` document."""
+    now = clock()
+    offset = now - hub.clock.seconds()
+    tally = metrics.by_route() if metrics is not None else {}
+    routes = [{
+        "name": r.name, "kind": "grpc" if r.grpc_service else "http", "match": _route_match(r),
+        "backend": r.backend, "requests": tally.get(r.name, {}),
+    } for r in hub.routes.values()]
+    summary = metrics.summary() if metrics is not None else {"requests": 0, "errors": 0, "by_class": [],
+                                                             "recent_errors": []}
+    tunnel = hub.tunnel
+    dropped, stalls = _tunnels_dropped_and_stalled([tunnel] if tunnel is not None else [])
+    counters = dict(getattr(hub, "counters", {}))
+    counters["messages_dropped"] = counters.get("messages_dropped", 0) + dropped
+    counters["flow_stalls"] = counters.get("flow_stalls", 0) + stalls
+    counters["reconnects"] = dial.reconnects
+    counters["dial_attempts"] = dial.attempts
+    settings = hub.settings
+    return {
+        "role": "client", "version": __version__, "now": now, "started": started, "draining": hub.draining,
+        "client_id": hub.client_id, "group": settings.group, "server": settings.server,
+        "http_entry": getattr(settings, "http_entry", ""),
+        "connected": hub.is_connected,
+        "connected_since": hub.connected_since + offset if hub.connected_since is not None else None,
+        "rtt": hub.rtt, "in_flight": len(tunnel.session) if tunnel is not None else 0,
+        "reconnects": dial.reconnects, "config_version": hub.config_version,
+        "totals": {"requests": summary["requests"], "errors": summary["errors"]},
+        "routes": routes, "requests": summary["by_class"], "recent_errors": summary["recent_errors"],
+        "counters": counters,
+    }
+
+
+# -- the web side ---------------------------------------------------------------------------------
+
+
+class AdminResource(Resource):
+    """``/``, ``/metrics`` and ``/status``; the last two behind the bearer token when one is set."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry, status: Callable[[], dict[str, object]],
+                 token: Callable[[], str] = lambda: "") -> None:
+        super().__init__()
+        self.registry = registry
+        self.status = status
+        self.token = token   # read per request, so a config reload can change it
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        path = request.path
+        if path in (b"/", b"/index.html"):
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            request.setHeader(b"content-security-policy", DASHBOARD_CSP)
+            request.setHeader(b"x-frame-options", b"DENY")
+            request.setHeader(b"referrer-policy", b"no-referrer")
+            return DASHBOARD_HTML
+        if path not in (b"/metrics", b"/status"):
+            return self._plain(request, http.NOT_FOUND, "not found; try /, /metrics or /status")
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="tunneld admin"')
+            return self._plain(request, http.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer ...)")
+        if path == b"/metrics":
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            return generate_latest(self.registry)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.status(), indent=1, sort_keys=True).encode() + b"\n"
+
+    def _authorized(self, request: server.Request) -> bool:
+        token = self.token().encode()
+        if not token:
+            return True
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+
+    @staticmethod
+    def _plain(request: server.Request, code: int, message: str) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return f"{code} {http.RESPONSES.get(code, b'').decode()}: {message}\n".encode()
+
+
+class AdminSite(server.Site):
+    """The admin port's Site: quiet (no access log line per scrape or poll)."""
+
+    noisy = False
+
+    def __init__(self, resource: AdminResource) -> None:
+        super().__init__(resource)
+        self.displayTracebacks = False
+
+    def log(self, request: object) -> None:
+        pass
+
+
+class AdminService(StreamServerEndpointService):
+    """Listens on ``admin_listen``; ``port`` is the listening port once started."""
+
+    def __init__(self, endpoint: Any, resource: AdminResource, registry: CollectorRegistry) -> None:
+        super().__init__(endpoint, AdminSite(resource))
+        self._raiseSynchronously = True   # a busy admin port stops startup, as the entries do
+        self.registry = registry
+        self.resource = resource
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+
+def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
+    """The server's admin port (token: the current config's ``admin_token``); feeds metrics from ``hub.finished``."""
+    from tunneld.endpoints import server_endpoint
+
+    registry = CollectorRegistry(auto_describe=False)
+    metrics = RequestMetrics(registry)
+    registry.register(ServerCollector(hub))  # type: ignore[arg-type]
+    hub.metrics = metrics
+    started = time.time()
+    resource = AdminResource(registry, lambda: server_status(hub, metrics, started),
+                             lambda: hub.config.server.admin_token)
+    return AdminService(server_endpoint(reactor, listen), resource, registry)
+
+
+def client_admin(hub: ClientHub, dial: TunnelClientService, reactor: Any, listen: str,
+                 token: str = "") -> AdminService:
+    """The client's admin port; also makes ``hub.finished`` feed the request metrics."""
+    from tunneld.endpoints import server_endpoint
+
+    registry = CollectorRegistry(auto_describe=False)
+    metrics = RequestMetrics(registry)
+    registry.register(ClientCollector(hub, dial))  # type: ignore[arg-type]
+    hub.metrics = metrics
+    started = time.time()
+    resource = AdminResource(registry, lambda: client_status(hub, dial, metrics, started), lambda: token)
+    return AdminService(server_endpoint(reactor, listen), resource, registry)
+
+
+# -- the dashboard ------------------------------------------------------------------------------
+
+_STYLE = """
+:root { --bg:#f5f6f8; --card:#fff; --ink:#1d2330; --mute:#687085; --line:#e2e5eb; --ok:#1a7f37; --bad:#c62828;
+        --warn:#b26a00; --accent:#2457c5; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; background:var(--bg);
+       color:var(--ink); }
+header { display:flex; align-items:baseline; gap:16px; padding:14px 24px; background:#1d2330; color:#fff; }
+header h1 { font-size:18px; margin:0; font-weight:600; }
+header .meta { color:#b8bfcc; font-size:13px; }
+header .live { margin-left:auto; font-size:13px; }
+.dot { display:inline-block; width:9px; height:9px; border-radius:50%; margin-right:6px; background:#888; }
+.dot.on { background:#3ccf5a; } .dot.off { background:#ff5252; }
+main { padding:16px 24px 32px; max-width:1400px; }
+.tiles { display:grid; grid-template-columns:repeat(auto-fill,minmax(150px,1fr)); gap:12px; margin-bottom:18px; }
+.tile { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:10px 14px; }
+.tile .n { font-size:26px; font-weight:600; } .tile .l { color:var(--mute); font-size:12px; text-transform:uppercase;
+       letter-spacing:.04em; }
+.tile.bad .n { color:var(--bad); } .tile.good .n { color:var(--ok); }
+section { background:var(--card); border:1px solid var(--line); border-radius:8px; margin-bottom:18px; }
+section h2 { font-size:14px; margin:0; padding:10px 14px; border-bottom:1px solid var(--line); }
+section h2 small { color:var(--mute); font-weight:400; margin-left:8px; }
+table { width:100%; border-collapse:collapse; }
+th, td { text-align:left; padding:6px 14px; border-bottom:1px solid var(--line); vertical-align:top; }
+th { color:var(--mute); font-weight:500; font-size:12px; text-transform:uppercase; letter-spacing:.03em; }
+tr:last-child td { border-bottom:0; }
+td.num { text-align:right; font-variant-numeric:tabular-nums; }
+.mono { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:12.5px; }
+.pill { display:inline-block; padding:1px 8px; border-radius:10px; font-size:12px; margin:1px 4px 1px 0;
+        background:#eef1f6; }
+.pill.ok { background:#e3f4e8; color:var(--ok); } .pill.bad { background:#fde8e8; color:var(--bad); }
+.pill.warn { background:#fff3df; color:var(--warn); }
+.empty { color:var(--mute); padding:10px 14px; }
+.arrow { color:var(--mute); }
+#auth { display:none; background:#fff3df; border:1px solid #f0d29a; border-radius:8px; padding:12px 14px;
+        margin-bottom:18px; }
+#auth.show { display:block; }
+"""
+
+_SCRIPT = r"""
+"use strict";
+const params = new URLSearchParams(location.hash.slice(1));
+let token = params.get("token") || "";
+const $ = (id) => document.getElementById(id);
+
+function el(tag, cls, ...kids) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  for (const k of kids.flat()) {
+    if (k === null || k === undefined) continue;
+    e.append(k instanceof Node ? k : String(k));
+  }
+  return e;
+}
+function pill(text, kind) { return el("span", "pill" + (kind ? " " + kind : ""), text); }
+function dur(s) {
+  if (s === null || s === undefined) return "-";
+  s = Math.max(0, s);
+  if (s < 60) return Math.floor(s) + "s";
+  if (s < 3600) return Math.floor(s / 60) + "m " + Math.floor(s % 60) + "s";
+  if (s < 86400) return Math.floor(s / 3600) + "h " + Math.floor(s % 3600 / 60) + "m";
+  return Math.floor(s / 86400) + "d " + Math.floor(s % 86400 / 3600) + "h";
+}
+function ms(s) { return s === null || s === undefined ? "-" : (s * 1000).toFixed(1) + " ms"; }
+function failed(k) { return !["1xx", "2xx", "3xx", "OK"].includes(k); }
+function classes(counts) {
+  const keys = Object.keys(counts || {}).sort();
+  if (!keys.length) return [el("span", "arrow", "none yet")];
+  return keys.map((k) => pill(k + " " + counts[k], failed(k) ? "bad" : "ok"));
+}
+function table(headers, rows, empty) {
+  if (!rows.length) return el("div", "empty", empty);
+  const head = el("tr", null, headers.map((h) => el("th", h.endsWith("#") ? "num" : null, h.replace(/#$/, ""))));
+  return el("table", null, el("thead", null, head), el("tbody", null, rows));
+}
+function td(v, cls) { return el("td", cls, v); }
+function tile(n, label, kind) { return el("div", "tile" + (kind ? " " + kind : ""), el("div", "n", n), el("div", "l", label)); }
+function section(title, note, body) { return el("section", null, el("h2", null, title, note ? el("small", null, note) : null), body); }
+
+function failures(d) {
+  const rows = d.recent_errors.map((e) => el("tr", null,
+    td(new Date(e.time * 1000).toLocaleTimeString(), "mono"), td(e.protocol), td(e.route, "mono"),
+    td(pill(String(e.status), "bad")), td(e.path || "", "mono"), td(ms(e.duration), "num"),
+    td(e.request_id, "mono"), td(e.trace_id, "mono")));
+  return section("Recent failures", "last " + d.recent_errors.length + ", newest first",
+    table(["time", "protocol", "route", "status", "path", "duration#", "request_id", "trace_id"], rows,
+          "No failed requests."));
+}
+
+function renderServer(d) {
+  $("title").textContent = "tunneld server";
+  $("meta").textContent = "v" + d.version + " \u00b7 config " + d.config.version + " \u00b7 up " + dur(d.now - d.started) +
+    (d.draining ? " \u00b7 DRAINING" : "");
+  const t = d.totals;
+  const tiles = [tile(t.clients, "clients", t.clients ? "good" : "bad"), tile(t.streams, "streams"),
+    tile(t.in_flight, "in flight"), tile(t.requests, "requests"), tile(t.errors, "failed", t.errors ? "bad" : ""),
+    tile(d.counters.messages_dropped, "dropped msgs", d.counters.messages_dropped ? "bad" : ""),
+    tile(d.counters.flow_stalls, "flow stalls")];
+  const clients = d.clients.map((c) => el("tr", null,
+    td(el("b", null, c.client_id)), td(c.group), td(c.address, "mono"), td(c.version),
+    td(dur(d.now - c.connected_at), "num"), td(dur(d.now - c.last_heartbeat) + " ago", "num"), td(ms(c.rtt), "num"),
+    td(c.in_flight, "num"), td(pill(c.healthy ? "healthy" : "silent", c.healthy ? "ok" : "bad"))));
+  const routes = d.routes.map((r) => el("tr", null,
+    td(el("b", null, r.name)), td(r.match, "mono"),
+    td(r.kind === "forward" ? el("span", "arrow", "forward") : [el("span", "arrow", "\u2192 "), r.group]),
+    td(r.kind === "forward" ? "" : (r.clients.length ? r.clients.map((c) => pill(c, "ok"))
+                                                        : pill("no client", "bad"))),
+    td(r.backend, "mono"), td(classes(r.requests))));
+  if (Object.keys(d.unrouted || {}).length) {
+    routes.push(el("tr", null, td(el("i", null, "no route")), td("-"), td(""), td(""), td(""), td(classes(d.unrouted))));
+  }
+  const groups = d.groups.map((g) => el("tr", null, td(el("b", null, g.name)), td(g.clients, "num"),
+    td(g.streams, "num"), td(g.in_flight, "num"), td(g.routes.join(", ") || "-")));
+  $("body").replaceChildren(
+    el("div", "tiles", tiles),
+    section("Connected clients", d.clients.length + " streams",
+      table(["client", "group", "address", "version", "connected#", "heartbeat#", "rtt#", "in flight#", "health"],
+            clients, "No client is connected.")),
+    section("Routes", "what flows where: route \u2192 group \u2192 clients, and how it went",
+      table(["route", "match", "group", "clients", "backend", "requests by status"], routes, "No routes configured.")),
+    section("Groups", null, table(["group", "clients#", "streams#", "in flight#", "routes"], groups, "No groups.")),
+    failures(d));
+}
+
+function renderClient(d) {
+  $("title").textContent = "tunneld client " + d.client_id;
+  $("meta").textContent = "v" + d.version + " \u00b7 group " + d.group + " \u00b7 server " + d.server +
+    " \u00b7 up " + dur(d.now - d.started) + (d.draining ? " \u00b7 DRAINING" : "");
+  const tiles = [tile(d.connected ? "connected" : "down", "tunnel", d.connected ? "good" : "bad"),
+    tile(d.connected_since ? dur(d.now - d.connected_since) : "-", "connected for"), tile(ms(d.rtt), "rtt"),
+    tile(d.in_flight, "in flight"), tile(d.totals.requests, "requests"),
+    tile(d.totals.errors, "failed", d.totals.errors ? "bad" : ""), tile(d.reconnects, "reconnects")];
+  const routes = d.routes.map((r) => el("tr", null, td(el("b", null, r.name)), td(r.match, "mono"),
+    td([el("span", "arrow", "\u2192 "), r.backend], "mono"), td(classes(r.requests))));
+  $("body").replaceChildren(el("div", "tiles", tiles),
+    section("Routes", "granted by the server, config " + (d.config_version || "-"),
+      table(["route", "match", "backend", "requests by status"], routes, "No routes (not connected yet?).")),
+    failures(d));
+}
+
+let timer = null;
+async function poll() {
+  clearTimeout(timer);
+  try {
+    const r = await fetch("status", {cache: "no-store", headers: token ? {"Authorization": "Bearer " + token} : {}});
+    if (r.status === 401) {
+      $("auth").className = "show";
+      $("live").replaceChildren(el("span", "dot off"), "token needed");
+    } else if (!r.ok) {
+      throw new Error("HTTP " + r.status);
+    } else {
+      const d = await r.json();
+      $("auth").className = "";
+      if (d.role === "client") renderClient(d); else renderServer(d);
+      $("live").replaceChildren(el("span", "dot on"), "live \u00b7 " + new Date().toLocaleTimeString());
+    }
+  } catch (e) {
+    $("live").replaceChildren(el("span", "dot off"), "unreachable (" + e.message + ")");
+  }
+  timer = setTimeout(poll, 2000);
+}
+$("authform").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  token = $("token").value;
+  history.replaceState(null, "", "#token=" + encodeURIComponent(token));
+  poll();
+});
+poll();
+"""
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>tunneld admin</title><link rel="icon" href="data:,">
+<style>{style}</style></head>
+<body><header><h1 id="title">tunneld</h1><span class="meta" id="meta"></span>
+<span class="live" id="live"><span class="dot"></span>loading</span></header>
+<main><div id="auth"><form id="authform">This admin port needs its <code>admin_token</code>:
+<input id="token" type="password" autocomplete="off" placeholder="admin_token"> <button>Show</button>
+(or open <code>/#token=&hellip;</code>)</form></div><div id="body"></div></main>
+<script>{script}</script></body></html>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+DASHBOARD_HTML = _PAGE.format(style=_STYLE, script=_SCRIPT).encode()
+DASHBOARD_CSP = (
+    f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; connect-src 'self'; "
+    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+).encode()
