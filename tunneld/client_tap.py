@@ -24,11 +24,11 @@ from tunneld.client_hub import ClientHub
 from tunneld.config import ClientConfig, ConfigError, load_client_config
 from tunneld.grpc_bridge.backend import GrpcBackendExchange, GrpcChannels, GrpcChannelsService
 from tunneld.grpc_bridge.client import TunnelClientService
-from tunneld.grpc_bridge.stream import Bridge, BridgeService
+from tunneld.grpc_bridge.stream import Bridge, BridgeService, channel_credentials
 from tunneld.logs import with_log_format
 from tunneld.endpoints import server_endpoint
 from tunneld.protocols.http_entry import EntrySite
-from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent
+from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent, trust_root
 from tunneld.protocols.websocket import BackendWebSocketExchange
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -55,7 +55,8 @@ class ClientApp:
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 64 * 1024 * 1024) -> ClientApp:
     cfg = config.client
     top = MultiService()
-    agent, pool = make_agent(reactor)
+    agent, pool = make_agent(reactor, ca=cfg.backend_ca)
+    backend_trust = trust_root(cfg.backend_ca)
     hub: ClientHub
 
     def http_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
@@ -65,9 +66,9 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     def websocket_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
         return BackendWebSocketExchange(tunnel, event.request_id, event.message, route.backend, reactor,
                                         max_message_size=route.max_message_size or 16 * 1024 * 1024,
-                                        ping_interval=cfg.websocket_ping_interval)
+                                        ping_interval=cfg.websocket_ping_interval, trust_root=backend_trust)
 
-    channels = GrpcChannels()  # backend channels, closed on stop (after the drain)
+    channels = GrpcChannels(channel_credentials(cfg.backend_ca))  # backend channels, closed on stop (after the drain)
 
     def grpc_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
         return GrpcBackendExchange(tunnel, event.request_id, event.message, route, bridge, channels,
@@ -80,6 +81,8 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     dial = TunnelClientService(
         bridge, cfg.server, cfg.token, hub.connected, hub.lost, reactor,
         max_message_size=max_message_size, before_stop=lambda: hub.drain(cfg.drain_timeout),
+        credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None,
+        server_name=cfg.tls_server_name,
     )
     hub.on_ready = dial.reset
     dial.setServiceParent(bridge_service)

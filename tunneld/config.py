@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import os
 import ipaddress
 import json
 import math
@@ -102,6 +103,14 @@ class ServerSettings:
     window: int = 262144  # per-request per-direction flow-control window
     max_message_size: int = 67108864  # gRPC message limit on the tunnel port
     max_header_size: int = 16384  # HTTP entry: total request header bytes
+    tls_cert: str = ""  # tunnel port: PEM certificate chain; with tls_key, the port speaks TLS
+    tls_key: str = ""
+    tls_client_ca: str = ""  # tunnel port: PEM CA bundle; set = clients must present a certificate (mTLS)
+    http_tls_cert: str = ""  # HTTP entry over TLS (https/wss)
+    http_tls_key: str = ""
+    grpc_tls_cert: str = ""  # gRPC entry over TLS
+    grpc_tls_key: str = ""
+    upstream_ca: str = ""  # PEM CA bundle to verify https upstreams; "" = the system's
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,12 @@ class ClientSettings:
     admin_listen: str = ""  # /metrics, /status, dashboard; "" disables
     admin_token: str = field(default="", repr=False)  # "" = admin port open; else Authorization: Bearer <token>
     log_format: str = "text"  # "text" or "json"
+    tls: bool = False  # dial the server with TLS (implied by tls_ca / tls_cert)
+    tls_ca: str = ""  # PEM CA bundle to verify the server; "" = the system's
+    tls_cert: str = ""  # client certificate for mTLS
+    tls_key: str = ""
+    tls_server_name: str = ""  # name to verify in the server certificate; "" = the host of `server`
+    backend_ca: str = ""  # PEM CA bundle to verify https/wss/grpcs backends; "" = the system's
 
 
 @dataclass(frozen=True)
@@ -369,6 +384,29 @@ class _Table:
         if not isinstance(value, str):
             raise self.error(key, f"must be a string, not {_kind(value)}")
         return value
+
+    def pem(self, key: str) -> str:
+        """A PEM file path ("" = unset); relative paths are relative to the config file."""
+        value = self.text(key, "")
+        if not value:
+            return ""
+        path = value if os.path.isabs(value) or not self.file else os.path.join(os.path.dirname(self.file), value)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(65536)
+        except OSError as e:
+            raise self.error(key, f"cannot read {path}: {e.strerror or e}") from None
+        if b"-----BEGIN " not in head:
+            raise self.error(key, f"{path} is not a PEM file")
+        return path
+
+    def pair(self, cert_key: str, key_key: str) -> tuple[str, str]:
+        """A certificate and its key: both or neither."""
+        cert, key = self.pem(cert_key), self.pem(key_key)
+        if bool(cert) != bool(key):
+            missing = key_key if cert else cert_key
+            raise self.error(missing, f"must be set together with {cert_key if cert else key_key}")
+        return cert, key
 
     def texts(self, key: str, default: tuple[str, ...] | None) -> tuple[str, ...]:
         """An array of strings; ``default=None`` makes the key required."""
@@ -544,6 +582,12 @@ _CLIENT_TABLES = ("client",)
 def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
     t = _Table(file, "[server]", raw, _field_names(ServerSettings))
     d = ServerSettings()
+    tls_cert, tls_key = t.pair("tls_cert", "tls_key")
+    tls_client_ca = t.pem("tls_client_ca")
+    if tls_client_ca and not tls_cert:
+        raise t.error("tls_client_ca", "needs tls_cert and tls_key (client certificates only exist over TLS)")
+    http_cert, http_key = t.pair("http_tls_cert", "http_tls_key")
+    grpc_cert, grpc_key = t.pair("grpc_tls_cert", "grpc_tls_key")
     return ServerSettings(
         tunnel_listen=t.listen("tunnel_listen", d.tunnel_listen),
         http_listen=t.listen("http_listen", d.http_listen),
@@ -561,6 +605,9 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         access_log=t.boolean("access_log", d.access_log),
         admin_token=t.text("admin_token", d.admin_token),
         log_format=_log_format(t, d.log_format),
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+        http_tls_cert=http_cert, http_tls_key=http_key, grpc_tls_cert=grpc_cert, grpc_tls_key=grpc_key,
+        upstream_ca=t.pem("upstream_ca"),
     )
 
 
@@ -740,6 +787,9 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         if port == 0:
             raise t.error("allow_backends", f"{entry!r}: port 0 cannot be dialled")
         allowed.append(entry.lower())
+    tls = t.boolean("tls", d.tls)
+    tls_ca = t.pem("tls_ca")
+    tls_cert, tls_key = t.pair("tls_cert", "tls_key")
     settings = ClientSettings(
         server=t.listen("server", d.server, dial=True),
         group=t.name("group", d.group),
@@ -758,6 +808,8 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         admin_listen=t.listen("admin_listen", d.admin_listen, optional=True),
         admin_token=t.text("admin_token", d.admin_token),
         log_format=_log_format(t, d.log_format),
+        tls=tls or bool(tls_ca or tls_cert), tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+        tls_server_name=t.text("tls_server_name", d.tls_server_name), backend_ca=t.pem("backend_ca"),
     )
     return ClientConfig(path=path, client=settings)
 

@@ -26,7 +26,7 @@ from tunneld.config import ConfigError, ForwardRule, ServerConfig, load_server_c
 from tunneld.endpoints import server_endpoint
 from tunneld.grpc_bridge.entry import GrpcEntryService
 from tunneld.grpc_bridge.server import TunnelServerService
-from tunneld.grpc_bridge.stream import Bridge, BridgeService
+from tunneld.grpc_bridge.stream import Bridge, BridgeService, server_credentials
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
@@ -58,7 +58,7 @@ class ServerApp:
 def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     cfg = config.server
     top = MultiService()
-    agent, pool = make_agent(reactor)
+    agent, pool = make_agent(reactor, ca=cfg.upstream_ca)
 
     def upstream_backend(tunnel: Tunnel, event: s.RequestReceived, origin: str, rule: ForwardRule,
                          next_origin: Callable[[str], str | None]) -> ResponderHandler:
@@ -73,7 +73,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     bridge_service.setServiceParent(top)
     tunnel = TunnelServerService(
         bridge, cfg.tunnel_listen, hub.authenticate, hub.stream_connected,
-        max_message_size=cfg.max_message_size, before_stop=lambda: hub.drain(cfg.drain_timeout),
+        max_message_size=cfg.max_message_size,
+        credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None, before_stop=lambda: hub.drain(cfg.drain_timeout),
     )
     tunnel.setServiceParent(bridge_service)
     grpc_entry = None
@@ -86,13 +87,18 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
                 reactor.stop()
 
         grpc_entry = GrpcEntryService(bridge, cfg.grpc_listen, hub, max_message_size=limit,
+                                      credentials=server_credentials(cfg.grpc_tls_cert, cfg.grpc_tls_key)
+                                      if cfg.grpc_tls_cert else None,
                                       grace=cfg.drain_timeout, on_failure=listen_failed)
         grpc_entry.setServiceParent(bridge_service)
     http = None
     if cfg.http_listen:
-        websocket = EntryWebSocketResource(EntryWebSocketFactory(hub, reactor, ping_interval=cfg.websocket_ping_interval))
-        site = EntrySite(hub, reactor, max_header_size=cfg.max_header_size, websocket=websocket)
-        http = StreamServerEndpointService(server_endpoint(reactor, cfg.http_listen), site)
+        scheme = "https" if cfg.http_tls_cert else "http"
+        websocket = EntryWebSocketResource(EntryWebSocketFactory(hub, reactor, scheme=scheme,
+                                                                 ping_interval=cfg.websocket_ping_interval))
+        site = EntrySite(hub, reactor, scheme=scheme, max_header_size=cfg.max_header_size, websocket=websocket)
+        endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key)
+        http = StreamServerEndpointService(endpoint, site)
         http._raiseSynchronously = True
         http.setServiceParent(top)
     for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick), (cfg.cleanup_interval, hub.cleanup_tick)):

@@ -42,7 +42,7 @@ from twisted.logger import Logger
 
 from tunneld import tunnel_pb2 as pb
 from tunneld.session import unit_cost
-from tunneld.grpc_bridge.stream import Bridge, message_size_options
+from tunneld.grpc_bridge.stream import Bridge, ChannelCredentialsFactory, channel_credentials, message_size_options
 from tunneld.protocols.headers import grpc_metadata_from_pb
 from tunneld.tunnel import Tunnel
 
@@ -78,8 +78,9 @@ def backend_target(url: str) -> tuple[str, bool]:
 class GrpcChannels:
     """One cached ``grpc.aio`` channel per backend and message limit (bridge thread only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ChannelCredentialsFactory | None = None) -> None:
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
+        self.tls = tls or channel_credentials()  # grpcs:// peers verified against backend_ca or system roots
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -91,7 +92,7 @@ class GrpcChannels:
             target, secure = backend_target(backend)
             options = BACKEND_KEEPALIVE_OPTIONS + message_size_options(max_message_size)
             if secure:
-                channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+                channel = grpc.aio.secure_channel(target, self.tls(), options=options)
             else:
                 channel = grpc.aio.insecure_channel(target, options=options)
             self._channels[key] = channel

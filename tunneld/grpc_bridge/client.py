@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from tunneld import tunnel_pb2_grpc as pb_grpc
 from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, StreamHandle, message_size_options
+from tunneld.grpc_bridge.stream import ChannelCredentialsFactory
 
 
 class Backoff:
@@ -53,7 +54,7 @@ class TunnelClientService(Service):
     def __init__(self, bridge: Bridge, target: str, token: str, connected: Callable[[StreamHandle], None],
                  lost: Callable[[StreamHandle, str], None],
                  clock: Any, *, max_message_size: int, backoff: Backoff | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, server_name: str = "",
+                 credentials: ChannelCredentialsFactory | None = None, server_name: str = "",
                  before_stop: Callable[[], Deferred[None]] | None = None) -> None:
         self.bridge = bridge
         self.target = target
@@ -139,7 +140,7 @@ class TunnelClientService(Service):
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         if self.credentials is not None:
-            channel = grpc.aio.secure_channel(self.target, self.credentials, options=options)
+            channel = grpc.aio.secure_channel(self.target, self.credentials(), options=options)
         else:
             channel = grpc.aio.insecure_channel(self.target, options=options)
         stub = pb_grpc.TunnelServiceStub(channel)

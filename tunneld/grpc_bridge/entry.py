@@ -58,6 +58,7 @@ from twisted.logger import Logger
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, message_size_options
+from tunneld.grpc_bridge.stream import ServerCredentialsFactory
 from tunneld.protocols.headers import filter_grpc_metadata, grpc_metadata_from_pb
 from tunneld.tunnel import Tunnel
 
@@ -469,7 +470,7 @@ class GrpcEntryService(Service):
     log = Logger()
 
     def __init__(self, bridge: Bridge, listen: str, dispatcher: GrpcDispatcher, *, max_message_size: int,
-                 grace: float = 10.0, credentials: grpc.ServerCredentials | None = None,
+                 grace: float = 10.0, credentials: ServerCredentialsFactory | None = None,
                  on_failure: Callable[[], None] | None = None) -> None:
         self.bridge = bridge
         self.listen = listen
@@ -519,7 +520,7 @@ class GrpcEntryService(Service):
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((_AnyMethod(self),))
         if self.credentials is not None:
-            port = server.add_secure_port(self.listen, self.credentials)
+            port = server.add_secure_port(self.listen, self.credentials())
         else:
             port = server.add_insecure_port(self.listen)
         if not port:

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from tunneld import tunnel_pb2 as pb
 from tunneld import tunnel_pb2_grpc as pb_grpc
 from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, StreamHandle, message_size_options
+from tunneld.grpc_bridge.stream import ServerCredentialsFactory
 
 #: A TCP connection must send the HTTP/2 preface and SETTINGS within this
 #: (grpc's default is 120 s, and a silent connection was held ~60 s).
@@ -134,7 +135,7 @@ class TunnelServerService(Service):
     log = Logger()
 
     def __init__(self, bridge: Bridge, listen: str, authenticate: Authenticate, on_stream: OnStream,
-                 *, max_message_size: int, credentials: grpc.ServerCredentials | None = None,
+                 *, max_message_size: int, credentials: ServerCredentialsFactory | None = None,
                  before_stop: Callable[[], Deferred[None]] | None = None) -> None:
         self.bridge = bridge
         self.listen = listen
@@ -177,7 +178,7 @@ class TunnelServerService(Service):
         self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream)
         pb_grpc.add_TunnelServiceServicer_to_server(self._servicer, server)
         if self.credentials is not None:
-            port = server.add_secure_port(self.listen, self.credentials)
+            port = server.add_secure_port(self.listen, self.credentials())
         else:
             port = server.add_insecure_port(self.listen)
         if not port:

@@ -28,6 +28,7 @@ import threading
 from collections import deque
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
+import grpc
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -51,6 +52,35 @@ KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+ServerCredentialsFactory = Callable[[], grpc.ServerCredentials]
+ChannelCredentialsFactory = Callable[[], grpc.ChannelCredentials]
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def server_credentials(cert: str, key: str, client_ca: str = "") -> ServerCredentialsFactory:
+    """Read PEM files now; build grpc's credentials later, in the bridge thread.
+
+    (grpc objects made before twistd forks do not survive the fork.)  With
+    ``client_ca`` every client must present a certificate it signed.
+    """
+    chain, private, ca = _read(cert), _read(key), _read(client_ca)
+    return lambda: grpc.ssl_server_credentials([(private, chain)], root_certificates=ca,
+                                               require_client_auth=ca is not None)
+
+
+def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> ChannelCredentialsFactory:
+    """TLS for a channel: ``ca`` to verify the peer ("" = system roots), optional client certificate."""
+    roots, chain, private = _read(ca), _read(cert), _read(key)
+    return lambda: grpc.ssl_channel_credentials(root_certificates=roots, private_key=private,
+                                                certificate_chain=chain)
 
 
 def message_size_options(limit: int) -> list[tuple[str, int]]:

@@ -26,7 +26,8 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.internet.ssl import Certificate
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -341,12 +342,25 @@ class _Discard(Protocol):
         pass
 
 
-def make_agent(reactor: Any, pool_size: int = 64) -> tuple[IAgent, HTTPConnectionPool]:
-    """An Agent with a persistent connection pool for backends (close the pool on stop)."""
+def trust_root(ca: str) -> Any:
+    """The CA bundle at ``ca`` as a Twisted trust root; "" = the platform's roots."""
+    if not ca:
+        return None
+    with open(ca, "rb") as f:
+        return Certificate.loadPEM(f.read())
+
+
+def make_agent(reactor: Any, pool_size: int = 64, ca: str = "") -> tuple[IAgent, HTTPConnectionPool]:
+    """An Agent with a persistent connection pool for origins (close the pool on stop).
+
+    https:// origins are always verified: against ``ca`` when given, else the
+    platform's trusted roots.
+    """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = pool_size
     pool.retryAutomatically = False  # never replay a non-idempotent request on our own
-    return Agent(reactor, pool=pool), pool
+    policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(ca))
+    return Agent(reactor, contextFactory=policy, pool=pool), pool
 
 
 class PoolCloser(Service):

@@ -29,6 +29,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -445,7 +446,9 @@ class BackendWebSocketExchange:
     log = Logger()
 
     def __init__(self, tunnel: Tunnel, request_id: str, head: pb.TunnelMessage, backend: str, clock: Any,
-                 *, max_message_size: int, ping_interval: int = 0, connect: Any = connectWS) -> None:
+                 *, max_message_size: int, ping_interval: int = 0, connect: Any = connectWS,
+                 trust_root: Any = None) -> None:
+        """``trust_root``: CA to verify wss:// backends (None = platform roots; never unverified)."""
         self.tunnel = tunnel
         self.request_id = request_id
         self.head = head
@@ -454,6 +457,7 @@ class BackendWebSocketExchange:
         self.max_message_size = max_message_size
         self.ping_interval = ping_interval
         self.connect = connect
+        self.trust_root = trust_root
         self.protocol: BackendWebSocket | None = None
         self.connector: Any = None
         self.answered = False
@@ -483,7 +487,11 @@ class BackendWebSocketExchange:
         if self.ping_interval:
             options.update(autoPingInterval=self.ping_interval, autoPingTimeout=max(1, self.ping_interval))
         factory.setProtocolOptions(**options)
-        self.connector = self.connect(factory)
+        context = None
+        if factory.isSecure:
+            # autobahn's default for wss would not verify the certificate.
+            context = optionsForClientTLS(factory.host, trustRoot=self.trust_root)
+        self.connector = self.connect(factory, contextFactory=context)
 
     # -- from the backend connection ----------------------------------------------------------
 
