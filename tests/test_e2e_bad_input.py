@@ -135,3 +135,23 @@ class RogueStreamTests(TestCase):
         assert self.stack.server is not None
         yield wait_for(lambda: len(self.stack.server.hub.registry) == 1, what="rogue stream dropped")
         yield self.assertLegitimateClientWorks()
+
+    @inlineCallbacks
+    def test_a_client_cannot_answer_another_clients_request(self) -> Any:
+        """A second (authenticated) stream answering a live request of the first is dropped; the real answer wins."""
+        d = self.http.get(self.stack.url("/held"))
+        yield wait_for(lambda: len(self.held.requests) == 1, what="request at the backend")
+        assert self.stack.server is not None
+        [stream] = list(self.stack.server.hub.streams.values())
+        [rid] = stream.tunnel.session.request_ids()
+        open_msg = c2s(protocol_type=pb.CONTROL,
+                       stream_open=pb.StreamOpenRequest(client_id="impostor", group="default", stream_id="i1"))
+        forged = c2s(request_id=rid, protocol_type=pb.HTTP, http_response=pb.HttpResponse(
+            status_code=200, is_first_chunk=True, is_last_chunk=True, body=b"forged"))
+        got, _ = yield deferToThread(rogue_session, self.stack.tunnel_port, [open_msg, forged], TOKEN, 2)
+        self.assertEqual([m.error_message.code for m in got if m.request_id == rid], [400])
+        self.held.release()
+        resp = yield d
+        body = yield treq.content(resp)
+        self.assertEqual(body, b"data: first\n\ndata: last\n\n")
+        self.assertGreaterEqual(self.stack.server.hub.counters["violations"], 1)
