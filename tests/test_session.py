@@ -324,14 +324,13 @@ class HttpReverseTests(SessionTestCase):
         self.assertEqual(of_type(server_events, Writable), [])
         pair.client.consumed(rid, DEFAULT_WINDOW // 4)
         server_events, _ = pair.pump()
-        self.assertEqual(kinds(pair.to_server), ["window_update"])
-        self.assertEqual(pair.to_server[0].window_update.increment, DEFAULT_WINDOW // 4)
-        # The credit lets the fifth chunk out, but b"more" still waits: not writable yet.
-        self.assertEqual(body_bytes(pair.to_client), 64 * KIB)
-        self.assertEqual(of_type(server_events, Writable), [])
+        self.assertEqual(kinds(pair.to_server), [])  # below half a window: credit waits
         pair.client.consumed(rid, DEFAULT_WINDOW // 4)
         server_events, _ = pair.pump()
-        self.assertEqual(body_bytes(pair.to_client), 4)
+        self.assertEqual(kinds(pair.to_server), ["window_update"])
+        self.assertEqual(pair.to_server[0].window_update.increment, DEFAULT_WINDOW // 2)
+        # The credit lets the queued chunk and b"more" out: writable again.
+        self.assertEqual(body_bytes(pair.to_client), 64 * KIB + 4)
         self.assertEqual(of_type(server_events, Writable), [Writable(rid)])
         self.assertTrue(pair.server.send_body(rid, b"", end=True))
         pair.pump()
@@ -361,8 +360,8 @@ class HttpReverseTests(SessionTestCase):
         pair.pump()
         self.assertReleased(pair.server, pair.client)
 
-    def test_window_update_batched_at_quarter(self) -> None:
-        """A WindowUpdate goes out only once a quarter window has been consumed."""
+    def test_window_update_batched_at_half(self) -> None:
+        """A WindowUpdate goes out only once half the window has been consumed."""
         pair = opened()
         rid = pair.server.start(http_head("POST", end=False))
         pair.pump()
@@ -372,13 +371,13 @@ class HttpReverseTests(SessionTestCase):
             pair.client.consumed(rid, 10 * KIB)
             pair.pump()
             self.assertEqual(pair.to_server, [])
-        pair.client.consumed(rid, DEFAULT_WINDOW // 4 - 30 * KIB - 1)
+        pair.client.consumed(rid, DEFAULT_WINDOW // 2 - 30 * KIB - 1)
         pair.pump()
         self.assertEqual(pair.to_server, [])
         pair.client.consumed(rid, 1)
         pair.pump()
         self.assertEqual(kinds(pair.to_server), ["window_update"])
-        self.assertEqual(pair.to_server[0].window_update.increment, DEFAULT_WINDOW // 4)
+        self.assertEqual(pair.to_server[0].window_update.increment, DEFAULT_WINDOW // 2)
         self.assertEqual(body_bytes(pair.to_client), 1)
         pair.server.cancel(rid)
         pair.pump()

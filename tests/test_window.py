@@ -131,28 +131,28 @@ class ReceiveWindowTests(SynchronousTestCase):
         self.assertEqual(w.unacked, 1000)
 
     def test_small_consumption_is_batched(self) -> None:
-        """Consumption below a quarter window returns no credit yet."""
+        """Consumption below half a window returns no credit yet."""
         w = ReceiveWindow(1000)
         w.received(1000)
         self.assertEqual(w.consume(100), 0)
-        self.assertEqual(w.consume(149), 0)
-        self.assertEqual(w.consumed, 249)
+        self.assertEqual(w.consume(399), 0)
+        self.assertEqual(w.consumed, 499)
         self.assertEqual(w.unacked, 1000)
 
-    def test_quarter_window_returns_batch(self) -> None:
-        """Reaching a quarter window returns everything consumed so far, in one batch."""
+    def test_half_window_returns_batch(self) -> None:
+        """Reaching half a window returns everything consumed so far, in one batch."""
         w = ReceiveWindow(1000)
         w.received(1000)
         self.assertEqual(w.consume(100), 0)
-        self.assertEqual(w.consume(150), 250)
-        self.assertEqual(w.unacked, 750)
-        self.assertEqual(w.consumed, 0)
-        self.assertEqual(w.consume(249), 0)
-        self.assertEqual(w.consume(1), 250)
+        self.assertEqual(w.consume(400), 500)
         self.assertEqual(w.unacked, 500)
+        self.assertEqual(w.consumed, 0)
+        self.assertEqual(w.consume(499), 0)
+        self.assertEqual(w.consume(1), 500)
+        self.assertEqual(w.unacked, 0)
 
-    def test_batch_larger_than_quarter(self) -> None:
-        """A single large consumption is credited in full, not clipped to a quarter."""
+    def test_batch_larger_than_half(self) -> None:
+        """A single large consumption is credited in full, not clipped to half a window."""
         w = ReceiveWindow(1000)
         w.received(1000)
         self.assertEqual(w.consume(900), 900)
@@ -161,8 +161,8 @@ class ReceiveWindowTests(SynchronousTestCase):
     def test_credit_never_exceeds_received(self) -> None:
         """The consumer cannot be credited for more bytes than were received."""
         w = ReceiveWindow(1000)
-        w.received(300)
-        self.assertEqual(w.consume(5000), 300)
+        w.received(600)
+        self.assertEqual(w.consume(5000), 600)
         self.assertEqual(w.unacked, 0)
         self.assertEqual(w.consume(5000), 0)
         self.assertEqual(w.unacked, 0)
@@ -180,8 +180,8 @@ class ReceiveWindowTests(SynchronousTestCase):
         """After credit is returned a unit is accepted again on a window that was full."""
         w = ReceiveWindow(1000)
         w.received(1000)
-        self.assertEqual(w.consume(250), 250)
-        w.received(250)
+        self.assertEqual(w.consume(500), 500)
+        w.received(500)
         self.assertEqual(w.unacked, 1000)
 
     def test_oversized_unit_fully_creditable(self) -> None:

@@ -9,7 +9,7 @@ Theory of operation (the one update rule, as in h2's windows.py):
   64 KiB before they reach the window, so for them the overshoot is small.
 * The receiver counts bytes received but not yet credited back.  It returns
   credit (``WindowUpdate``) only for bytes its consumer has really taken, in
-  batches of at least a quarter window so small chunks do not each cost a
+  batches of at least half a window so small chunks do not each cost a
   message.  A sender that obeys the rule can never have sent a unit while the
   receiver already held ``size`` uncredited bytes; a unit that arrives in that
   state is a flow-control violation.
@@ -71,12 +71,12 @@ class ReceiveWindow:
     def consume(self, n: int) -> int:
         """Record that the consumer took ``n`` bytes; return credit to send now (0 = wait).
 
-        Batching at a quarter window cannot stall the sender: it only waits
+        Batching at half a window cannot stall the sender: it only waits
         when ``size`` bytes are outstanding, and once the consumer has taken
         them the owed credit is far past the threshold.
         """
         self.consumed = min(self.consumed + n, self.unacked)
-        if self.consumed >= max(1, self.size // 4):
+        if self.consumed >= max(1, self.size // 2):
             return self._flush()
         return 0
 
