@@ -82,6 +82,15 @@ class EchoBackend(WebSocketServerProtocol):
         super().onPing(payload)
 
 
+def handshake_status(url: str) -> int:
+    """The HTTP status a WebSocket handshake to ``url`` gets (101 when accepted)."""
+    try:
+        connect(url).close()
+    except InvalidStatus as e:
+        return int(e.response.status_code)
+    return 101
+
+
 class NotWebSocket(resource.Resource):
     isLeaf = True
 
@@ -226,40 +235,19 @@ class WebSocketEndToEndTests(TestCase):
     @inlineCallbacks
     def test_refused_handshake_keeps_status(self) -> Any:
         """A backend refusing the handshake with 403 gives the external client 403, not 101."""
-        def run() -> int:
-            try:
-                connect(self.ws_url("/deny"))
-            except InvalidStatus as e:
-                return int(e.response.status_code)
-            return 101
-
-        self.assertEqual((yield self.in_thread(run)), 403)
+        self.assertEqual((yield self.in_thread(handshake_status, self.ws_url("/deny"))), 403)
         yield self.assertReleased()
 
     @inlineCallbacks
     def test_backend_down_is_502(self) -> Any:
         """A WebSocket route whose backend is down answers 502."""
-        def run() -> int:
-            try:
-                connect(self.ws_url("/down"))
-            except InvalidStatus as e:
-                return int(e.response.status_code)
-            return 101
-
-        self.assertEqual((yield self.in_thread(run)), 502)
+        self.assertEqual((yield self.in_thread(handshake_status, self.ws_url("/down"))), 502)
         yield self.assertReleased()
 
     @inlineCallbacks
     def test_plain_http_backend_answering_200_is_502(self) -> Any:
         """A backend that answers an upgrade with 200 is a bad gateway."""
-        def run() -> int:
-            try:
-                connect(self.ws_url("/plain"))
-            except InvalidStatus as e:
-                return int(e.response.status_code)
-            return 101
-
-        self.assertEqual((yield self.in_thread(run)), 502)
+        self.assertEqual((yield self.in_thread(handshake_status, self.ws_url("/plain"))), 502)
         yield self.assertReleased()
 
     @inlineCallbacks
@@ -426,14 +414,7 @@ class WebSocketLimitsTests(TestCase):
         holders = [deferToThread(hold) for _ in range(2)]
         yield deferToThread(opened.wait, 10)
 
-        def third() -> int:
-            try:
-                connect(self.url)
-            except InvalidStatus as e:
-                return int(e.response.status_code)
-            return 101
-
-        status = yield deferToThread(third)
+        status = yield deferToThread(handshake_status, self.url)
         release.set()
         yield DeferredList(holders)
         self.assertEqual(status, 503)
