@@ -83,7 +83,7 @@ timeout = 30
 
 [[routes]]
 name = "greeter"
-grpc_service = "helloworld.Greeter"   # gRPC routes match service (and host if given)
+grpc_service = "helloworld.Greeter"   # gRPC routes match service
 group = "default"
 backend = "grpc://127.0.0.1:50051"
 
@@ -671,6 +671,11 @@ class BackendTests(ConfigTestCase):
             self.route("grpcs://h:1", "grpc_service = 'helloworld.Greeter'\n")
         ).routes[0]
         self.assertEqual((route.grpc_service, route.backend), ("helloworld.Greeter", "grpcs://h:1"))
+
+    def test_host_on_grpc_route(self) -> None:
+        """A host on a gRPC route is refused: grpcio cannot show the server the caller's :authority."""
+        text = self.route("grpc://h:1", "grpc_service = 'a.B'\nhost = 'api.example.com'\n")
+        self.assert_error(text, "[[routes]] #1 'r'", "host", ":authority")
 
     def test_grpc_service_names(self) -> None:
         """grpc_service must be dot-separated identifiers."""

@@ -643,6 +643,11 @@ def _parse_route(t: _Table, settings: ServerSettings, groups: tuple[str, ...]) -
             f"{grpc_service!r} is not a gRPC service name like 'helloworld.Greeter'",
         )
     if grpc_service:
+        if t.text("host", ""):
+            # grpcio's server API does not expose the caller's :authority
+            # (grpc/grpc#38906), so such a route could never be chosen.
+            raise t.error("host", "cannot be matched on gRPC routes: grpcio does not expose :authority; "
+                                  "route gRPC by grpc_service only")
         backend = t.backend(
             "backend", None, ("grpc", "grpcs"), "a route with grpc_service dials a gRPC backend"
         )
