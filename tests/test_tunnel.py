@@ -26,7 +26,7 @@ from tests.session_pair import (
 )
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
-from tunneld.tunnel import Tunnel
+from tunneld.tunnel import CreditGate, Tunnel
 from tunneld.window import DEFAULT_WINDOW
 
 
@@ -570,3 +570,26 @@ class ControlTests(SynchronousTestCase):
         pair.flush()
         self.assertEqual(handler.names(), ["message", "message", "closed"])
         pair.assert_empty(self)
+
+
+class CreditGateTests(SynchronousTestCase):
+    def test_credit_flows_while_the_socket_keeps_up(self) -> None:
+        """Bytes taken while not paused are credited at once."""
+        credited: list[int] = []
+        gate = CreditGate(credited.append)
+        gate.took(10)
+        gate.took(0)
+        self.assertEqual(credited, [10])
+
+    def test_credit_held_while_paused_and_returned_on_resume(self) -> None:
+        """While the socket pushes back, credit is owed; resuming returns it in one piece."""
+        credited: list[int] = []
+        gate = CreditGate(credited.append)
+        gate.pauseProducing()
+        gate.took(5)
+        gate.took(7)
+        self.assertEqual(credited, [])
+        gate.resumeProducing()
+        self.assertEqual(credited, [12])
+        gate.resumeProducing()
+        self.assertEqual(credited, [12])

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
@@ -56,6 +58,39 @@ class StreamOwner(Protocol):
 
     def request_received(self, tunnel: Tunnel, event: s.RequestReceived) -> ResponderHandler | None:
         """The peer started a request; return its handler (None: refuse with 502)."""
+
+
+@implementer(IPushProducer)
+class CreditGate:
+    """Returns a request's window credit only while its consumer keeps up.
+
+    Adapters report every body byte they hand to a socket with ``took``;
+    registered as that socket's push producer, the gate holds the credit
+    while the socket pushes back and returns it on ``resumeProducing``.
+    """
+
+    def __init__(self, credit: Callable[[int], None]) -> None:
+        self.credit = credit
+        self.paused = False
+        self.owed = 0
+
+    def took(self, n: int) -> None:
+        if self.paused:
+            self.owed += n
+        elif n:
+            self.credit(n)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.owed:
+            n, self.owed = self.owed, 0
+            self.credit(n)
+
+    def stopProducing(self) -> None:
+        self.paused = True
 
 
 class Tunnel:

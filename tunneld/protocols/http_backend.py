@@ -36,7 +36,7 @@ from zope.interface import implementer
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import headers as h
-from tunneld.tunnel import Tunnel
+from tunneld.tunnel import CreditGate, Tunnel
 
 _NO_BODY_STATUS = {204, 304}
 
@@ -50,8 +50,7 @@ class TunnelBodyProducer:
         self.length: int | object = length if length >= 0 else UNKNOWN_LENGTH
         self.consumer: IConsumer | None = None
         self.finished: Deferred[None] = Deferred()
-        self.paused = False
-        self.owed = 0
+        self.gate = CreditGate(exchange.credit)
         self.buffer: list[bytes] = []  # body that arrived before the Agent asked for it
         self.ended = False
 
@@ -69,10 +68,7 @@ class TunnelBodyProducer:
             self.buffer.append(data)
             return
         self.consumer.write(data)
-        if self.paused:
-            self.owed += len(data)
-        else:
-            self.exchange.credit(len(data))
+        self.gate.took(len(data))
 
     def end(self) -> None:
         self.ended = True
@@ -80,16 +76,13 @@ class TunnelBodyProducer:
             self.finished.callback(None)
 
     def pauseProducing(self) -> None:
-        self.paused = True
+        self.gate.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.paused = False
-        if self.owed:
-            n, self.owed = self.owed, 0
-            self.exchange.credit(n)
+        self.gate.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.paused = True
+        self.gate.stopProducing()
 
 
 class _ResponseReader(Protocol):

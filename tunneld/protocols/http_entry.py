@@ -30,7 +30,7 @@ from zope.interface import implementer
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import headers as h
-from tunneld.tunnel import Tunnel
+from tunneld.tunnel import CreditGate, Tunnel
 
 # Codes an ErrorMessage may carry that the external client sees unchanged.
 _PASSED_CODES = {404, 413, 502, 503, 504}
@@ -99,8 +99,7 @@ class HttpExchange:
         self.rendered = False
         self.head_received = False
         self.done = False
-        self.paused = False
-        self.owed_credit = 0
+        self.gate = CreditGate(self._credit)
         self.early: list[tuple[pb.TunnelMessage, bool]] = []
         self.body_in = 0
         self.body_out = 0
@@ -236,10 +235,7 @@ class HttpExchange:
         if data:
             self.body_out += len(data)
             req.write(data)
-            if self.paused:
-                self.owed_credit += len(data)
-            elif self.tunnel is not None:
-                self.tunnel.consumed(self.request_id, len(data))
+            self.gate.took(len(data))
         if end:
             self._finish()
 
@@ -268,12 +264,13 @@ class HttpExchange:
     # -- IPushProducer for the response body ----------------------------------------
 
     def pauseProducing(self) -> None:
-        self.paused = True
+        self.gate.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.paused = False
-        if self.owed_credit and self.tunnel is not None:
-            n, self.owed_credit = self.owed_credit, 0
+        self.gate.resumeProducing()
+
+    def _credit(self, n: int) -> None:
+        if self.tunnel is not None:
             self.tunnel.consumed(self.request_id, n)
 
     def stopProducing(self) -> None:

@@ -30,15 +30,13 @@ from autobahn.twisted.websocket import (
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import headers as h
 from tunneld.protocols.http_entry import Refusal, trace_id_of
-from tunneld.tunnel import Tunnel
+from tunneld.tunnel import CreditGate, Tunnel
 
 PIECE = 64 * 1024
 CLOSE_LINGER = 10.0       # seconds to wait for the far side's close before cancelling
@@ -50,34 +48,6 @@ _PASSED_STATUS = {413, 502, 503, 504}
 
 def _sendable(code: int) -> bool:
     return code not in _NO_WIRE_CODES and (1000 <= code <= 1014 or 3000 <= code <= 4999)
-
-
-@implementer(IPushProducer)
-class _Credit:
-    """Returns tunnel credit for relayed bytes only while the socket keeps up."""
-
-    def __init__(self, relay: FrameRelay) -> None:
-        self.relay = relay
-        self.paused = False
-        self.owed = 0
-
-    def took(self, n: int) -> None:
-        if self.paused:
-            self.owed += n
-        else:
-            self.relay.credit(n)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self.owed:
-            n, self.owed = self.owed, 0
-            self.relay.credit(n)
-
-    def stopProducing(self) -> None:
-        self.paused = True
 
 
 class FrameRelay:
@@ -96,7 +66,7 @@ class FrameRelay:
         self._opcode = 1
         self._first = True
         self._buf = bytearray()
-        self._credit = _Credit(self)
+        self._credit = CreditGate(self.credit)
         self._sent_close = False
         self._socket_paused = False
         self._linger: Any = None
