@@ -34,6 +34,7 @@ from tests.processes import TOKEN, ProcessStack, Twistd
 from tests.test_e2e_bad_input import c2s, rogue_session
 from tunneld import tunnel_pb2 as pb
 from tunneld.grpc_bridge import server as tunnel_server
+from tunneld.grpc_bridge import stream as bridge_stream
 
 #: Figures measured by the tests in this run (name -> seconds or count).
 MEASURED: dict[str, float] = {}
@@ -491,7 +492,7 @@ class InProcessFaultTests(TestCase):
     @inlineCallbacks
     def test_silent_connection_is_closed_after_the_handshake_timeout(self) -> Any:
         """A TCP connection to the tunnel port that never completes the HTTP/2 preface is closed after the handshake timeout."""
-        self.patch(tunnel_server, "HANDSHAKE_TIMEOUT_MS", 1000)
+        self.patch(bridge_stream, "HANDSHAKE_TIMEOUT_MS", 1000)
         stack = yield self.make_stack([{"name": "web", "backend": "http://127.0.0.1:9"}])
         client = yield stack.add_client()
         for name, data in (("nothing", b""), ("truncated_preface", b"PRI * HTTP/2.0\r\n\r\nSM")):
@@ -501,6 +502,16 @@ class InProcessFaultTests(TestCase):
             self.assertLess(took, 5.0, name)
         self.assertTrue(client.hub.is_connected)
         self.assertEqual(client.dial.reconnects, 0)
+
+    @inlineCallbacks
+    def test_silent_connection_to_the_grpc_entry_is_closed_too(self) -> Any:
+        """The public gRPC entry applies the same handshake deadline as the tunnel port."""
+        self.patch(bridge_stream, "HANDSHAKE_TIMEOUT_MS", 1000)
+        stack = yield self.make_stack([{"name": "web", "backend": "http://127.0.0.1:9"}], grpc_listen="127.0.0.1:0")
+        outcome, took = yield deferToThread(raw_exchange, stack.grpc_port, b"", False, 10.0)
+        measured("handshake_timeout.grpc_entry.closed_after", took)
+        self.assertEqual(outcome, "closed")
+        self.assertLess(took, 5.0)
 
     @inlineCallbacks
     def test_proxy_stream_without_stream_open_is_closed(self) -> Any:

@@ -57,8 +57,7 @@ from twisted.logger import Logger
 
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
-from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, message_size_options
-from tunneld.grpc_bridge.stream import ServerCredentialsFactory
+from tunneld.grpc_bridge.stream import Bridge, ServerCredentialsFactory, start_server
 from tunneld.protocols.headers import filter_grpc_metadata, grpc_metadata_from_pb
 from tunneld.tunnel import Tunnel
 
@@ -513,20 +512,8 @@ class GrpcEntryService(Service):
     # -- bridge thread -------------------------------------------------------------------
 
     async def _start(self) -> int:
-        options = KEEPALIVE_OPTIONS + message_size_options(self.max_message_size) + [
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((_AnyMethod(self),))
-        if self.credentials is not None:
-            port = server.add_secure_port(self.listen, self.credentials())
-        else:
-            port = server.add_insecure_port(self.listen)
-        if not port:
-            raise OSError(f"cannot listen on {self.listen}")
-        await server.start()
-        self._server = server
+        register = lambda server: server.add_generic_rpc_handlers((_AnyMethod(self),))  # noqa: E731
+        self._server, port = await start_server(self.listen, self.max_message_size, register, self.credentials)
         return port
 
     async def serve(self, path: str, context: grpc.aio.ServicerContext) -> None:

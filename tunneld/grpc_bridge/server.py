@@ -8,7 +8,7 @@ group's token (``authorization: Bearer …`` metadata, else the message's
 the reactor as a ``StreamHandle`` plus their first message.
 
 Connections that never become a tunnel are not kept: one that does not
-finish the HTTP/2 preface and SETTINGS within ``HANDSHAKE_TIMEOUT_MS`` is
+finish the HTTP/2 preface and SETTINGS within ``stream.HANDSHAKE_TIMEOUT_MS`` is
 closed by grpc, a Proxy call whose first message does not arrive within
 ``OPEN_TIMEOUT`` is ended with ``DEADLINE_EXCEEDED``, and a call whose peer
 sends bytes that are not a ``TunnelMessage`` is ended with ``ABORTED``.
@@ -26,12 +26,8 @@ from twisted.logger import Logger
 
 from tunneld import tunnel_pb2 as pb
 from tunneld import tunnel_pb2_grpc as pb_grpc
-from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, StreamHandle, message_size_options
-from tunneld.grpc_bridge.stream import ServerCredentialsFactory
+from tunneld.grpc_bridge.stream import Bridge, ServerCredentialsFactory, StreamHandle, start_server
 
-#: A TCP connection must send the HTTP/2 preface and SETTINGS within this
-#: (grpc's default is 120 s, and a silent connection was held ~60 s).
-HANDSHAKE_TIMEOUT_MS = 10_000
 #: An accepted Proxy call must send ``stream_open`` within this many seconds.
 OPEN_TIMEOUT = 10.0
 
@@ -169,22 +165,11 @@ class TunnelServerService(Service):
             reactor.stop()  # type: ignore[attr-defined,misc]
 
     async def _start(self) -> int:
-        options = KEEPALIVE_OPTIONS + message_size_options(self.max_message_size) + [
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-            ("grpc.so_reuseport", 0),
-            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-        ]
-        server = grpc.aio.server(options=options)
-        self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream)
-        pb_grpc.add_TunnelServiceServicer_to_server(self._servicer, server)
-        if self.credentials is not None:
-            port = server.add_secure_port(self.listen, self.credentials())
-        else:
-            port = server.add_insecure_port(self.listen)
-        if not port:
-            raise OSError(f"cannot listen on {self.listen}")
-        await server.start()
-        self._server = server
+        def register(server: grpc.aio.Server) -> None:
+            self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream)
+            pb_grpc.add_TunnelServiceServicer_to_server(self._servicer, server)
+
+        self._server, port = await start_server(self.listen, self.max_message_size, register, self.credentials)
         return port
 
     def stopService(self) -> Deferred[None]:

@@ -83,6 +83,37 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> ChannelC
                                                 certificate_chain=chain)
 
 
+#: A TCP connection to one of our grpc servers must send the HTTP/2 preface
+#: and SETTINGS within this (grpc's default is 120 s; a silent connection was
+#: held ~60 s).
+HANDSHAKE_TIMEOUT_MS = 10_000
+
+
+async def start_server(listen: str, max_message_size: int, register: Callable[[grpc.aio.Server], None],
+                       credentials: ServerCredentialsFactory | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server (bridge thread) with the options every tunneld port uses.
+
+    Keepalive as for the tunnel, client pings allowed every 5 s, no port
+    sharing, a handshake deadline, and TLS when ``credentials`` is given.
+    ``register`` adds the handlers.  Returns the server and its bound port.
+    """
+    options = KEEPALIVE_OPTIONS + message_size_options(max_message_size) + [
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.so_reuseport", 0),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ]
+    server = grpc.aio.server(options=options)
+    register(server)
+    if credentials is not None:
+        port = server.add_secure_port(listen, credentials())
+    else:
+        port = server.add_insecure_port(listen)
+    if not port:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    return server, port
+
+
 def message_size_options(limit: int) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
 
