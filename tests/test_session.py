@@ -876,10 +876,11 @@ class ErrorTests(SessionTestCase):
         self.assertReleased(pair.server, pair.client)
 
     def test_send_rules(self) -> None:
-        """start() picks a fresh UUID and refuses a used id; send() after the end raises; unknown ids are ignored."""
+        """start() numbers requests per stream and refuses a used id; send() after the end raises; unknown ids are ignored."""
         pair = opened()
         rid = pair.server.start(http_head("GET", end=True))
-        self.assertEqual(len(rid), 36)
+        self.assertTrue(rid.startswith("s"), rid)
+        self.assertLessEqual(len(rid), 64)
         self.assertRaises(SessionError, pair.server.start, http_head(request_id=rid))
         self.assertRaises(SessionError, pair.server.send, rid, http_request_body(b"x"))
         self.assertRaises(SessionError, pair.server.start, http_response_head())
@@ -891,6 +892,17 @@ class ErrorTests(SessionTestCase):
         pair.server.cancel(rid)
         pair.pump()
         self.assertReleased(pair.server, pair.client)
+
+    def test_request_ids_are_unique_per_stream(self) -> None:
+        """Each side numbers its own requests; the two sides' ids never collide in the one table."""
+        pair = opened()
+        ours = [pair.server.start(http_head("GET", end=True)) for _ in range(3)]
+        theirs = [pair.client.start(http_head("GET", end=True)) for _ in range(3)]
+        self.assertEqual(len(set(ours + theirs)), 6)
+        self.assertTrue(all(r.startswith("s") for r in ours) and all(r.startswith("c") for r in theirs))
+        pair.pump()
+        self.assertEqual(len(pair.server), 6)
+        self.assertEqual(len(pair.client), 6)
 
 
 # -- control ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.admin import AdminService, client_admin
 from tunneld.client_hub import ClientHub
-from tunneld.config import ClientConfig, ConfigError, load_client_config
+from tunneld.config import CLIENT_MAX_MESSAGE_SIZE, ClientConfig, ConfigError, load_client_config
 from tunneld.grpc_bridge.backend import GrpcBackendExchange, GrpcChannels, GrpcChannelsService
 from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, channel_credentials
@@ -52,7 +52,7 @@ class ClientApp:
     admin: AdminService | None = None   # /metrics, /status, dashboard (admin_listen)
 
 
-def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 64 * 1024 * 1024) -> ClientApp:
+def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = CLIENT_MAX_MESSAGE_SIZE) -> ClientApp:
     cfg = config.client
     top = MultiService()
     agent, pool = make_agent(reactor, ca=cfg.backend_ca)
@@ -80,7 +80,8 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     bridge_service.setServiceParent(top)
     dial = TunnelClientService(
         bridge, cfg.server, cfg.token, hub.connected, hub.lost, reactor,
-        max_message_size=max_message_size, before_stop=lambda: hub.drain(cfg.drain_timeout),
+        max_message_size=max_message_size, max_frame_size=min(cfg.max_frame_size, max_message_size),
+        before_stop=lambda: hub.drain(cfg.drain_timeout),
         credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None,
         server_name=cfg.tls_server_name,
     )

@@ -102,6 +102,7 @@ class ServerSettings:
     log_format: str = "text"  # "text" or "json" (JSON lines for log shippers)
     window: int = 262144  # per-request per-direction flow-control window
     max_message_size: int = 67108864  # gRPC message limit on the tunnel port
+    max_frame_size: int = 1048576  # tunnel frames: messages packed per gRPC write (<= max_message_size)
     max_header_size: int = 16384  # HTTP entry: total request header bytes
     tls_cert: str = ""  # tunnel port: PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: str = ""
@@ -199,6 +200,10 @@ class ServerConfig:
 # --- client ---------------------------------------------------------------
 
 
+#: The client's gRPC message limit on its tunnel channel.
+CLIENT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """The ``[client]`` table."""
@@ -226,6 +231,7 @@ class ClientSettings:
     tls_key: str = ""
     tls_server_name: str = ""  # name to verify in the server certificate; "" = the host of `server`
     backend_ca: str = ""  # PEM CA bundle to verify https/wss/grpcs backends; "" = the system's
+    max_frame_size: int = 1048576  # tunnel frames: messages packed per gRPC write (<= 64 MiB)
 
 
 @dataclass(frozen=True)
@@ -588,6 +594,7 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         raise t.error("tls_client_ca", "needs tls_cert and tls_key (client certificates only exist over TLS)")
     http_cert, http_key = t.pair("http_tls_cert", "http_tls_key")
     grpc_cert, grpc_key = t.pair("grpc_tls_cert", "grpc_tls_key")
+    max_message_size = t.integer("max_message_size", d.max_message_size, 1)
     return ServerSettings(
         tunnel_listen=t.listen("tunnel_listen", d.tunnel_listen),
         http_listen=t.listen("http_listen", d.http_listen),
@@ -599,7 +606,8 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         cleanup_interval=t.seconds("cleanup_interval", d.cleanup_interval),
         drain_timeout=t.seconds("drain_timeout", d.drain_timeout, zero_ok=True),
         window=t.integer("window", d.window, 65536),
-        max_message_size=t.integer("max_message_size", d.max_message_size, 1),
+        max_message_size=max_message_size,
+        max_frame_size=_frame_size(t, d.max_frame_size, max_message_size),
         max_header_size=t.integer("max_header_size", d.max_header_size, 1),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
         access_log=t.boolean("access_log", d.access_log),
@@ -609,6 +617,14 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         http_tls_cert=http_cert, http_tls_key=http_key, grpc_tls_cert=grpc_cert, grpc_tls_key=grpc_key,
         upstream_ca=t.pem("upstream_ca"),
     )
+
+
+def _frame_size(t: _Table, default: int, max_message_size: int) -> int:
+    value = t.integer("max_frame_size", min(default, max_message_size), 1024)
+    if value > max_message_size:
+        raise t.error("max_frame_size", f"{value} exceeds max_message_size ({max_message_size}): "
+                                        "a frame is one gRPC message")
+    return value
 
 
 def _log_format(t: _Table, default: str) -> str:
@@ -815,6 +831,7 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         log_format=_log_format(t, d.log_format),
         tls=tls or bool(tls_ca or tls_cert), tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
         tls_server_name=t.text("tls_server_name", d.tls_server_name), backend_ca=t.pem("backend_ca"),
+        max_frame_size=_frame_size(t, d.max_frame_size, CLIENT_MAX_MESSAGE_SIZE),
     )
     return ClientConfig(path=path, client=settings)
 

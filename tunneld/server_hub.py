@@ -220,7 +220,7 @@ class ServerHub:
             pools[u.name] = pool
         self.upstreams = pools
         self.registry.heartbeat_timeout = config.server.heartbeat_timeout
-        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "window")
+        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size", "window")
         changed = [k for k in listeners if getattr(old.server, k) != getattr(config.server, k)]
         if changed:
             self.log.warn("config reload: {keys} change only on restart", keys=", ".join(changed))

@@ -73,7 +73,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     bridge_service.setServiceParent(top)
     tunnel = TunnelServerService(
         bridge, cfg.tunnel_listen, hub.authenticate, hub.stream_connected,
-        max_message_size=cfg.max_message_size,
+        max_message_size=cfg.max_message_size, max_frame_size=cfg.max_frame_size,
         credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None, before_stop=lambda: hub.drain(cfg.drain_timeout),
     )
     tunnel.setServiceParent(bridge_service)

@@ -33,7 +33,8 @@ line each in the adapter); ``fatal=True`` means the stream must be closed.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -293,6 +294,10 @@ class Session:
         self._outgoing: list[pb.TunnelMessage] = []
         self._events: list[Event] = []
         self.dropped = 0               # peer messages dropped as invalid
+        # Each side numbers its own requests; the role letter keeps the two
+        # sides' ids apart in the one table.
+        self._id_prefix = f"{role.value[0]}{os.urandom(3).hex()}-"
+        self._ids = itertools.count(1)
 
     # -- draining -------------------------------------------------------
 
@@ -386,7 +391,9 @@ class Session:
         if kind not in _REQUEST_KINDS:
             raise SessionError(f"start() needs a request head, not {kind}")
         if not msg.request_id:
-            msg.request_id = str(uuid.uuid4())
+            # Unique on this stream is enough (SPEC §3); the random prefix
+            # keeps ids from different streams apart in logs.
+            msg.request_id = f"{self._id_prefix}{next(self._ids):x}"
         if msg.request_id in self._exchanges:
             raise SessionError(f"request_id {msg.request_id} is in use")
         protocol = _REQUEST_KINDS[kind]

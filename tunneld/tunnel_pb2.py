@@ -24,51 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tunneld/tunnel.proto\x12\ntunneld.v1\"\x8e\x07\n\rTunnelMessage\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.tunneld.v1.Direction\x12/\n\rprotocol_type\x18\x04 \x01(\x0e\x32\x18.tunneld.v1.ProtocolType\x12/\n\x0chttp_request\x18\x05 \x01(\x0b\x32\x17.tunneld.v1.HttpRequestH\x00\x12\x31\n\rhttp_response\x18\x06 \x01(\x0b\x32\x18.tunneld.v1.HttpResponseH\x00\x12/\n\x0cgrpc_request\x18\x07 \x01(\x0b\x32\x17.tunneld.v1.GrpcRequestH\x00\x12\x31\n\rgrpc_response\x18\x08 \x01(\x0b\x32\x18.tunneld.v1.GrpcResponseH\x00\x12\x32\n\nws_request\x18\t \x01(\x0b\x32\x1c.tunneld.v1.WebSocketRequestH\x00\x12\x34\n\x0bws_response\x18\n \x01(\x0b\x32\x1d.tunneld.v1.WebSocketResponseH\x00\x12.\n\x08ws_frame\x18\x0b \x01(\x0b\x32\x1a.tunneld.v1.WebSocketFrameH\x00\x12\x34\n\x0b\x63onfig_sync\x18\x0c \x01(\x0b\x32\x1d.tunneld.v1.ConfigSyncRequestH\x00\x12>\n\x14\x63onfig_sync_response\x18\r \x01(\x0b\x32\x1e.tunneld.v1.ConfigSyncResponseH\x00\x12\x34\n\x0bstream_open\x18\x0e \x01(\x0b\x32\x1d.tunneld.v1.StreamOpenRequestH\x00\x12>\n\x14stream_open_response\x18\x0f \x01(\x0b\x32\x1e.tunneld.v1.StreamOpenResponseH\x00\x12\x31\n\rerror_message\x18\x10 \x01(\x0b\x32\x18.tunneld.v1.ErrorMessageH\x00\x12*\n\theartbeat\x18\x12 \x01(\x0b\x32\x15.tunneld.v1.HeartbeatH\x00\x12\x31\n\rwindow_update\x18\x13 \x01(\x0b\x32\x18.tunneld.v1.WindowUpdateH\x00\x12\x10\n\x08trace_id\x18\x11 \x01(\tB\t\n\x07payload\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x83\x02\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05query\x18\x05 \x01(\t\x12#\n\x07headers\x18\x06 \x03(\x0b\x32\x12.tunneld.v1.Header\x12\x0c\n\x04\x62ody\x18\x07 \x01(\x0c\x12\x16\n\x0eis_first_chunk\x18\x08 \x01(\x08\x12\x15\n\ris_last_chunk\x18\t \x01(\x08\x12\r\n\x05route\x18\n \x01(\t\x12\x0e\n\x06scheme\x18\x0b \x01(\t\x12\x13\n\x0bremote_addr\x18\x0c \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\r \x01(\x03\"\x95\x01\n\x0cHttpResponse\x12\x13\n\x0bstatus_code\x18\x01 \x01(\x05\x12#\n\x07headers\x18\x02 \x03(\x0b\x32\x12.tunneld.v1.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x16\n\x0eis_first_chunk\x18\x04 \x01(\x08\x12\x15\n\ris_last_chunk\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xda\x01\n\x0bGrpcRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12$\n\x08metadata\x18\x05 \x03(\x0b\x32\x12.tunneld.v1.Header\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\x12\x16\n\x0eis_first_chunk\x18\x07 \x01(\x08\x12\x15\n\ris_last_chunk\x18\x08 \x01(\x08\x12\r\n\x05route\x18\t \x01(\t\x12\x0f\n\x07timeout\x18\n \x01(\x01\x12\x13\n\x0bhas_message\x18\x0b \x01(\x08J\x04\x08\x04\x10\x05\"\xe3\x01\n\x0cGrpcResponse\x12\x13\n\x0bstatus_code\x18\x01 \x01(\x05\x12,\n\x10initial_metadata\x18\x02 \x03(\x0b\x32\x12.tunneld.v1.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x16\n\x0eis_first_chunk\x18\x04 \x01(\x08\x12\x15\n\ris_last_chunk\x18\x05 \x01(\x08\x12\x0f\n\x07\x64\x65tails\x18\x06 \x01(\t\x12-\n\x11trailing_metadata\x18\x07 \x03(\x0b\x32\x12.tunneld.v1.Header\x12\x13\n\x0bhas_message\x18\x08 \x01(\x08\"\x9c\x01\n\x10WebSocketRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12#\n\x07headers\x18\x03 \x03(\x0b\x32\x12.tunneld.v1.Header\x12\x14\n\x0csubprotocols\x18\x04 \x03(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\x0e\n\x06scheme\x18\x06 \x01(\t\x12\x13\n\x0bremote_addr\x18\x07 \x01(\t\"\x92\x01\n\x11WebSocketResponse\x12\x13\n\x0bstatus_code\x18\x01 \x01(\x05\x12#\n\x07headers\x18\x02 \x03(\x0b\x32\x12.tunneld.v1.Header\x12\x13\n\x0bsubprotocol\x18\x03 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\"x\n\x0eWebSocketFrame\x12\x0b\n\x03\x66in\x18\x01 \x01(\x08\x12\x0e\n\x06opcode\x18\x02 \x01(\r\x12\x0e\n\x06masked\x18\x03 \x01(\x08\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x12\n\nclose_code\x18\x05 \x01(\r\x12\x14\n\x0c\x63lose_reason\x18\x06 \x01(\t\"\xb3\x01\n\x05Route\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08set_host\x18\x05 \x01(\t\x12\x0f\n\x07timeout\x18\x06 \x01(\x01\x12\x14\n\x0cgrpc_service\x18\x07 \x01(\t\x12\x18\n\x10max_message_size\x18\x08 \x01(\x03\x12\x15\n\rmax_body_size\x18\t \x01(\x03\"+\n\x11\x43onfigSyncRequest\x12\x16\n\x0e\x63onfig_version\x18\x01 \x01(\t\"O\n\x12\x43onfigSyncResponse\x12\x16\n\x0e\x63onfig_version\x18\x01 \x01(\t\x12!\n\x06routes\x18\x02 \x03(\x0b\x32\x11.tunneld.v1.Route\"\x81\x01\n\x11StreamOpenRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\"v\n\x12StreamOpenResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1e.tunneld.v1.ConfigSyncResponse\x12\x0e\n\x06window\x18\x04 \x01(\r\"-\n\x0c\x45rrorMessage\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\",\n\tHeartbeat\x12\x12\n\nsent_at_ms\x18\x01 \x01(\x03\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x08\"!\n\x0cWindowUpdate\x12\x11\n\tincrement\x18\x01 \x01(\r*R\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43LIENT_TO_SERVER\x10\x01\x12\x14\n\x10SERVER_TO_CLIENT\x10\x02*X\n\x0cProtocolType\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x08\n\x04HTTP\x10\x01\x12\x08\n\x04GRPC\x10\x02\x12\r\n\tWEBSOCKET\x10\x03\x12\x0b\n\x07\x43ONTROL\x10\x04\x32R\n\rTunnelService\x12\x41\n\x05Proxy\x12\x19.tunneld.v1.TunnelMessage\x1a\x19.tunneld.v1.TunnelMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14tunneld/tunnel.proto\x12\ntunneld.v2\":\n\x0bTunnelFrame\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tunneld.v2.TunnelMessage\"\xa6\x07\n\rTunnelMessage\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.tunneld.v2.Direction\x12/\n\rprotocol_type\x18\x04 \x01(\x0e\x32\x18.tunneld.v2.ProtocolType\x12/\n\x0chttp_request\x18\x05 \x01(\x0b\x32\x17.tunneld.v2.HttpRequestH\x00\x12\x31\n\rhttp_response\x18\x06 \x01(\x0b\x32\x18.tunneld.v2.HttpResponseH\x00\x12/\n\x0cgrpc_request\x18\x07 \x01(\x0b\x32\x17.tunneld.v2.GrpcRequestH\x00\x12\x31\n\rgrpc_response\x18\x08 \x01(\x0b\x32\x18.tunneld.v2.GrpcResponseH\x00\x12\x32\n\nws_request\x18\t \x01(\x0b\x32\x1c.tunneld.v2.WebSocketRequestH\x00\x12\x34\n\x0bws_response\x18\n \x01(\x0b\x32\x1d.tunneld.v2.WebSocketResponseH\x00\x12.\n\x08ws_frame\x18\x0b \x01(\x0b\x32\x1a.tunneld.v2.WebSocketFrameH\x00\x12\x34\n\x0b\x63onfig_sync\x18\x0c \x01(\x0b\x32\x1d.tunneld.v2.ConfigSyncRequestH\x00\x12>\n\x14\x63onfig_sync_response\x18\r \x01(\x0b\x32\x1e.tunneld.v2.ConfigSyncResponseH\x00\x12\x34\n\x0bstream_open\x18\x0e \x01(\x0b\x32\x1d.tunneld.v2.StreamOpenRequestH\x00\x12>\n\x14stream_open_response\x18\x0f \x01(\x0b\x32\x1e.tunneld.v2.StreamOpenResponseH\x00\x12\x31\n\rerror_message\x18\x10 \x01(\x0b\x32\x18.tunneld.v2.ErrorMessageH\x00\x12*\n\theartbeat\x18\x12 \x01(\x0b\x32\x15.tunneld.v2.HeartbeatH\x00\x12\x31\n\rwindow_update\x18\x13 \x01(\x0b\x32\x18.tunneld.v2.WindowUpdateH\x00\x12\x10\n\x08trace_id\x18\x11 \x01(\t\x12\x16\n\x0ewindow_limited\x18\x14 \x01(\x08\x42\t\n\x07payload\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x83\x02\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05query\x18\x05 \x01(\t\x12#\n\x07headers\x18\x06 \x03(\x0b\x32\x12.tunneld.v2.Header\x12\x0c\n\x04\x62ody\x18\x07 \x01(\x0c\x12\x16\n\x0eis_first_chunk\x18\x08 \x01(\x08\x12\x15\n\ris_last_chunk\x18\t \x01(\x08\x12\r\n\x05route\x18\n \x01(\t\x12\x0e\n\x06scheme\x18\x0b \x01(\t\x12\x13\n\x0bremote_addr\x18\x0c \x01(\t\x12\x16\n\x0e\x63ontent_length\x18\r \x01(\x03\"\x95\x01\n\x0cHttpResponse\x12\x13\n\x0bstatus_code\x18\x01 \x01(\x05\x12#\n\x07headers\x18\x02 \x03(\x0b\x32\x12.tunneld.v2.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x16\n\x0eis_first_chunk\x18\x04 \x01(\x08\x12\x15\n\ris_last_chunk\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xda\x01\n\x0bGrpcRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12$\n\x08metadata\x18\x05 \x03(\x0b\x32\x12.tunneld.v2.Header\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\x12\x16\n\x0eis_first_chunk\x18\x07 \x01(\x08\x12\x15\n\ris_last_chunk\x18\x08 \x01(\x08\x12\r\n\x05route\x18\t \x01(\t\x12\x0f\n\x07timeout\x18\n \x01(\x01\x12\x13\n\x0bhas_message\x18\x0b \x01(\x08J\x04\x08\x04\x10\x05\"\xe3\x01\n\x0cGrpcResponse\x12\x13\n\x0bstatus_code\x18\x01 \x01(\x05\x12,\n\x10initial_metadata\x18\x02 \x03(\x0b\x32\x12.tunneld.v2.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x16\n\x0eis_first_chunk\x18\x04 \x01(\x08\x12\x15\n\ris_last_chunk\x18\x05 \x01(\x08\x12\x0f\n\x07\x64\x65tails\x18\x06 \x01(\t\x12-\n\x11trailing_metadata\x18\x07 \x03(\x0b\x32\x12.tunneld.v2.Header\x12\x13\n\x0bhas_message\x18\x08 \x01(\x08\"\x9c\x01\n\x10WebSocketRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12#\n\x07headers\x18\x03 \x03(\x0b\x32\x12.tunneld.v2.Header\x12\x14\n\x0csubprotocols\x18\x04 \x03(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\x0e\n\x06scheme\x18\x06 \x01(\t\x12\x13\n\x0bremote_addr\x18\x07 \x01(\t\"\x92\x01\n\x11WebSocketResponse\x12\x13\n\x0bstatus_code\x18\x01 \x01(\x05\x12#\n\x07headers\x18\x02 \x03(\x0b\x32\x12.tunneld.v2.Header\x12\x13\n\x0bsubprotocol\x18\x03 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\"x\n\x0eWebSocketFrame\x12\x0b\n\x03\x66in\x18\x01 \x01(\x08\x12\x0e\n\x06opcode\x18\x02 \x01(\r\x12\x0e\n\x06masked\x18\x03 \x01(\x08\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x12\n\nclose_code\x18\x05 \x01(\r\x12\x14\n\x0c\x63lose_reason\x18\x06 \x01(\t\"\xb3\x01\n\x05Route\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08set_host\x18\x05 \x01(\t\x12\x0f\n\x07timeout\x18\x06 \x01(\x01\x12\x14\n\x0cgrpc_service\x18\x07 \x01(\t\x12\x18\n\x10max_message_size\x18\x08 \x01(\x03\x12\x15\n\rmax_body_size\x18\t \x01(\x03\"+\n\x11\x43onfigSyncRequest\x12\x16\n\x0e\x63onfig_version\x18\x01 \x01(\t\"O\n\x12\x43onfigSyncResponse\x12\x16\n\x0e\x63onfig_version\x18\x01 \x01(\t\x12!\n\x06routes\x18\x02 \x03(\x0b\x32\x11.tunneld.v2.Route\"\x81\x01\n\x11StreamOpenRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\"v\n\x12StreamOpenResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1e.tunneld.v2.ConfigSyncResponse\x12\x0e\n\x06window\x18\x04 \x01(\r\"-\n\x0c\x45rrorMessage\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\",\n\tHeartbeat\x12\x12\n\nsent_at_ms\x18\x01 \x01(\x03\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x08\"/\n\x0cWindowUpdate\x12\x11\n\tincrement\x18\x01 \x01(\r\x12\x0c\n\x04grow\x18\x02 \x01(\r*R\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43LIENT_TO_SERVER\x10\x01\x12\x14\n\x10SERVER_TO_CLIENT\x10\x02*X\n\x0cProtocolType\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x08\n\x04HTTP\x10\x01\x12\x08\n\x04GRPC\x10\x02\x12\r\n\tWEBSOCKET\x10\x03\x12\x0b\n\x07\x43ONTROL\x10\x04\x32N\n\rTunnelService\x12=\n\x05Proxy\x12\x17.tunneld.v2.TunnelFrame\x1a\x17.tunneld.v2.TunnelFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunneld.tunnel_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIRECTION']._serialized_start=2971
-  _globals['_DIRECTION']._serialized_end=3053
-  _globals['_PROTOCOLTYPE']._serialized_start=3055
-  _globals['_PROTOCOLTYPE']._serialized_end=3143
-  _globals['_TUNNELMESSAGE']._serialized_start=37
-  _globals['_TUNNELMESSAGE']._serialized_end=947
-  _globals['_HEADER']._serialized_start=949
-  _globals['_HEADER']._serialized_end=986
-  _globals['_HTTPREQUEST']._serialized_start=989
-  _globals['_HTTPREQUEST']._serialized_end=1248
-  _globals['_HTTPRESPONSE']._serialized_start=1251
-  _globals['_HTTPRESPONSE']._serialized_end=1400
-  _globals['_GRPCREQUEST']._serialized_start=1403
-  _globals['_GRPCREQUEST']._serialized_end=1621
-  _globals['_GRPCRESPONSE']._serialized_start=1624
-  _globals['_GRPCRESPONSE']._serialized_end=1851
-  _globals['_WEBSOCKETREQUEST']._serialized_start=1854
-  _globals['_WEBSOCKETREQUEST']._serialized_end=2010
-  _globals['_WEBSOCKETRESPONSE']._serialized_start=2013
-  _globals['_WEBSOCKETRESPONSE']._serialized_end=2159
-  _globals['_WEBSOCKETFRAME']._serialized_start=2161
-  _globals['_WEBSOCKETFRAME']._serialized_end=2281
-  _globals['_ROUTE']._serialized_start=2284
-  _globals['_ROUTE']._serialized_end=2463
-  _globals['_CONFIGSYNCREQUEST']._serialized_start=2465
-  _globals['_CONFIGSYNCREQUEST']._serialized_end=2508
-  _globals['_CONFIGSYNCRESPONSE']._serialized_start=2510
-  _globals['_CONFIGSYNCRESPONSE']._serialized_end=2589
-  _globals['_STREAMOPENREQUEST']._serialized_start=2592
-  _globals['_STREAMOPENREQUEST']._serialized_end=2721
-  _globals['_STREAMOPENRESPONSE']._serialized_start=2723
-  _globals['_STREAMOPENRESPONSE']._serialized_end=2841
-  _globals['_ERRORMESSAGE']._serialized_start=2843
-  _globals['_ERRORMESSAGE']._serialized_end=2888
-  _globals['_HEARTBEAT']._serialized_start=2890
-  _globals['_HEARTBEAT']._serialized_end=2934
-  _globals['_WINDOWUPDATE']._serialized_start=2936
-  _globals['_WINDOWUPDATE']._serialized_end=2969
-  _globals['_TUNNELSERVICE']._serialized_start=3145
-  _globals['_TUNNELSERVICE']._serialized_end=3227
+  _globals['_DIRECTION']._serialized_start=3069
+  _globals['_DIRECTION']._serialized_end=3151
+  _globals['_PROTOCOLTYPE']._serialized_start=3153
+  _globals['_PROTOCOLTYPE']._serialized_end=3241
+  _globals['_TUNNELFRAME']._serialized_start=36
+  _globals['_TUNNELFRAME']._serialized_end=94
+  _globals['_TUNNELMESSAGE']._serialized_start=97
+  _globals['_TUNNELMESSAGE']._serialized_end=1031
+  _globals['_HEADER']._serialized_start=1033
+  _globals['_HEADER']._serialized_end=1070
+  _globals['_HTTPREQUEST']._serialized_start=1073
+  _globals['_HTTPREQUEST']._serialized_end=1332
+  _globals['_HTTPRESPONSE']._serialized_start=1335
+  _globals['_HTTPRESPONSE']._serialized_end=1484
+  _globals['_GRPCREQUEST']._serialized_start=1487
+  _globals['_GRPCREQUEST']._serialized_end=1705
+  _globals['_GRPCRESPONSE']._serialized_start=1708
+  _globals['_GRPCRESPONSE']._serialized_end=1935
+  _globals['_WEBSOCKETREQUEST']._serialized_start=1938
+  _globals['_WEBSOCKETREQUEST']._serialized_end=2094
+  _globals['_WEBSOCKETRESPONSE']._serialized_start=2097
+  _globals['_WEBSOCKETRESPONSE']._serialized_end=2243
+  _globals['_WEBSOCKETFRAME']._serialized_start=2245
+  _globals['_WEBSOCKETFRAME']._serialized_end=2365
+  _globals['_ROUTE']._serialized_start=2368
+  _globals['_ROUTE']._serialized_end=2547
+  _globals['_CONFIGSYNCREQUEST']._serialized_start=2549
+  _globals['_CONFIGSYNCREQUEST']._serialized_end=2592
+  _globals['_CONFIGSYNCRESPONSE']._serialized_start=2594
+  _globals['_CONFIGSYNCRESPONSE']._serialized_end=2673
+  _globals['_STREAMOPENREQUEST']._serialized_start=2676
+  _globals['_STREAMOPENREQUEST']._serialized_end=2805
+  _globals['_STREAMOPENRESPONSE']._serialized_start=2807
+  _globals['_STREAMOPENRESPONSE']._serialized_end=2925
+  _globals['_ERRORMESSAGE']._serialized_start=2927
+  _globals['_ERRORMESSAGE']._serialized_end=2972
+  _globals['_HEARTBEAT']._serialized_start=2974
+  _globals['_HEARTBEAT']._serialized_end=3018
+  _globals['_WINDOWUPDATE']._serialized_start=3020
+  _globals['_WINDOWUPDATE']._serialized_end=3067
+  _globals['_TUNNELSERVICE']._serialized_start=3243
+  _globals['_TUNNELSERVICE']._serialized_end=3321
 # @@protoc_insertion_point(module_scope)

@@ -29,8 +29,14 @@ GRPC: ProtocolType
 WEBSOCKET: ProtocolType
 CONTROL: ProtocolType
 
+class TunnelFrame(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[TunnelMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[TunnelMessage, _Mapping]]] = ...) -> None: ...
+
 class TunnelMessage(_message.Message):
-    __slots__ = ("client_id", "request_id", "direction", "protocol_type", "http_request", "http_response", "grpc_request", "grpc_response", "ws_request", "ws_response", "ws_frame", "config_sync", "config_sync_response", "stream_open", "stream_open_response", "error_message", "heartbeat", "window_update", "trace_id")
+    __slots__ = ("client_id", "request_id", "direction", "protocol_type", "http_request", "http_response", "grpc_request", "grpc_response", "ws_request", "ws_response", "ws_frame", "config_sync", "config_sync_response", "stream_open", "stream_open_response", "error_message", "heartbeat", "window_update", "trace_id", "window_limited")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +56,7 @@ class TunnelMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_UPDATE_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_LIMITED_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     request_id: str
     direction: Direction
@@ -69,7 +76,8 @@ class TunnelMessage(_message.Message):
     heartbeat: Heartbeat
     window_update: WindowUpdate
     trace_id: str
-    def __init__(self, client_id: _Optional[str] = ..., request_id: _Optional[str] = ..., direction: _Optional[_Union[Direction, str]] = ..., protocol_type: _Optional[_Union[ProtocolType, str]] = ..., http_request: _Optional[_Union[HttpRequest, _Mapping]] = ..., http_response: _Optional[_Union[HttpResponse, _Mapping]] = ..., grpc_request: _Optional[_Union[GrpcRequest, _Mapping]] = ..., grpc_response: _Optional[_Union[GrpcResponse, _Mapping]] = ..., ws_request: _Optional[_Union[WebSocketRequest, _Mapping]] = ..., ws_response: _Optional[_Union[WebSocketResponse, _Mapping]] = ..., ws_frame: _Optional[_Union[WebSocketFrame, _Mapping]] = ..., config_sync: _Optional[_Union[ConfigSyncRequest, _Mapping]] = ..., config_sync_response: _Optional[_Union[ConfigSyncResponse, _Mapping]] = ..., stream_open: _Optional[_Union[StreamOpenRequest, _Mapping]] = ..., stream_open_response: _Optional[_Union[StreamOpenResponse, _Mapping]] = ..., error_message: _Optional[_Union[ErrorMessage, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    window_limited: bool
+    def __init__(self, client_id: _Optional[str] = ..., request_id: _Optional[str] = ..., direction: _Optional[_Union[Direction, str]] = ..., protocol_type: _Optional[_Union[ProtocolType, str]] = ..., http_request: _Optional[_Union[HttpRequest, _Mapping]] = ..., http_response: _Optional[_Union[HttpResponse, _Mapping]] = ..., grpc_request: _Optional[_Union[GrpcRequest, _Mapping]] = ..., grpc_response: _Optional[_Union[GrpcResponse, _Mapping]] = ..., ws_request: _Optional[_Union[WebSocketRequest, _Mapping]] = ..., ws_response: _Optional[_Union[WebSocketResponse, _Mapping]] = ..., ws_frame: _Optional[_Union[WebSocketFrame, _Mapping]] = ..., config_sync: _Optional[_Union[ConfigSyncRequest, _Mapping]] = ..., config_sync_response: _Optional[_Union[ConfigSyncResponse, _Mapping]] = ..., stream_open: _Optional[_Union[StreamOpenRequest, _Mapping]] = ..., stream_open_response: _Optional[_Union[StreamOpenResponse, _Mapping]] = ..., error_message: _Optional[_Union[ErrorMessage, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., window_update: _Optional[_Union[WindowUpdate, _Mapping]] = ..., trace_id: _Optional[str] = ..., window_limited: _Optional[bool] = ...) -> None: ...
 
 class Header(_message.Message):
     __slots__ = ("name", "value")
@@ -300,7 +308,9 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_at_ms: _Optional[int] = ..., ack: _Optional[bool] = ...) -> None: ...
 
 class WindowUpdate(_message.Message):
-    __slots__ = ("increment",)
+    __slots__ = ("increment", "grow")
     INCREMENT_FIELD_NUMBER: _ClassVar[int]
+    GROW_FIELD_NUMBER: _ClassVar[int]
     increment: int
-    def __init__(self, increment: _Optional[int] = ...) -> None: ...
+    grow: int
+    def __init__(self, increment: _Optional[int] = ..., grow: _Optional[int] = ...) -> None: ...

@@ -35,9 +35,9 @@ class TunnelServiceStub:
             channel: A grpc.Channel.
         """
         self.Proxy = channel.stream_stream(
-                '/tunneld.v1.TunnelService/Proxy',
-                request_serializer=tunneld_dot_tunnel__pb2.TunnelMessage.SerializeToString,
-                response_deserializer=tunneld_dot_tunnel__pb2.TunnelMessage.FromString,
+                '/tunneld.v2.TunnelService/Proxy',
+                request_serializer=tunneld_dot_tunnel__pb2.TunnelFrame.SerializeToString,
+                response_deserializer=tunneld_dot_tunnel__pb2.TunnelFrame.FromString,
                 _registered_method=True)
 
 
@@ -55,14 +55,14 @@ def add_TunnelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Proxy': grpc.stream_stream_rpc_method_handler(
                     servicer.Proxy,
-                    request_deserializer=tunneld_dot_tunnel__pb2.TunnelMessage.FromString,
-                    response_serializer=tunneld_dot_tunnel__pb2.TunnelMessage.SerializeToString,
+                    request_deserializer=tunneld_dot_tunnel__pb2.TunnelFrame.FromString,
+                    response_serializer=tunneld_dot_tunnel__pb2.TunnelFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tunneld.v1.TunnelService', rpc_method_handlers)
+            'tunneld.v2.TunnelService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tunneld.v1.TunnelService', rpc_method_handlers)
+    server.add_registered_method_handlers('tunneld.v2.TunnelService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -83,9 +83,9 @@ class TunnelService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/tunneld.v1.TunnelService/Proxy',
-            tunneld_dot_tunnel__pb2.TunnelMessage.SerializeToString,
-            tunneld_dot_tunnel__pb2.TunnelMessage.FromString,
+            '/tunneld.v2.TunnelService/Proxy',
+            tunneld_dot_tunnel__pb2.TunnelFrame.SerializeToString,
+            tunneld_dot_tunnel__pb2.TunnelFrame.FromString,
             options,
             channel_credentials,
             insecure,

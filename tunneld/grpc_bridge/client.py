@@ -19,9 +19,18 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from tunneld import tunnel_pb2_grpc as pb_grpc
+from tunneld import tunnel_pb2 as pb
+from tunneld.frames import DEFAULT_MAX_FRAME_SIZE
 from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, StreamHandle, message_size_options
 from tunneld.grpc_bridge.stream import ChannelCredentialsFactory
+
+
+#: The one method of wire v2 (SPEC §3.1), from the generated descriptor.
+PROXY_METHOD = "/" + pb.DESCRIPTOR.services_by_name["TunnelService"].full_name + "/Proxy"
+
+
+def _raw(data: bytes) -> bytes:
+    return data  # frames are serialized by the writer (frames.py)
 
 
 class Backoff:
@@ -53,7 +62,7 @@ class TunnelClientService(Service):
 
     def __init__(self, bridge: Bridge, target: str, token: str, connected: Callable[[StreamHandle], None],
                  lost: Callable[[StreamHandle, str], None],
-                 clock: Any, *, max_message_size: int, backoff: Backoff | None = None,
+                 clock: Any, *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, backoff: Backoff | None = None,
                  credentials: ChannelCredentialsFactory | None = None, server_name: str = "",
                  before_stop: Callable[[], Deferred[None]] | None = None) -> None:
         self.bridge = bridge
@@ -64,6 +73,7 @@ class TunnelClientService(Service):
         self.before_stop = before_stop
         self.clock = clock
         self.max_message_size = max_message_size
+        self.max_frame_size = max_frame_size
         self.backoff = backoff or Backoff()
         self.credentials = credentials
         self.server_name = server_name
@@ -114,7 +124,7 @@ class TunnelClientService(Service):
         if not self.running:
             return
         self.attempts += 1
-        handle = StreamHandle(self.bridge, peer=self.target)
+        handle = StreamHandle(self.bridge, peer=self.target, max_frame_size=self.max_frame_size)
         handle.on_lost = lambda reason: self._lost(handle, reason)
         self.handle = handle
         self.bridge.spawn(self._run(handle))
@@ -143,19 +153,23 @@ class TunnelClientService(Service):
             channel = grpc.aio.secure_channel(self.target, self.credentials(), options=options)
         else:
             channel = grpc.aio.insecure_channel(self.target, options=options)
-        stub = pb_grpc.TunnelServiceStub(channel)
-        call = stub.Proxy(metadata=(("authorization", f"Bearer {self.token}"),))
+        proxy = channel.stream_stream(PROXY_METHOD, request_serializer=_raw,
+                                      response_deserializer=pb.TunnelFrame.FromString)
+        call = proxy(metadata=(("authorization", f"Bearer {self.token}"),))
         handle.attach(lambda reason: call.cancel())
         writer = asyncio.get_running_loop().create_task(handle.run_writer(call.write, call.done_writing))
         reason = "server closed the stream"
         try:
             while True:
-                msg = await call.read()
-                if msg is grpc.aio.EOF:
+                frame = await call.read()
+                if frame is grpc.aio.EOF:
                     break
-                handle.reader_delivered(msg)
+                handle.reader_delivered(frame.messages)
         except grpc.aio.AioRpcError as e:
             reason = f"{e.code().name}: {e.details()}"
+            if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                reason = (f"the server speaks another tunnel protocol version ({reason}); "
+                          f"this client speaks {PROXY_METHOD.split('/')[1]}")
         except asyncio.CancelledError:
             reason = "cancelled"
         except Exception as e:

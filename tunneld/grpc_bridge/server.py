@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tunneld import tunnel_pb2 as pb
-from tunneld import tunnel_pb2_grpc as pb_grpc
+from tunneld.frames import DEFAULT_MAX_FRAME_SIZE
 from tunneld.grpc_bridge.stream import Bridge, ServerCredentialsFactory, StreamHandle, start_server
 
 #: An accepted Proxy call must send ``stream_open`` within this many seconds.
@@ -44,12 +44,41 @@ def bearer_token(metadata: Any) -> str:
     return ""
 
 
-class _Servicer(pb_grpc.TunnelServiceServicer):
-    def __init__(self, bridge: Bridge, authenticate: Authenticate, on_stream: OnStream) -> None:
+#: ``tunneld.v2.TunnelService``, from the generated descriptor.
+SERVICE = pb.DESCRIPTOR.services_by_name["TunnelService"].full_name
+OLD_SERVICES = ("tunneld.v1.TunnelService",)
+
+
+def _raw(data: bytes) -> bytes:
+    return data  # frames are serialized by the writer (frames.py)
+
+
+class _Servicer:
+    log = Logger()
+
+    def __init__(self, bridge: Bridge, authenticate: Authenticate, on_stream: OnStream,
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.bridge = bridge
         self.authenticate = authenticate
         self.on_stream = on_stream
+        self.max_frame_size = max_frame_size
         self.calls: set[asyncio.Task[Any]] = set()
+
+    def handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
+        """Proxy with frames as raw bytes outbound; a clear refusal for older wire versions."""
+        proxy = grpc.stream_stream_rpc_method_handler(
+            self.Proxy, request_deserializer=pb.TunnelFrame.FromString, response_serializer=_raw)
+        old = grpc.stream_stream_rpc_method_handler(self.OldProxy)
+        return (grpc.method_handlers_generic_handler(SERVICE, {"Proxy": proxy}),
+                *(grpc.method_handlers_generic_handler(name, {"Proxy": old}) for name in OLD_SERVICES))
+
+    async def OldProxy(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer()
+        self.bridge.to_reactor(lambda: self.log.warn(
+            "refused a client from {peer} speaking an older tunnel protocol (tunneld.v1); "
+            "this server speaks {service}: upgrade the client", peer=peer, service=SERVICE))
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"this server speaks tunnel protocol {SERVICE}, not tunneld.v1: upgrade the client")
 
     async def Proxy(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         task = asyncio.current_task()
@@ -60,14 +89,24 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
         finally:
             self.calls.discard(task)
 
+    async def _first_message(self, context: grpc.aio.ServicerContext) -> tuple[pb.TunnelMessage | None, list[pb.TunnelMessage]]:
+        """The stream's first message and the rest of its frame (None: the peer closed)."""
+        while True:
+            frame = await context.read()
+            if frame is grpc.aio.EOF:
+                return None, []
+            if frame.messages:  # an empty frame is ignored
+                msgs = list(frame.messages)
+                return msgs[0], msgs[1:]
+
     async def _proxy(self, context: grpc.aio.ServicerContext) -> None:
         try:
-            first = await asyncio.wait_for(context.read(), OPEN_TIMEOUT)
+            first, rest = await asyncio.wait_for(self._first_message(context), OPEN_TIMEOUT)
         except asyncio.TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no stream_open within {OPEN_TIMEOUT:g} s")
-        except Exception as e:  # not a TunnelMessage
+        except Exception as e:  # not a TunnelFrame
             await context.abort(grpc.StatusCode.ABORTED, f"malformed first message: {e!r}")
-        if first is grpc.aio.EOF:
+        if first is None:
             return
         if first.WhichOneof("payload") != "stream_open":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be stream_open")
@@ -76,7 +115,7 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
         if not token or not self.authenticate(so.group, token):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid token for group {so.group!r}")
         so.token = token  # the one that authenticated, so a reload can revoke it
-        handle = StreamHandle(self.bridge, peer=context.peer())
+        handle = StreamHandle(self.bridge, peer=context.peer(), max_frame_size=self.max_frame_size)
         loop = asyncio.get_running_loop()
         # The reactor ends a stream (violation, heartbeat timeout) through this
         # future rather than by cancelling the handler task, so grpc always
@@ -86,6 +125,7 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
         writer = loop.create_task(handle.run_writer(context.write))
         reader = loop.create_task(self._read(context, handle))
         self.bridge.to_reactor(self.on_stream, handle, first)
+        handle.reader_delivered(rest)
         try:
             done, _ = await asyncio.wait({reader, writer, aborting}, return_when=asyncio.FIRST_COMPLETED)
             if aborting in done:
@@ -115,10 +155,10 @@ class _Servicer(pb_grpc.TunnelServiceServicer):
         """Deliver the peer's messages; return why reading ended and whether it failed."""
         try:
             while True:
-                msg = await context.read()
-                if msg is grpc.aio.EOF:
+                frame = await context.read()
+                if frame is grpc.aio.EOF:
                     return "client closed the stream", False
-                handle.reader_delivered(msg)
+                handle.reader_delivered(frame.messages)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a message that does not parse; grpc's errors on a vanished peer
@@ -131,13 +171,14 @@ class TunnelServerService(Service):
     log = Logger()
 
     def __init__(self, bridge: Bridge, listen: str, authenticate: Authenticate, on_stream: OnStream,
-                 *, max_message_size: int, credentials: ServerCredentialsFactory | None = None,
+                 *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, credentials: ServerCredentialsFactory | None = None,
                  before_stop: Callable[[], Deferred[None]] | None = None) -> None:
         self.bridge = bridge
         self.listen = listen
         self.authenticate = authenticate
         self.on_stream = on_stream
         self.max_message_size = max_message_size
+        self.max_frame_size = max_frame_size
         self.credentials = credentials
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -166,8 +207,8 @@ class TunnelServerService(Service):
 
     async def _start(self) -> int:
         def register(server: grpc.aio.Server) -> None:
-            self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream)
-            pb_grpc.add_TunnelServiceServicer_to_server(self._servicer, server)
+            self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream, self.max_frame_size)
+            server.add_generic_rpc_handlers(self._servicer.handlers())
 
         self._server, port = await start_server(self.listen, self.max_message_size, register, self.credentials)
         return port

@@ -6,10 +6,11 @@ grpcio's asyncio API runs in ONE dedicated thread with its own event loop
 (``Bridge``), created in ``startService`` and never before twistd forks.
 Reactor code never touches grpc objects; it holds ``StreamHandle``s:
 
-* reactor -> grpc: ``StreamHandle.send(msgs)`` hops with
-  ``loop.call_soon_threadsafe`` onto an asyncio queue drained by the stream's
-  single writer task (grpc.aio kills a call that two tasks write at once);
-* grpc -> reactor: the reader task hands every message to
+* reactor -> grpc: ``StreamHandle.send(msgs)`` appends to a deque and wakes
+  (``loop.call_soon_threadsafe``) the stream's single writer task, which
+  packs what waits into one ``TunnelFrame`` per write (grpc.aio kills a call
+  that two tasks write at once);
+* grpc -> reactor: the reader task hands every frame's messages to
   ``reactor.callFromThread(handle.deliver, msg)``; ``on_message`` and
   ``on_lost`` are looked up at delivery time on the reactor thread, so the
   reactor may attach them after the handle was announced, and FIFO ordering of
@@ -35,6 +36,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from tunneld import tunnel_pb2 as pb
+from tunneld.frames import DEFAULT_MAX_FRAME_SIZE, FramePacker
 
 T = TypeVar("T")
 
@@ -222,29 +224,43 @@ class _Lost:
         self.reason = reason
 
 
+Write = Callable[[bytes], Awaitable[None]]
+
+
 class StreamHandle:
     """One tunnel stream (server context or client call) seen from the reactor.
 
     Both directions coalesce thread hops: items wait in a deque and one
     wake-up of the other thread drains all of them, so a busy stream costs
-    one hop per batch rather than per message.
+    one hop per batch rather than per message.  Outbound, the writer task
+    packs everything that waited while its previous write was in flight into
+    one frame (frames.py); it never waits for more.  Inbound, a frame's
+    messages cross to the reactor as one item.
+
+    The outbound deque is shared by the two threads without a lock: only the
+    reactor appends and only the writer pops (CPython's deque makes each of
+    those atomic), and ``_wake_pending`` keeps it to one wake-up in flight.
     """
 
-    def __init__(self, bridge: Bridge, peer: str = "") -> None:
+    def __init__(self, bridge: Bridge, peer: str = "", max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.bridge = bridge
         self.peer = peer
         self.on_message: Callable[[pb.TunnelMessage], None] | None = None
         self.on_lost: Callable[[str], None] | None = None
-        # Created here so sends made before the call starts are kept (asyncio
-        # queues bind to a loop on first use, in the bridge thread).
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._abort: Callable[[str], object] | None = None
         self._lost = False
         self._out: deque[object] = deque()
-        self._out_scheduled = False
+        self._packer = FramePacker(self._out, max_frame_size, stop=_CLOSE)
+        self._wake_pending = False
+        # Created on first use in the bridge thread (asyncio objects bind to a loop).
+        self._wakeup: asyncio.Event | None = None
         self._in: deque[object] = deque()
         self._in_scheduled = False
         self._stopping = False
+
+    @property
+    def frames_out(self) -> int:
+        return self._packer.frames
 
     # -- reactor thread --------------------------------------------------
 
@@ -258,9 +274,9 @@ class StreamHandle:
 
     def _push_out(self, items: list[Any]) -> None:
         self._out.extend(items)
-        if not self._out_scheduled:
-            self._out_scheduled = True
-            self.bridge.call_soon(self._drain_out)
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.bridge.call_soon(self._wake)
 
     def abort(self, reason: str) -> None:
         """Cancel the stream at once."""
@@ -274,7 +290,8 @@ class StreamHandle:
             if isinstance(item, _Lost):
                 self.deliver_lost(item.reason)
             else:
-                self.deliver(item)  # type: ignore[arg-type]
+                for msg in item:  # type: ignore[attr-defined]
+                    self.deliver(msg)
 
     def deliver(self, msg: pb.TunnelMessage) -> None:
         if self.on_message is not None and not self._lost:
@@ -292,15 +309,21 @@ class StreamHandle:
     def attach(self, abort: Callable[[str], object]) -> None:
         self._abort = abort
 
-    def _drain_out(self) -> None:
-        self._out_scheduled = False
-        while self._out:
-            self._queue.put_nowait(self._out.popleft())
+    def _event(self) -> asyncio.Event:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        return self._wakeup
+
+    def _wake(self) -> None:
+        # Clear the flag before waking the writer: anything the reactor
+        # appends after this line schedules another wake-up.
+        self._wake_pending = False
+        self._event().set()
 
     def stop_writer(self) -> None:
         """Make the writer return after the write in progress, dropping the rest."""
         self._stopping = True
-        self._queue.put_nowait(_CLOSE)
+        self._event().set()
 
     def _do_abort(self, reason: str) -> None:
         if self._abort is not None:
@@ -308,22 +331,28 @@ class StreamHandle:
             if asyncio.iscoroutine(result):
                 asyncio.get_running_loop().create_task(result)
 
-    async def run_writer(self, write: Callable[[pb.TunnelMessage], Awaitable[None]],
-                         done_writing: Callable[[], Awaitable[None]] | None = None) -> None:
-        """The only task that writes to this stream."""
-        queue = self._queue
-        while True:
-            item = await queue.get()
-            if self._stopping:
-                return
-            if item is _CLOSE:
-                if done_writing is not None:
-                    await done_writing()
-                return
-            await write(item)  # type: ignore[arg-type]
+    async def run_writer(self, write: Write, done_writing: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The only task that writes to this stream: one frame per write."""
+        packer = self._packer
+        wakeup = self._event()
+        while not self._stopping:
+            if not packer.waiting():
+                if packer.ended:
+                    if done_writing is not None:
+                        await done_writing()
+                    return
+                wakeup.clear()
+                if not packer.waiting():
+                    await wakeup.wait()
+                continue
+            frame = packer.pack()
+            if frame:
+                await write(frame)
 
-    def reader_delivered(self, msg: pb.TunnelMessage) -> None:
-        self._push_in(msg)
+    def reader_delivered(self, msgs: Any) -> None:
+        """A frame's messages (a sequence; an empty frame is ignored)."""
+        if len(msgs):
+            self._push_in(msgs)
 
     def reader_lost(self, reason: str) -> None:
         self._push_in(_Lost(reason))
