@@ -259,8 +259,7 @@ class ServerHub:
     # -- the HTTP entry's Dispatcher -------------------------------------------------
 
     def choose(self, group: str) -> Tunnel | None:
-        entries = self.registry.streams(group)
-        for e in entries:
+        for e in self.registry.members(group):
             e.in_flight = len(e.handle.tunnel.session)  # type: ignore[attr-defined]
         chosen = self.registry.choose(group, self.clock.seconds())
         if chosen is None:

@@ -176,6 +176,14 @@ class Bridge:
             except RuntimeError:
                 pass  # loop already closed during shutdown
 
+    def after_this_iteration(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the reactor thread once the events of this iteration are handled.
+
+        ``callLater(0)`` runs before the reactor waits again: no time passes
+        that the reactor would not spend on this iteration's events anyway.
+        """
+        self.reactor.callLater(0, fn)  # type: ignore[attr-defined]
+
     def to_reactor(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the reactor thread (from the bridge thread)."""
         self.reactor.callFromThread(fn, *args)
@@ -276,7 +284,13 @@ class StreamHandle:
         self._out.extend(items)
         if not self._wake_pending:
             self._wake_pending = True
-            self.bridge.call_soon(self._wake)
+            # One wake-up per reactor iteration, after every event of that
+            # iteration queued its messages: each wake-up costs a pipe write
+            # and, on one core, a GIL hand-over to the bridge thread.
+            self.bridge.after_this_iteration(self._wake_writer)
+
+    def _wake_writer(self) -> None:
+        self.bridge.call_soon(self._wake)
 
     def abort(self, reason: str) -> None:
         """Cancel the stream at once."""

@@ -27,7 +27,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.internet.ssl import Certificate
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.internet.defer import fail
+from twisted.web._newclient import _ensureValidURI
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
@@ -213,12 +216,12 @@ class BackendExchange:
             # Twisted keeps Content-Length among connection headers; the
             # external client should still learn the length.
             pairs.append((b"Content-Length", str(response.length).encode()))
-        self.response_head = pb.TunnelMessage(
-            http_response=pb.HttpResponse(
-                status_code=response.code, reason=(response.phrase or b"").decode("latin-1"),
-                headers=h.to_pb(h.response_headers_for_client(pairs)), is_first_chunk=True,
-            )
-        )
+        self.response_head = head = pb.TunnelMessage()
+        resp = head.http_response
+        resp.status_code = response.code
+        resp.reason = (response.phrase or b"").decode("latin-1")
+        h.fill_pb(resp.headers, h.response_headers_for_client(pairs))
+        resp.is_first_chunk = True
         if self.method == "HEAD" or response.code in _NO_BODY_STATUS or 100 <= response.code < 200:
             self.response_head.http_response.is_last_chunk = True
             self._send_head()
@@ -343,6 +346,44 @@ def trust_root(ca: str) -> Any:
         return Certificate.loadPEM(f.read())
 
 
+class OriginAgent(Agent):
+    """An ``Agent`` that parses each origin and builds its endpoint once.
+
+    A tunnel client sends every request of a route to the same few origins;
+    ``Agent.request`` would parse the URL and build a ``HostnameEndpoint``
+    (with IDNA encoding) for every one of them, about a fifth of the client's
+    reactor time for small requests (profiled).  Connections still come from
+    the persistent pool, keyed exactly as ``Agent`` keys them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._origins: dict[bytes, tuple[tuple[bytes, bytes, int], Any, URI]] = {}
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+        uri = _ensureValidURI(uri.strip())
+        scheme_end = uri.find(b"://")
+        path_at = uri.find(b"/", scheme_end + 3) if scheme_end > 0 else -1
+        if path_at < 0:
+            return super().request(method, uri, headers, bodyProducer)
+        origin, path = uri[:path_at], uri[path_at:]
+        known = self._origins.get(origin)
+        if known is None:
+            parsed = URI.fromBytes(origin + b"/")
+            try:
+                endpoint = self._getEndpoint(parsed)
+            except SchemeNotSupported:
+                return fail(Failure())
+            if len(self._origins) >= 1024:   # origins come from routes: few; stay bounded anyway
+                self._origins.clear()
+            known = self._origins[origin] = ((parsed.scheme, parsed.host, parsed.port), endpoint, parsed)
+        key, endpoint, base = known
+        target, _, query = path.partition(b"?")
+        parsed_uri = URI(base.scheme, base.netloc, base.host, base.port, target, b"", query, b"")
+        return self._requestWithEndpoint(key, endpoint, method, parsed_uri, headers, bodyProducer, path)
+
+
 def make_agent(reactor: Any, pool_size: int = 64, ca: str = "") -> tuple[IAgent, HTTPConnectionPool]:
     """An Agent with a persistent connection pool for origins (close the pool on stop).
 
@@ -353,7 +394,7 @@ def make_agent(reactor: Any, pool_size: int = 64, ca: str = "") -> tuple[IAgent,
     pool.maxPersistentPerHost = pool_size
     pool.retryAutomatically = False  # never replay a non-idempotent request on our own
     policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(ca))
-    return Agent(reactor, contextFactory=policy, pool=pool), pool
+    return OriginAgent(reactor, contextFactory=policy, pool=pool), pool
 
 
 class PoolCloser(Service):

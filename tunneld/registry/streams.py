@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Iterable
 
 
 @dataclass(eq=False)
@@ -103,14 +104,26 @@ class StreamRegistry:
         members = self._groups.get(group)
         if not members:
             return None
-        healthy = [entry for entry in members.values() if self.is_healthy(entry, now)]
-        if not healthy:
-            return None
-        fewest = min(entry.in_flight for entry in healthy)
-        tied = [entry for entry in healthy if entry.in_flight == fewest]
+        # One pass, no lists: this runs for every request.
+        order = self._order
         last = self._last_chosen.get(group, -1)
-        chosen = next((entry for entry in tied if self._order[entry.key] > last), tied[0])
-        self._last_chosen[group] = self._order[chosen.key]
+        timeout = self.heartbeat_timeout
+        fewest = -1
+        first: StreamEntry | None = None   # first tied entry in connection order (wrap-around)
+        after: StreamEntry | None = None   # first tied entry after the last chosen
+        for entry in members.values():
+            if entry.cancelled or now - entry.last_heartbeat > timeout:
+                continue
+            load = entry.in_flight
+            if fewest < 0 or load < fewest:
+                fewest, first, after = load, entry, None
+            elif load > fewest:
+                continue
+            if after is None and order[entry.key] > last:
+                after = entry
+        chosen = after or first
+        if chosen is not None:
+            self._last_chosen[group] = order[chosen.key]
         return chosen
 
     def acquire(self, entry: StreamEntry) -> None:
@@ -127,6 +140,11 @@ class StreamRegistry:
         for entry in dead:
             self.remove(entry.key)
         return dead
+
+    def members(self, group: str) -> Iterable[StreamEntry]:
+        """The streams of ``group`` (a live view: do not change the registry while iterating)."""
+        members = self._groups.get(group)
+        return members.values() if members is not None else ()
 
     def streams(self, group: str | None = None) -> list[StreamEntry]:
         """All streams, or those of ``group``, in connection order."""
