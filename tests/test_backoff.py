@@ -72,9 +72,6 @@ class FakeBridge:
     def call_soon(self, fn: Any, *args: Any) -> None:
         self.calls.append((getattr(fn, "__name__", fn), *args))
 
-    def after_this_iteration(self, fn: Any) -> None:
-        fn()
-
 
 class ServiceTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -79,9 +79,6 @@ class _LoopBridge:
     def to_reactor(self, fn: Any, *args: Any) -> None:
         fn(*args)
 
-    def after_this_iteration(self, fn: Any) -> None:
-        self.loop.call_soon(fn)
-
 
 class WriterTests(SynchronousTestCase):
     def test_a_lone_message_goes_out_at_once_and_later_ones_batch(self) -> None:

@@ -24,7 +24,6 @@ are bounded by the peer's ``max_concurrency``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from collections import deque
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
@@ -129,6 +128,10 @@ class Bridge:
         self.reactor = reactor
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._to_bridge: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._to_bridge_scheduled = False
+        self._to_reactor: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._to_reactor_scheduled = False
 
     @property
     def running(self) -> bool:
@@ -168,45 +171,94 @@ class Bridge:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 
+    # Both directions batch their hops: a hop costs a pipe write and, with
+    # everything on one core, a GIL hand-over to the other thread, so every
+    # call queued during one iteration of a loop crosses with one wake-up.
+    # Each queue is drained in order on its side; the "scheduled" flag is
+    # cleared before draining, so an item queued meanwhile is either drained
+    # now or wakes the other side again (never lost, never reordered).
+
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the bridge thread (from the reactor thread)."""
-        if self.loop is not None:
-            try:
-                self.loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:
-                pass  # loop already closed during shutdown
+        """Run ``fn(*args)`` on the bridge thread (from the reactor thread).
 
-    def after_this_iteration(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the reactor thread once the events of this iteration are handled.
-
-        ``callLater(0)`` runs before the reactor waits again: no time passes
-        that the reactor would not spend on this iteration's events anyway.
+        The calls of one reactor iteration cross together once its events are
+        handled (``callLater(0)`` runs before the reactor waits again, so no
+        time passes that the reactor would not spend on those events anyway).
         """
-        self.reactor.callLater(0, fn)  # type: ignore[attr-defined]
+        self._to_bridge.append((fn, args))
+        if not self._to_bridge_scheduled:
+            self._to_bridge_scheduled = True
+            self.reactor.callLater(0, self._wake_bridge)  # type: ignore[attr-defined]
+
+    def _wake_bridge(self) -> None:
+        loop = self.loop
+        if loop is None:
+            self._to_bridge.clear()
+            self._to_bridge_scheduled = False
+            return
+        try:
+            loop.call_soon_threadsafe(self._run_to_bridge)
+        except RuntimeError:
+            pass  # loop already closed during shutdown
+
+    def _run_to_bridge(self) -> None:
+        self._to_bridge_scheduled = False
+        self._drain(self._to_bridge)
 
     def to_reactor(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the reactor thread (from the bridge thread)."""
-        self.reactor.callFromThread(fn, *args)
+        """Run ``fn(*args)`` on the reactor thread (from the bridge thread).
+
+        The calls of one asyncio iteration cross together at its end.
+        """
+        self._to_reactor.append((fn, args))
+        if not self._to_reactor_scheduled:
+            self._to_reactor_scheduled = True
+            loop = self.loop
+            if loop is None or not loop.is_running():
+                self._wake_reactor()
+            else:
+                loop.call_soon(self._wake_reactor)
+
+    def _wake_reactor(self) -> None:
+        self.reactor.callFromThread(self._run_to_reactor)
+
+    def _run_to_reactor(self) -> None:
+        self._to_reactor_scheduled = False
+        self._drain(self._to_reactor)
+
+    def _drain(self, queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+        while queue:
+            fn, args = queue.popleft()
+            try:
+                fn(*args)
+            except Exception as e:  # one broken call must not strand the rest
+                self.log.error("bridge call {fn!r} failed: {exc!r}", fn=fn, exc=e)
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Deferred[T]:
-        """Run a coroutine on the bridge loop; its result fires a Deferred on the reactor."""
+        """Run a coroutine on the bridge loop; its result fires a Deferred on the reactor.
+
+        It starts in order with the ``call_soon`` calls around it.
+        """
         d: Deferred[T] = Deferred()
         if self.loop is None:
             coro.close()
             d.errback(RuntimeError("grpc bridge is not running"))
             return d
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-        def done(f: concurrent.futures.Future[T]) -> None:
-            if f.cancelled():
-                self.reactor.callFromThread(d.errback, asyncio.CancelledError())
-            elif f.exception() is not None:
-                self.reactor.callFromThread(d.errback, f.exception())
-            else:
-                self.reactor.callFromThread(d.callback, f.result())
-
-        fut.add_done_callback(done)
+        self.call_soon(self._start_submitted, coro, d)
         return d
+
+    def _start_submitted(self, coro: Coroutine[Any, Any, T], d: Deferred[T]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+
+        def done(task: asyncio.Task[T]) -> None:
+            if task.cancelled():
+                self.to_reactor(d.errback, asyncio.CancelledError())
+            elif task.exception() is not None:
+                self.to_reactor(d.errback, task.exception())
+            else:
+                self.to_reactor(d.callback, task.result())
+
+        task.add_done_callback(done)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Start a task on the bridge loop and forget it (it reports by itself)."""
@@ -284,13 +336,7 @@ class StreamHandle:
         self._out.extend(items)
         if not self._wake_pending:
             self._wake_pending = True
-            # One wake-up per reactor iteration, after every event of that
-            # iteration queued its messages: each wake-up costs a pipe write
-            # and, on one core, a GIL hand-over to the bridge thread.
-            self.bridge.after_this_iteration(self._wake_writer)
-
-    def _wake_writer(self) -> None:
-        self.bridge.call_soon(self._wake)
+            self.bridge.call_soon(self._wake)
 
     def abort(self, reason: str) -> None:
         """Cancel the stream at once."""
