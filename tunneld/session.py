@@ -23,13 +23,14 @@ messages that do not fit wait in the exchange's outbox and go out when credit
 returns (``Writable`` tells the adapter to resume its producer); the first
 body unit sent after such a wait carries ``window_limited``.  When a marked
 unit arrives while the consumer had taken everything before it, the receive
-window grows (doubles, up to ``max_window`` per request and within
-``window_budget`` for the whole stream) and a ``WindowUpdate.grow`` says so.  An exchange
-is released when both directions ended, on an ``ErrorMessage`` either way, on
-a protocol violation for that request, or by ``fail_all`` when the stream is
-lost.  Because the table belongs to one stream, a response for a request that
-went out on another stream is simply an unknown ``request_id`` here: it is
-dropped, counted and answered with an ``ErrorMessage``.
+window doubles (up to ``max_window`` per request, within ``window_budget``
+for the whole stream's growth) and a ``WindowUpdate.grow`` says so.  An
+exchange is released when both directions ended, on an ``ErrorMessage``
+either way, on a protocol violation for that request, or by ``fail_all``
+when the stream is lost.  Because the table belongs to one stream, a
+response for a request that went out on another stream is simply an unknown
+``request_id`` here: it is dropped, counted and answered with an
+``ErrorMessage``.
 
 Errors the peer causes are reported as ``ProtocolViolation`` events (one log
 line each in the adapter); ``fatal=True`` means the stream must be closed.
