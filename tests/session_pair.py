@@ -30,15 +30,21 @@ class SessionPair:
         window: int = DEFAULT_WINDOW,
         *,
         client_window: int | None = None,
+        max_window: int = 0,
+        window_budget: int = 0,
         server_max_concurrency: int = 1000,
         client_max_concurrency: int = 1000,
         client_id: str = "c1",
     ) -> None:
-        self.server = Session(Role.SERVER, window=window, max_concurrency=server_max_concurrency)
+        # max_window / window_budget: both sides' receive windows may grow (0: never).
+        self.server = Session(Role.SERVER, window=window, max_window=max_window, window_budget=window_budget,
+                              max_concurrency=server_max_concurrency)
         self.client = Session(
             Role.CLIENT,
             client_id=client_id,
             window=window if client_window is None else client_window,
+            max_window=max_window,
+            window_budget=window_budget,
             max_concurrency=client_max_concurrency,
         )
         self.client_id = client_id
@@ -315,13 +321,14 @@ def on_wire(
     return out
 
 
-def window_update(sender: Session, request_id: str, increment: int, protocol: int = pb.HTTP) -> pb.TunnelMessage:
+def window_update(sender: Session, request_id: str, increment: int, protocol: int = pb.HTTP,
+                  *, grow: int = 0) -> pb.TunnelMessage:
     """A WindowUpdate as ``sender`` would put it on the wire."""
     return pb.TunnelMessage(
         request_id=request_id,
         direction=sender.my_direction,
         protocol_type=protocol,  # type: ignore[arg-type]
-        window_update=pb.WindowUpdate(increment=increment),
+        window_update=pb.WindowUpdate(increment=increment, grow=grow),
     )
 
 

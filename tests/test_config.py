@@ -797,6 +797,57 @@ class NumberTests(ConfigTestCase):
         self.assert_error(GROUP + WEB + "timeout = -1\n", "[[routes]] #1 'web'", "timeout", ">= 0")
 
 
+class WindowGrowthTests(ConfigTestCase):
+    """[server] and [client] max_window / window_budget: defaults and validation."""
+
+    def test_defaults(self) -> None:
+        """Windows grow up to 16 MiB per request direction, within 64 MiB per stream, on both sides."""
+        server, client = self.load("").server, self.load_client("").client
+        for settings in (server, client, ServerSettings(), ClientSettings()):
+            self.assertEqual((settings.max_window, settings.window_budget), (16 * 2**20, 64 * 2**20))
+
+    def test_set(self) -> None:
+        """Both keys take integers on both sides; max_window = window turns growth off."""
+        loaded = self.load("[server]\nwindow = 65536\nmax_window = 65536\nwindow_budget = 65536\n").server
+        self.assertEqual((loaded.window, loaded.max_window, loaded.window_budget), (65536, 65536, 65536))
+        client = self.load_client("[client]\nmax_window = 1048576\nwindow_budget = 4194304\n").client
+        self.assertEqual((client.max_window, client.window_budget), (1048576, 4194304))
+
+    def test_follow_a_bigger_window(self) -> None:
+        """Left out, max_window follows a window above its default, and window_budget follows max_window."""
+        big = 32 * 2**20
+        loaded = self.load(f"[server]\nwindow = {big}\n").server
+        self.assertEqual((loaded.max_window, loaded.window_budget), (big, 64 * 2**20))
+        loaded = self.load(f"[server]\nmax_window = {4 * big}\n").server
+        self.assertEqual((loaded.max_window, loaded.window_budget), (4 * big, 4 * big))
+        client = self.load_client(f"[client]\nmax_window = {4 * big}\n").client
+        self.assertEqual(client.window_budget, 4 * big)
+
+    def test_max_window_below_window(self) -> None:
+        """max_window below window (server) or below 65536 (client) is an error naming the key."""
+        self.assert_error("[server]\nwindow = 262144\nmax_window = 131072\n", "[server]", "max_window",
+                          ">= window (262144)", "131072")
+        self.assert_client_error("[client]\nmax_window = 65535\n", "max_window", ">= the smallest window", "65536")
+
+    def test_budget_below_max_window(self) -> None:
+        """window_budget below max_window is an error naming the key, on both sides."""
+        self.assert_error("[server]\nmax_window = 1048576\nwindow_budget = 1048575\n", "[server]", "window_budget",
+                          ">= max_window (1048576)")
+        self.assert_client_error("[client]\nwindow_budget = 1\n", "window_budget", ">= max_window (16777216)")
+
+    def test_max_window_cap(self) -> None:
+        """max_window above 1 GiB is an error (a peer would refuse such a window)."""
+        self.assert_error(f"[server]\nmax_window = {2**30 + 1}\n", "[server]", "max_window", "<= 1073741824")
+        self.assert_client_error(f"[client]\nmax_window = {2**30 + 1}\n", "max_window", "1 GiB")
+        self.assertEqual(self.load(f"[server]\nmax_window = {2**30}\n").server.max_window, 2**30)
+
+    def test_types(self) -> None:
+        """Both keys must be integers."""
+        self.assert_error("[server]\nmax_window = 1.5e7\n", "[server]", "max_window", "integer", "float")
+        self.assert_error("[server]\nwindow_budget = \"64M\"\n", "[server]", "window_budget", "integer", "string")
+        self.assert_client_error("[client]\nmax_window = true\n", "max_window", "integer", "boolean")
+
+
 class ResolutionTests(ConfigTestCase):
     def test_route_timeout_inherits(self) -> None:
         """A route without timeout, or with 0, gets server.request_timeout."""

@@ -12,7 +12,7 @@ from typing import Any
 import treq as _treq
 from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -442,3 +442,106 @@ class LimitTests(PooledTestCase):
         resp = yield self.http.post(self.stack.url("/upload"), data=b"x" * 500)
         self.assertEqual(resp.code, 200)
         yield _treq.content(resp)
+
+
+class WindowGrowthTests(PooledTestCase):
+    """Windows over real sockets: a fast download's grows, a stalled one's stays put."""
+
+    timeout = 60
+    MAX_WINDOW = 4 * MiB
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        super().setUp()
+        site, _, _ = test_site()
+        self.backend = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.backend.stopListening)
+        self.stack = Stack([{"name": "web", "group": "default",
+                             "backend": f"http://127.0.0.1:{self.backend.getHost().port}"}],
+                           server={"max_window": self.MAX_WINDOW, "window_budget": 2 * self.MAX_WINDOW})
+        yield self.stack.start()
+        self.addCleanup(self.stack.stop)
+        yield self.stack.add_client()
+
+    def session(self) -> Any:
+        assert self.stack.server is not None
+        [stream] = self.stack.server.hub.streams.values()
+        return stream.tunnel
+
+    def exchange(self, path: bytes) -> Any:
+        """The server's exchange of the request for ``path`` (None until it is in flight)."""
+        tunnel = self.session()
+        for rid, handler in tunnel.handlers.items():
+            if getattr(handler, "request", None) is not None and handler.request.uri == path:
+                return tunnel.session.exchange(rid)
+        return None
+
+    @inlineCallbacks
+    def stalled_download(self, path: bytes) -> Any:
+        """A raw socket that asks for ``path`` and never reads; both ends' kernel buffers kept tiny.
+
+        Without that the kernel would take megabytes before the socket pushes
+        back: a reader that keeps up, as far as the tunnel can tell.
+        """
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", self.stack.http_port))
+        self.addCleanup(sock.close)
+        local = sock.getsockname()[1]
+        found: list[Any] = []
+
+        def accepted() -> bool:
+            found[:] = [r for r in reactor.getReaders()
+                        if isinstance(r, tcp.Server) and r.getPeer().port == local]
+            return bool(found)
+
+        yield wait_for(accepted, what="the entry to accept the stalled connection")
+        found[0].getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        return sock
+
+    @inlineCallbacks
+    def test_stalled_download_keeps_its_window_while_a_fast_one_grows(self) -> Any:
+        """A stalled reader's window stays at 256 KiB while a concurrent fast download's grows to max_window."""
+        before = rss_bytes()
+        peak = [before]
+        sampler = LoopingCall(lambda: peak.__setitem__(0, max(peak[0], rss_bytes())))
+        sampler.start(0.05)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+
+        stalled_path = f"/bytes/{1024 * MiB}".encode()
+        sock = yield self.stalled_download(stalled_path)
+        yield wait_for(lambda: self.exchange(stalled_path) is not None, what="stalled request in flight")
+        stalled = self.exchange(stalled_path)
+        # Its window fills and no credit comes back: the client's sender waits.
+        yield wait_for(lambda: stalled.recv_window.unacked >= stalled.recv_window.size, what="stalled window full")
+
+        fast_path = f"/bytes/{64 * MiB}".encode()
+        reader = HashingReader()
+        resp = yield self.http.get(self.stack.url(fast_path.decode()), unbuffered=True)
+        self.assertEqual(resp.code, 200)
+        fast = self.exchange(fast_path)
+        self.assertIsNotNone(fast)
+        resp.deliverBody(reader)
+        # Other requests keep answering while one reader is stalled and one downloads.
+        for _ in range(10):
+            small = self.http.get(self.stack.url("/echo"))
+            yield wait_for(lambda: small.called, timeout=2.0, what="a small request's answer")
+            answer = yield small
+            self.assertEqual(answer.code, 200)
+            yield _treq.content(answer)
+        yield reader.done
+        sampler.stop()
+        self.assertEqual(reader.n, 64 * MiB)
+
+        self.assertEqual(fast.recv_window.size, self.MAX_WINDOW)   # grew all the way while it kept up
+        self.assertEqual(stalled.recv_window.size, 256 * 1024)     # never grew
+        self.assertIs(self.exchange(stalled_path), stalled)         # still in flight, still stalled
+        self.assertLessEqual(self.session().session.grown, 2 * self.MAX_WINDOW)
+        growth = peak[0] - before
+        self.assertLess(growth, 40 * MiB, f"RSS grew by {growth / MiB:.1f} MiB")
+
+        sock.close()
+        yield wait_for(lambda: self.stack.server_in_flight() == 0 and self.stack.client_in_flight() == 0,
+                       what="request tables to empty")
+        self.assertEqual(self.session().session.grown, 0)

@@ -27,6 +27,7 @@ def messages(draw: Any) -> pb.TunnelMessage:
         request_id=draw(IDS),
         direction=draw(st.sampled_from([0, 1, 2, 7])),
         protocol_type=draw(st.sampled_from([0, 1, 2, 3, 4, 9])),
+        window_limited=draw(st.booleans()),
     )
     kind = draw(PAYLOADS)
     flags = draw(st.tuples(st.booleans(), st.booleans(), st.booleans()))
@@ -46,6 +47,7 @@ def messages(draw: Any) -> pb.TunnelMessage:
         msg.ws_request.CopyFrom(pb.WebSocketRequest(url="/"))
     elif kind == "window_update":
         msg.window_update.increment = draw(st.integers(0, 2**32 - 1))
+        msg.window_update.grow = draw(st.sampled_from([0, 0, 1, 65536, 2**30, 2**32 - 1]))
     elif kind == "error_message":
         msg.error_message.code = draw(st.integers(-5, 1000))
     elif kind == "heartbeat":
@@ -70,7 +72,7 @@ class SessionFuzzTests(SynchronousTestCase):
     @given(st.lists(messages(), max_size=25), st.sampled_from([Role.CLIENT, Role.SERVER]))
     def test_random_sequences_to_a_fresh_session(self, sequence: list[pb.TunnelMessage], role: Role) -> None:
         """A fresh session of either role survives any message sequence; fail_all leaves its table empty."""
-        session = Session(role, window=65536)
+        session = Session(role, window=65536, max_window=1 << 20, window_budget=2 << 20)
         if role is Role.CLIENT:
             session.open(pb.StreamOpenRequest(client_id="c", group="g", stream_id="s"))
         for msg in sequence:
@@ -85,7 +87,7 @@ class SessionFuzzTests(SynchronousTestCase):
     def test_mutated_traffic_on_an_open_pair(self, to_client: list[pb.TunnelMessage],
                                              to_server: list[pb.TunnelMessage]) -> None:
         """Garbage mixed into real traffic of an open pair never raises, and every table empties."""
-        pair = opened()
+        pair = opened(max_window=1 << 20, window_budget=2 << 20)
         head = http_head(end=False)
         head.request_id = "a"            # ids the random messages use too
         rid = pair.server.start(head)

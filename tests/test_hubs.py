@@ -250,6 +250,16 @@ class AuthenticateTests(HubCase):
 
 
 class OpenTests(HubCase):
+    def test_sessions_get_their_side_window_growth_settings(self) -> None:
+        """Each side's session grows its receive windows by its own max_window / window_budget."""
+        self.hub = ServerHub(server_config(max_window=1 << 20, window_budget=3 << 20), self.clock)
+        link, client_hub, _ = self.link(max_window=2 << 20, window_budget=5 << 20)
+        server = link.server_tunnel.session
+        assert client_hub.tunnel is not None
+        client = client_hub.tunnel.session
+        self.assertEqual((server.window, server.max_window, server.window_budget), (65536, 1 << 20, 3 << 20))
+        self.assertEqual((client.window, client.max_window, client.window_budget), (65536, 2 << 20, 5 << 20))
+
     def test_open_registers_and_sends_group_routes(self) -> None:
         """stream_open gives a registry entry and a StreamOpenResponse carrying the group's routes only."""
         link, client_hub, _ = self.link()

@@ -67,6 +67,7 @@ from tunneld.window import DEFAULT_WINDOW
 
 KIB = 1024
 MIB = 1024 * KIB
+GIB = 1024 * MIB
 
 
 def pattern(n: int) -> bytes:
@@ -1186,4 +1187,262 @@ class GrpcTests(SessionTestCase):
         self.assertEqual(server_events, [RequestClosed(rid)])
         self.assertEqual(client_events[1].message.grpc_response.status_code, 5)
         self.assertEqual(client_events[-1], RequestClosed(rid))
+        self.assertReleased(pair.server, pair.client)
+
+
+# -- growing windows --------------------------------------------------------------
+
+
+class WindowGrowthTests(SessionTestCase):
+    """Receive windows grow while their consumer keeps up, within max_window and the stream's budget."""
+
+    def downloads(self, pair: SessionPair, size: int, n: int = 1) -> list[str]:
+        """``n`` GETs whose ``size``-byte response bodies are queued at the client at once; returns their ids."""
+        rids = [pair.server.start(http_head("GET", "/big", end=True)) for _ in range(n)]
+        pair.pump()
+        for rid in rids:
+            pair.client.send(rid, http_response_head(200))
+            pair.client.send_body(rid, b"d" * size, end=True)
+        return rids
+
+    def run_fast(self, pair: SessionPair, rids: Sequence[str], rounds: int = 200) -> dict[str, list[int]]:
+        """Pump, and let the server's consumer take everything each time, until every body ended.
+
+        Returns the growth each request's receive window announced, in order.
+        """
+        grows: dict[str, list[int]] = {rid: [] for rid in rids}
+        received = dict.fromkeys(rids, 0)
+        open_ = set(rids)
+        for _ in range(rounds):
+            server_events, _ = pair.pump()
+            self.assertEqual(of_type(server_events, ProtocolViolation), [])
+            for m in pair.to_client:
+                if m.WhichOneof("payload") == "window_update" and m.window_update.grow:
+                    grows[m.request_id].append(m.window_update.grow)
+            for event in of_type(server_events, MessageReceived):
+                received[event.request_id] += len(body_of(event.message))
+                if event.end:
+                    open_.discard(event.request_id)
+            for rid in rids:
+                pair.server.consumed(rid, received[rid])
+                received[rid] = 0
+            pair.server.check_invariants()
+            if not open_:
+                pair.pump()
+                return grows
+        self.fail("transfers did not finish")
+
+    def test_fast_consumer_grows_to_max_window(self) -> None:
+        """A consumer that takes everything doubles its window each limited round up to max_window, no further."""
+        pair = opened(max_window=2 * MIB, window_budget=64 * MIB)
+        [rid] = self.downloads(pair, 12 * MIB)
+        ex, sender = pair.server.exchange(rid), pair.client.exchange(rid)
+        assert ex is not None and sender is not None
+        grows = self.run_fast(pair, [rid])
+        self.assertEqual(grows[rid], [DEFAULT_WINDOW, 2 * DEFAULT_WINDOW, 4 * DEFAULT_WINDOW])
+        self.assertEqual(ex.recv_window.size, 2 * MIB)
+        self.assertEqual(sender.send_window.size, 2 * MIB)  # the sender grew along
+        self.assertEqual(pair.server.grown, 0)  # given back when the request ended
+        self.assertReleased(pair.server, pair.client)
+
+    def test_sender_grows_along_and_marks_the_unit_after_a_stall(self) -> None:
+        """The first unit sent after a stall carries window_limited; the sender's window grows with the receiver's."""
+        pair = opened(max_window=MIB, window_budget=MIB)
+        [rid] = self.downloads(pair, 4 * MIB)
+        pair.pump()
+        self.assertEqual([m.window_limited for m in pair.to_server], [False] * 5)  # head and the first window
+        pair.server.consumed(rid, DEFAULT_WINDOW)
+        pair.pump()
+        # Credit lets one window out (first unit marked): the consumer had taken all, so the window doubles;
+        # the growth lets another window out (marked again: the sender had stalled again), which the
+        # consumer has not taken yet, so that mark grows nothing.
+        marked = [i for i, m in enumerate(pair.to_server) if m.window_limited]
+        self.assertEqual(marked, [0, 4])
+        self.assertEqual([(m.window_update.increment, m.window_update.grow) for m in pair.to_client],
+                         [(DEFAULT_WINDOW, 0), (0, DEFAULT_WINDOW)])
+        client_ex, server_ex = pair.client.exchange(rid), pair.server.exchange(rid)
+        assert client_ex is not None and server_ex is not None
+        self.assertEqual(client_ex.send_window.size, server_ex.recv_window.size)
+        self.assertEqual(client_ex.send_window.size, 2 * DEFAULT_WINDOW)
+        self.assertEqual(body_bytes(pair.to_server), 2 * DEFAULT_WINDOW)  # the grown window, filled
+        pair.server.cancel(rid)
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_stalled_consumer_window_stays(self) -> None:
+        """A consumer that takes nothing returns no credit: the sender never sends again and nothing grows."""
+        pair = opened(max_window=16 * MIB, window_budget=64 * MIB)
+        [rid] = self.downloads(pair, 4 * MIB)
+        for _ in range(5):
+            pair.pump()
+        ex = pair.server.exchange(rid)
+        assert ex is not None
+        self.assertEqual((ex.recv_window.size, ex.recv_window.unacked), (DEFAULT_WINDOW, DEFAULT_WINDOW))
+        self.assertEqual(pair.server.grown, 0)
+        self.assertEqual(pair.to_client, [])
+        pair.server.cancel(rid)
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_slow_consumer_does_not_grow(self) -> None:
+        """A consumer still holding bytes when the window-limited unit arrives never grows its window."""
+        pair = opened(max_window=16 * MIB, window_budget=64 * MIB)
+        [rid] = self.downloads(pair, 4 * MIB)
+        ex = pair.server.exchange(rid)
+        assert ex is not None
+        held = 0
+        marked = 0
+        ended = False
+        for _ in range(100):
+            server_events, _ = pair.pump()
+            marked += sum(m.window_limited for m in pair.to_server)
+            self.assertEqual([m.window_update.grow for m in pair.to_client], [0] * len(pair.to_client))
+            held += len(received_body(server_events, rid))
+            ended = ended or any(e.end for e in of_type(server_events, MessageReceived))
+            if ended and not held:
+                break
+            take = min(held, DEFAULT_WINDOW // 2)  # half a window per round: always some left over
+            pair.server.consumed(rid, take)
+            held -= take
+        self.assertTrue(ended)
+        self.assertGreater(marked, 1)  # the sender was window-limited over and over...
+        self.assertEqual(ex.recv_window.size, DEFAULT_WINDOW)  # ...but the consumer was the bottleneck
+        self.assertEqual(pair.server.grown, 0)
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_budget_bounds_concurrent_growth_and_returns_on_release(self) -> None:
+        """Many fast transfers grow within the stream's budget together; ended ones return it for later growth."""
+        budget = 3 * MIB
+        pair = opened(max_window=2 * MIB, window_budget=budget)
+        rids = self.downloads(pair, 6 * MIB, 6)
+        exchanges = [pair.server.exchange(rid) for rid in rids]
+        peak = 0
+        full_while_all_live = False
+
+        def watch(_: pb.TunnelMessage) -> bool:
+            nonlocal peak, full_while_all_live
+            peak = max(peak, pair.server.grown)
+            live = [ex for ex in exchanges if ex is not None and ex.request_id in pair.server]
+            self.assertLessEqual(sum(ex.recv_window.grown for ex in live), budget)
+            full_while_all_live |= len(live) == len(rids) and pair.server.grown == budget
+            return False
+
+        grows: dict[str, list[int]] = {rid: [] for rid in rids}
+        received = dict.fromkeys(rids, 0)
+        open_ = set(rids)
+        for _ in range(200):
+            server_events, _ = pair.pump(drop=watch)
+            for m in pair.to_client:
+                if m.window_update.grow:
+                    grows[m.request_id].append(m.window_update.grow)
+            for event in of_type(server_events, MessageReceived):
+                received[event.request_id] += len(body_of(event.message))
+                if event.end:
+                    open_.discard(event.request_id)
+            for rid in rids:
+                pair.server.consumed(rid, received[rid])
+                received[rid] = 0
+            if not open_:
+                break
+        pair.pump()
+        self.assertFalse(open_)
+        self.assertEqual(peak, budget)  # the budget was reached, never passed
+        self.assertTrue(full_while_all_live)  # the budget, not max_window, stopped six windows growing
+        self.assertGreater(sum(sum(g) for g in grows.values()), budget)  # ended transfers gave theirs back
+        self.assertTrue(all(ex is not None and ex.recv_window.size <= 2 * MIB for ex in exchanges))
+        self.assertEqual(pair.server.grown, 0)  # everything given back
+        self.assertReleased(pair.server, pair.client)
+        # A later transfer can grow all the way again.
+        [late] = self.downloads(pair, 8 * MIB)
+        self.assertEqual(self.run_fast(pair, [late])[late], [DEFAULT_WINDOW, 2 * DEFAULT_WINDOW, 4 * DEFAULT_WINDOW])
+        self.assertReleased(pair.server, pair.client)
+
+    def test_no_growth_without_settings(self) -> None:
+        """A session built without max_window (the default) keeps every window at its initial size."""
+        pair = opened()
+        [rid] = self.downloads(pair, 4 * MIB)
+        self.assertEqual(self.run_fast(pair, [rid])[rid], [])
+        self.assertReleased(pair.server, pair.client)
+
+    def test_upload_window_grows_at_the_client(self) -> None:
+        """Growth is per direction: a request body the client's backend takes at once grows the client's window."""
+        pair = opened(max_window=MIB, window_budget=MIB)
+        rid = pair.server.start(http_head("POST", "/upload", end=False))
+        pair.pump()
+        pair.server.send_body(rid, b"u" * (4 * MIB), end=True)
+        grows = []
+        for _ in range(100):
+            _, client_events = pair.pump()
+            grows += [m.window_update.grow for m in pair.to_server if m.window_update.grow]
+            pair.client.consumed(rid, len(received_body(client_events, rid)))
+            if any(e.end for e in of_type(client_events, MessageReceived)):
+                break
+        self.assertEqual(grows, [DEFAULT_WINDOW, 2 * DEFAULT_WINDOW])
+        self.assertEqual(pair.server.grown, 0)  # the server's receive window (the response) never grew
+        pair.client.send(rid, http_response_head(201, end=True))
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_grpc_stream_grows_with_unit_costs(self) -> None:
+        """gRPC messages, credited at their unit cost, grow a fast consumer's window like HTTP bodies."""
+        pair = opened(max_window=MIB, window_budget=MIB)
+        rid = pair.client.start(grpc_head("big.Blob", "Get", body=b"q", end=True))
+        server_events, _ = pair.pump()
+        pair.server.consumed(rid, UNIT_COST + 1)
+        pair.server.send(rid, grpc_response_head())
+        for _ in range(64):
+            pair.server.send(rid, grpc_response_message(b"g" * (64 * KIB - UNIT_COST)))
+        pair.server.send(rid, grpc_response_end(0))
+        grows = []
+        for _ in range(100):
+            _, client_events = pair.pump()
+            grows += [m.window_update.grow for m in pair.to_server if m.window_update.grow]
+            units = [e.message for e in of_type(client_events, MessageReceived) if e.message.grpc_response.has_message]
+            pair.client.consumed(rid, sum(UNIT_COST + len(m.grpc_response.body) for m in units))
+            if of_type(client_events, RequestClosed):
+                break
+        self.assertEqual(grows, [DEFAULT_WINDOW, 2 * DEFAULT_WINDOW])
+        self.assertReleased(pair.server, pair.client)
+
+    def test_mark_on_the_last_unit_does_not_grow(self) -> None:
+        """A window_limited unit that ends the direction grows nothing (no credit is sent after the end)."""
+        pair = opened(max_window=MIB, window_budget=MIB)
+        [rid] = self.downloads(pair, DEFAULT_WINDOW + 10)
+        pair.pump()
+        pair.server.consumed(rid, DEFAULT_WINDOW)
+        server_events, _ = pair.pump()
+        [last] = pair.to_server
+        self.assertTrue(last.window_limited and last.http_response.is_last_chunk)
+        self.assertEqual([m.window_update.grow for m in pair.to_client], [0])
+        self.assertEqual(of_type(server_events, RequestClosed), [RequestClosed(rid)])
+        self.assertEqual(pair.server.grown, 0)
+        self.assertReleased(pair.server, pair.client)
+
+    def test_over_credit_with_grow_aborts(self) -> None:
+        """A WindowUpdate whose increment exceeds what was sent aborts the request even when it also grows."""
+        pair = opened(max_window=MIB, window_budget=MIB)
+        rid = pair.server.start(http_head("GET", end=True))
+        pair.pump()
+        pair.client.send(rid, http_response_head(200, end=False, body=b"0123456789"))
+        pair.pump()
+        events = pair.deliver(pair.client, [window_update(pair.server, rid, 11, grow=DEFAULT_WINDOW)])
+        self.assertEqual([type(e) for e in events], [ProtocolViolation, RequestAborted])
+        server_events, _ = pair.pump()
+        self.assertEqual([(e.code, e.by_peer) for e in of_type(server_events, RequestAborted)], [(PROTOCOL_ERROR, True)])
+        self.assertReleased(pair.server, pair.client)
+
+    def test_grow_past_one_gib_aborts(self) -> None:
+        """A peer growing a window past 1 GiB gets that request aborted; a grow within it is accepted."""
+        pair = opened()
+        rid = pair.server.start(http_head("POST", end=False))
+        pair.pump()
+        events = pair.deliver(pair.server, [window_update(pair.client, rid, 0, grow=GIB - DEFAULT_WINDOW)])
+        self.assertEqual(events, [])
+        ex = pair.server.exchange(rid)
+        assert ex is not None
+        self.assertEqual((ex.send_window.size, ex.send_window.available), (GIB, GIB))
+        events = pair.deliver(pair.server, [window_update(pair.client, rid, 0, grow=1)])
+        self.assertEqual([type(e) for e in events], [ProtocolViolation, RequestAborted])
+        pair.pump()
         self.assertReleased(pair.server, pair.client)

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunneld.window import DEFAULT_WINDOW, FlowControlError, ReceiveWindow, SendWindow
+from tunneld.window import (
+    CREDIT_BATCH,
+    DEFAULT_WINDOW,
+    MAX_WINDOW_CAP,
+    FlowControlError,
+    ReceiveWindow,
+    SendWindow,
+)
 
 KIB = 1024
+MIB = 1024 * KIB
 
 
 class SendWindowTests(SynchronousTestCase):
@@ -97,6 +105,60 @@ class SendWindowTests(SynchronousTestCase):
         self.assertRaises(FlowControlError, w.credit, 0)
         self.assertRaises(FlowControlError, w.credit, -1)
         self.assertEqual(w.available, 500)
+
+    def test_grow_adds_to_size_and_credit(self) -> None:
+        """A WindowUpdate with grow enlarges the window and the credit by the same amount."""
+        w = SendWindow(1000)
+        w.spend(1000)
+        w.credit(0, 1000)
+        self.assertEqual((w.size, w.available), (2000, 1000))
+        w.credit(400, 2000)
+        self.assertEqual((w.size, w.available), (4000, 3400))
+        self.assertTrue(w.can_send())
+
+    def test_grow_on_fresh_window(self) -> None:
+        """Growth alone is accepted while nothing is outstanding."""
+        w = SendWindow(1000)
+        w.credit(0, 500)
+        self.assertEqual((w.size, w.available), (1500, 1500))
+
+    def test_over_credit_with_grow_raises(self) -> None:
+        """Growth does not excuse credit beyond the bytes outstanding: FlowControlError, nothing changes."""
+        w = SendWindow(1000)
+        w.spend(100)
+        self.assertRaises(FlowControlError, w.credit, 101, 5000)
+        self.assertEqual((w.size, w.available), (1000, 900))
+
+    def test_grow_past_cap_raises(self) -> None:
+        """A window that would grow beyond 1 GiB is a FlowControlError and changes nothing."""
+        w = SendWindow(MAX_WINDOW_CAP - 10)
+        self.assertRaises(FlowControlError, w.credit, 0, 11)
+        self.assertEqual((w.size, w.available), (MAX_WINDOW_CAP - 10, MAX_WINDOW_CAP - 10))
+        w.credit(0, 10)
+        self.assertEqual(w.size, MAX_WINDOW_CAP)
+
+    def test_empty_or_negative_update_raises(self) -> None:
+        """An update with neither credit nor growth, or a negative growth, is a FlowControlError."""
+        w = SendWindow(1000)
+        w.spend(500)
+        self.assertRaises(FlowControlError, w.credit, 0, 0)
+        self.assertRaises(FlowControlError, w.credit, 10, -1)
+        self.assertEqual((w.size, w.available), (1000, 500))
+
+    def test_first_unit_after_hold_is_marked(self) -> None:
+        """After a hold, spend reports the first unit with a cost (window_limited), and only that one."""
+        w = SendWindow(1000)
+        self.assertFalse(w.spend(1000))
+        w.hold()
+        w.credit(500)
+        self.assertFalse(w.spend(0))  # an end marker is not a body unit
+        self.assertTrue(w.spend(100))
+        self.assertFalse(w.spend(100))
+
+    def test_unheld_sender_never_marks(self) -> None:
+        """A sender that never waited for credit never marks a unit."""
+        w = SendWindow(1000)
+        self.assertEqual([w.spend(400), w.spend(400), w.spend(400)], [False] * 3)
 
 
 class ReceiveWindowTests(SynchronousTestCase):
@@ -214,4 +276,58 @@ class ReceiveWindowTests(SynchronousTestCase):
             recv.received(n)
             sent_units += 1
         self.assertEqual(sent_units, len(units))
+        self.assertEqual(send.size - send.available, recv.unacked)
+
+    def test_idle_when_everything_consumed(self) -> None:
+        """idle() holds when the consumer took every byte received, credited or owed; not otherwise."""
+        w = ReceiveWindow(1000)
+        self.assertTrue(w.idle())
+        w.received(300)
+        self.assertFalse(w.idle())
+        self.assertEqual(w.consume(300), 0)  # owed, below half a window
+        self.assertTrue(w.idle())
+        w.received(300)
+        w.consume(299)
+        self.assertFalse(w.idle())
+        w.consume(1)
+        self.assertTrue(w.idle())
+
+    def test_grow_raises_the_limit(self) -> None:
+        """A grown window accepts units until its new size is unacknowledged and counts its growth."""
+        w = ReceiveWindow(1000)
+        w.received(1000)
+        w.grow(1000)
+        self.assertEqual((w.size, w.initial, w.grown), (2000, 1000, 1000))
+        w.received(1000)
+        self.assertRaises(FlowControlError, w.received, 1)
+
+    def test_flush_returns_owed_credit(self) -> None:
+        """flush() returns credit owed below the batch threshold at once."""
+        w = ReceiveWindow(1000)
+        w.received(1000)
+        self.assertEqual(w.consume(100), 0)
+        self.assertEqual(w.flush(), 100)
+        self.assertEqual((w.unacked, w.consumed), (900, 0))
+        self.assertEqual(w.flush(), 0)
+
+    def test_big_window_credits_in_batches_of_at_most_1_mib(self) -> None:
+        """A 16 MiB window returns credit every 1 MiB, not every 8 MiB."""
+        self.assertEqual(CREDIT_BATCH, MIB)
+        w = ReceiveWindow(16 * MIB)
+        w.received(16 * MIB)
+        self.assertEqual(w.consume(MIB - 1), 0)
+        self.assertEqual(w.consume(1), MIB)
+        self.assertEqual(w.consume(3 * MIB), 3 * MIB)
+
+    def test_grown_send_and_receive_agree(self) -> None:
+        """Growth announced by the receiver keeps an obeying sender within the receiver's check."""
+        send, recv = SendWindow(1000), ReceiveWindow(1000)
+        for n in [600, 600, 2000, 10, 3000, 700, 700, 700]:
+            while not send.can_send():
+                credit, grow = recv.consume(recv.unacked), recv.size  # doubled
+                recv.grow(grow)
+                send.credit(credit, grow)
+            send.spend(n)
+            recv.received(n)
+        self.assertEqual(send.size, recv.size)
         self.assertEqual(send.size - send.available, recv.unacked)

@@ -69,7 +69,8 @@ class ClientHub:
 
     def connected(self, handle: StreamHandle) -> None:
         """A fresh dial: build the session and send stream_open."""
-        session = s.Session(s.Role.CLIENT, client_id=self.client_id, max_concurrency=self.settings.max_concurrency)
+        session = s.Session(s.Role.CLIENT, client_id=self.client_id, max_concurrency=self.settings.max_concurrency,
+                            max_window=self.settings.max_window, window_budget=self.settings.window_budget)
         tunnel = Tunnel(session, handle.send, self, name=handle.peer)
         self.tunnel, self.handle = tunnel, handle
         self.last_received = self.clock.seconds()

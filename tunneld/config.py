@@ -35,6 +35,8 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from tunneld.window import MAX_WINDOW_CAP
+
 __all__ = [
     "ClientConfig",
     "ClientSettings",
@@ -101,6 +103,8 @@ class ServerSettings:
     admin_token: str = field(default="", repr=False)  # "" = admin port open; else Authorization: Bearer <token>
     log_format: str = "text"  # "text" or "json" (JSON lines for log shippers)
     window: int = 262144  # per-request per-direction flow-control window
+    max_window: int = 16777216  # receive windows of requests whose reader keeps up grow up to this (>= window)
+    window_budget: int = 67108864  # per stream: growth of all its receive windows together (>= max_window)
     max_message_size: int = 67108864  # gRPC message limit on the tunnel port
     max_frame_size: int = 1048576  # tunnel frames: messages packed per gRPC write (<= max_message_size)
     max_header_size: int = 16384  # HTTP entry: total request header bytes
@@ -232,6 +236,8 @@ class ClientSettings:
     tls_server_name: str = ""  # name to verify in the server certificate; "" = the host of `server`
     backend_ca: str = ""  # PEM CA bundle to verify https/wss/grpcs backends; "" = the system's
     max_frame_size: int = 1048576  # tunnel frames: messages packed per gRPC write (<= 64 MiB)
+    max_window: int = 16777216  # receive windows of requests whose reader keeps up grow up to this
+    window_budget: int = 67108864  # per stream: growth of all its receive windows together (>= max_window)
 
 
 @dataclass(frozen=True)
@@ -595,6 +601,8 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
     http_cert, http_key = t.pair("http_tls_cert", "http_tls_key")
     grpc_cert, grpc_key = t.pair("grpc_tls_cert", "grpc_tls_key")
     max_message_size = t.integer("max_message_size", d.max_message_size, 1)
+    window = t.integer("window", d.window, MIN_WINDOW)
+    max_window, window_budget = _window_growth(t, d, window, "window")
     return ServerSettings(
         tunnel_listen=t.listen("tunnel_listen", d.tunnel_listen),
         http_listen=t.listen("http_listen", d.http_listen),
@@ -605,7 +613,9 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         heartbeat_interval=t.seconds("heartbeat_interval", d.heartbeat_interval),
         cleanup_interval=t.seconds("cleanup_interval", d.cleanup_interval),
         drain_timeout=t.seconds("drain_timeout", d.drain_timeout, zero_ok=True),
-        window=t.integer("window", d.window, 65536),
+        window=window,
+        max_window=max_window,
+        window_budget=window_budget,
         max_message_size=max_message_size,
         max_frame_size=_frame_size(t, d.max_frame_size, max_message_size),
         max_header_size=t.integer("max_header_size", d.max_header_size, 1),
@@ -617,6 +627,29 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         http_tls_cert=http_cert, http_tls_key=http_key, grpc_tls_cert=grpc_cert, grpc_tls_key=grpc_key,
         upstream_ca=t.pem("upstream_ca"),
     )
+
+
+#: The smallest window a server may set (and announce to its clients).
+MIN_WINDOW = 65536
+
+
+def _window_growth(t: _Table, defaults: ServerSettings | ClientSettings, window: int,
+                   floor: str) -> tuple[int, int]:
+    """``max_window`` (>= ``window``, <= 1 GiB) and ``window_budget`` (>= ``max_window``).
+
+    Left out, each follows the key it must not be below, so raising
+    ``window`` alone never makes a file invalid.  ``floor`` names ``window``
+    in errors.
+    """
+    max_window = t.integer("max_window", max(defaults.max_window, window), 1)
+    if max_window < window:
+        raise t.error("max_window", f"must be >= {floor} ({window}), not {max_window}")
+    if max_window > MAX_WINDOW_CAP and "max_window" in t.raw:
+        raise t.error("max_window", f"must be <= {MAX_WINDOW_CAP} (1 GiB), not {max_window}")
+    budget = t.integer("window_budget", max(defaults.window_budget, max_window), 0)
+    if budget < max_window:
+        raise t.error("window_budget", f"must be >= max_window ({max_window}), not {budget}")
+    return max_window, budget
 
 
 def _frame_size(t: _Table, default: int, max_message_size: int) -> int:
@@ -811,6 +844,8 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
     tls = t.boolean("tls", d.tls)
     tls_ca = t.pem("tls_ca")
     tls_cert, tls_key = t.pair("tls_cert", "tls_key")
+    # The initial window is the server's (announced when the stream opens).
+    max_window, window_budget = _window_growth(t, d, MIN_WINDOW, "the smallest window a server announces")
     settings = ClientSettings(
         server=t.listen("server", d.server, dial=True),
         group=t.name("group", d.group),
@@ -832,6 +867,8 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         tls=tls or bool(tls_ca or tls_cert), tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
         tls_server_name=t.text("tls_server_name", d.tls_server_name), backend_ca=t.pem("backend_ca"),
         max_frame_size=_frame_size(t, d.max_frame_size, CLIENT_MAX_MESSAGE_SIZE),
+        max_window=max_window,
+        window_budget=window_budget,
     )
     return ClientConfig(path=path, client=settings)
 

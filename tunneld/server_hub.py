@@ -86,7 +86,8 @@ class ServerHub:
     def stream_connected(self, handle: StreamHandle, first: pb.TunnelMessage) -> None:
         """An authenticated Proxy call (reactor thread)."""
         cfg = self.config.server
-        session = s.Session(s.Role.SERVER, window=cfg.window)
+        session = s.Session(s.Role.SERVER, window=cfg.window, max_window=cfg.max_window,
+                            window_budget=cfg.window_budget)
         tunnel = Tunnel(session, handle.send, self, name=handle.peer)
         stream = ServerStream(tunnel, handle)
         self.streams[tunnel] = stream
@@ -220,7 +221,8 @@ class ServerHub:
             pools[u.name] = pool
         self.upstreams = pools
         self.registry.heartbeat_timeout = config.server.heartbeat_timeout
-        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size", "window")
+        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size",
+                     "window", "max_window", "window_budget")
         changed = [k for k in listeners if getattr(old.server, k) != getattr(config.server, k)]
         if changed:
             self.log.warn("config reload: {keys} change only on restart", keys=", ".join(changed))

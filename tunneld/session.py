@@ -20,12 +20,17 @@ side that starts it is the initiator; its direction carries the request kind
 (``http_request`` / ``grpc_request`` / ``ws_request`` then ``ws_frame``), the
 responder's the response kind.  Each direction has a window (see window.py);
 messages that do not fit wait in the exchange's outbox and go out when credit
-returns (``Writable`` tells the adapter to resume its producer).  An exchange
-is released when both directions ended, on an ``ErrorMessage`` either way, on
-a protocol violation for that request, or by ``fail_all`` when the stream is
-lost.  Because the table belongs to one stream, a response for a request that
-went out on another stream is simply an unknown ``request_id`` here: it is
-dropped, counted and answered with an ``ErrorMessage``.
+returns (``Writable`` tells the adapter to resume its producer); the first
+body unit sent after such a wait carries ``window_limited``.  When a marked
+unit arrives while the consumer had taken everything before it, the receive
+window doubles (up to ``max_window`` per request, within ``window_budget``
+for the whole stream's growth) and a ``WindowUpdate.grow`` says so.  An
+exchange is released when both directions ended, on an ``ErrorMessage``
+either way, on a protocol violation for that request, or by ``fail_all``
+when the stream is lost.  Because the table belongs to one stream, a
+response for a request that went out on another stream is simply an unknown
+``request_id`` here: it is dropped, counted and answered with an
+``ErrorMessage``.
 
 Errors the peer causes are reported as ``ProtocolViolation`` events (one log
 line each in the adapter); ``fatal=True`` means the stream must be closed.
@@ -276,12 +281,17 @@ class Session:
         *,
         client_id: str = "",
         window: int = DEFAULT_WINDOW,
+        max_window: int = 0,
+        window_budget: int = 0,
         max_concurrency: int = 1000,
         max_chunk: int = MAX_CHUNK,
     ) -> None:
         self.role = role
         self.client_id = client_id
-        self.window = window
+        self.window = window              # initial window of each request direction (the server's announces it)
+        self.max_window = max_window      # receive windows grow up to this (0, or <= window: never)
+        self.window_budget = window_budget  # growth of all receive windows together, at most this
+        self.grown = 0                    # growth of the receive windows of the exchanges in the table
         self.max_concurrency = max_concurrency
         self.max_chunk = max_chunk
         self.state = State.IDLE if role is Role.CLIENT else State.AWAIT_OPEN
@@ -331,6 +341,10 @@ class Session:
             assert not (ex.local_ended and ex.remote_ended and not ex.outbox), ex.request_id
             assert ex.recv_window.unacked <= ex.recv_window.size + (1 << 26)
             assert ex.send_window.available <= ex.send_window.size
+            assert ex.recv_window.grown == 0 or ex.recv_window.size <= self.max_window, ex.request_id
+        grown = sum(ex.recv_window.grown for ex in self._exchanges.values())
+        assert grown == self.grown, (grown, self.grown)
+        assert 0 <= self.grown <= max(self.window_budget, 0), (self.grown, self.window_budget)
 
     # -- handshake --------------------------------------------------------
 
@@ -464,9 +478,11 @@ class Session:
         while ex.outbox:
             cost = window_cost(ex.outbox[0])
             if cost and not window.can_send():
+                window.hold()
                 return
             msg = ex.outbox.popleft()
-            window.spend(cost)
+            if window.spend(cost):
+                msg.window_limited = True
             self._outgoing.append(msg)
 
     def consumed(self, request_id: str, n: int) -> None:
@@ -476,14 +492,28 @@ class Session:
             return
         credit = ex.recv_window.consume(n)
         if credit and not ex.remote_ended:
-            self._outgoing.append(
-                pb.TunnelMessage(
-                    request_id=request_id,
-                    direction=self.my_direction,
-                    protocol_type=ex.protocol,  # type: ignore[arg-type]
-                    window_update=pb.WindowUpdate(increment=credit),
-                )
+            self._window_update(ex, credit)
+
+    def _window_update(self, ex: Exchange, increment: int, grow: int = 0) -> None:
+        self._outgoing.append(
+            pb.TunnelMessage(
+                request_id=ex.request_id,
+                direction=self.my_direction,
+                protocol_type=ex.protocol,  # type: ignore[arg-type]
+                window_update=pb.WindowUpdate(increment=increment, grow=grow),
             )
+        )
+
+    def _grow(self, ex: Exchange) -> None:
+        """The window limited a consumer that keeps up: double it, within max_window and the budget."""
+        window = ex.recv_window
+        grow = min(window.size, self.max_window - window.size, self.window_budget - self.grown)
+        if grow <= 0:
+            return
+        window.grow(grow)
+        self.grown += grow
+        # Owed credit (below the batch threshold) rides along for free.
+        self._window_update(ex, window.flush(), grow)
 
     def cancel(self, request_id: str, code: int = CANCELLED, message: str = "cancelled") -> None:
         """End an exchange from this side: tell the peer and release it."""
@@ -585,7 +615,7 @@ class Session:
             return
         if kind == "window_update":
             try:
-                ex.send_window.credit(msg.window_update.increment)
+                ex.send_window.credit(msg.window_update.increment, msg.window_update.grow)
             except FlowControlError as e:
                 self._fail(ex, str(e))
                 return
@@ -613,6 +643,8 @@ class Session:
         if ex.protocol == pb.HTTP and len(body) > self.max_chunk:
             self._fail(ex, f"body chunk of {len(body)} bytes exceeds {self.max_chunk}")
             return
+        # Checked before this unit counts: did the consumer take all before it?
+        idle = ex.recv_window.idle()
         try:
             ex.recv_window.received(window_cost(msg))
         except FlowControlError as e:
@@ -625,6 +657,8 @@ class Session:
             ex.remote_ended = True
             if kind == "ws_response":
                 ex.local_ended = True  # a refused WebSocket never sends frames
+        elif msg.window_limited and idle:
+            self._grow(ex)
         self._events.append(MessageReceived(rid, msg, end))
         if end and ex.initiated_here and (not ex.local_ended or ex.outbox) and ex.protocol != pb.WEBSOCKET:
             # The response is complete while we still send the request (an
@@ -679,6 +713,7 @@ class Session:
             return
         if not ex.initiated_here:
             self._remote_count -= 1
+        self.grown -= ex.recv_window.grown   # the stream's budget gets it back
         ex.outbox.clear()
         self._remember(ex.request_id)
 
