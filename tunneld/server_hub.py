@@ -221,11 +221,14 @@ class ServerHub:
             pools[u.name] = pool
         self.upstreams = pools
         self.registry.heartbeat_timeout = config.server.heartbeat_timeout
-        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size",
-                     "window", "max_window", "window_budget")
+        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size")
         changed = [k for k in listeners if getattr(old.server, k) != getattr(config.server, k)]
         if changed:
             self.log.warn("config reload: {keys} change only on restart", keys=", ".join(changed))
+        per_stream = [k for k in ("window", "max_window", "window_budget")
+                      if getattr(old.server, k) != getattr(config.server, k)]
+        if per_stream:
+            self.log.info("config reload: {keys} apply to streams opened from now on", keys=", ".join(per_stream))
         for stream in list(self.streams.values()):
             entry = stream.entry
             if entry is None:
