@@ -218,7 +218,7 @@ class Exchange:
     remote_ended: bool = False
     head_received: bool = False
     blocked: bool = False          # the adapter was told to pause its producer
-    outbox: deque[pb.TunnelMessage] = field(default_factory=deque)
+    outbox: deque[tuple[pb.TunnelMessage, int]] = field(default_factory=deque)   # (message, window cost)
 
 
 UNIT_COST: Final = 64
@@ -236,13 +236,21 @@ def unit_cost(n: int) -> int:
 
 def window_cost(msg: pb.TunnelMessage) -> int:
     """What a message spends from its direction's window."""
-    kind = msg.WhichOneof("payload")
+    kind = msg.WhichOneof("payload") or ""
+    return _cost(kind, msg, len(body_of(msg)))
+
+
+def _cost(kind: str, msg: pb.TunnelMessage, n: int) -> int:
+    """``window_cost`` for a message whose body length ``n`` is known.
+
+    Every read of a protobuf bytes field copies it (64 KiB per HTTP chunk), so
+    the hot paths measure a body once and pass its length around.
+    """
     if kind == "ws_frame":
-        return 0 if msg.ws_frame.opcode == 8 else unit_cost(len(msg.ws_frame.payload))
-    if kind in ("grpc_request", "grpc_response"):
-        part = getattr(msg, kind)
-        return unit_cost(len(part.body)) if part.has_message else 0
-    return len(body_of(msg))
+        return 0 if msg.ws_frame.opcode == 8 else unit_cost(n)
+    if kind == "grpc_request" or kind == "grpc_response":
+        return unit_cost(n) if getattr(msg, kind).has_message else 0
+    return n
 
 
 def body_of(msg: pb.TunnelMessage) -> bytes:
@@ -442,11 +450,13 @@ class Session:
         kind = _BODY_KINDS[(ex.protocol, ex.initiated_here)]
         if kind not in ("http_request", "http_response"):
             raise SessionError("send_body() is for HTTP exchanges")
+        if ex.local_ended:
+            raise SessionError(f"send_body() after the end of request {request_id}")
         view = memoryview(data)
         ok = True
         offset = 0
         while True:
-            piece = bytes(view[offset:offset + self.max_chunk])
+            piece = data if offset == 0 and len(data) <= self.max_chunk else bytes(view[offset:offset + self.max_chunk])
             offset += len(piece)
             last = end and offset >= len(data)
             if piece or last:
@@ -454,18 +464,20 @@ class Session:
                 part = getattr(msg, kind)
                 part.body = piece
                 part.is_last_chunk = last
-                ok = self.send(request_id, msg)
+                msg.request_id = request_id
+                msg.protocol_type = ex.protocol  # type: ignore[assignment]
+                ok = self._queue(ex, msg, len(piece))
             if offset >= len(data):
                 return ok
 
-    def _queue(self, ex: Exchange, msg: pb.TunnelMessage) -> bool:
+    def _queue(self, ex: Exchange, msg: pb.TunnelMessage, cost: int | None = None) -> bool:
         msg.direction = self.my_direction  # type: ignore[assignment]
         kind = msg.WhichOneof("payload") or ""
         if _ends_direction(kind, msg):
             ex.local_ended = True
             if kind == "ws_response":
                 ex.remote_ended = True  # refused: the initiator sends nothing more
-        ex.outbox.append(msg)
+        ex.outbox.append((msg, _cost(kind, msg, len(body_of(msg))) if cost is None else cost))
         self._flush(ex)
         if ex.outbox:
             ex.blocked = True
@@ -476,11 +488,11 @@ class Session:
     def _flush(self, ex: Exchange) -> None:
         window = ex.send_window
         while ex.outbox:
-            cost = window_cost(ex.outbox[0])
+            msg, cost = ex.outbox[0]
             if cost and not window.can_send():
                 window.hold()
                 return
-            msg = ex.outbox.popleft()
+            ex.outbox.popleft()
             if window.spend(cost):
                 msg.window_limited = True
             self._outgoing.append(msg)
@@ -639,14 +651,14 @@ class Session:
         if _is_head(kind, msg) != expect_head:
             self._fail(ex, f"{kind} {'without' if expect_head else 'with'} a head where {'one' if expect_head else 'none'} belongs")
             return
-        body = body_of(msg)
-        if ex.protocol == pb.HTTP and len(body) > self.max_chunk:
-            self._fail(ex, f"body chunk of {len(body)} bytes exceeds {self.max_chunk}")
+        size = len(body_of(msg))
+        if ex.protocol == pb.HTTP and size > self.max_chunk:
+            self._fail(ex, f"body chunk of {size} bytes exceeds {self.max_chunk}")
             return
         # Checked before this unit counts: did the consumer take all before it?
         idle = ex.recv_window.idle()
         try:
-            ex.recv_window.received(window_cost(msg))
+            ex.recv_window.received(_cost(kind, msg, size))
         except FlowControlError as e:
             self._fail(ex, str(e))
             return
@@ -688,14 +700,14 @@ class Session:
             self._remember(rid)
             self._events.append(ProtocolViolation(f"refused: at max_concurrency {self.max_concurrency}", rid))
             return
-        body = body_of(msg)
-        if protocol == pb.HTTP and len(body) > self.max_chunk:
+        size = len(body_of(msg))
+        if protocol == pb.HTTP and size > self.max_chunk:
             self.dropped += 1
-            self._events.append(ProtocolViolation(f"body chunk of {len(body)} bytes exceeds {self.max_chunk}", rid))
+            self._events.append(ProtocolViolation(f"body chunk of {size} bytes exceeds {self.max_chunk}", rid))
             self._send_error(rid, PROTOCOL_ERROR, "body chunk too large", protocol)
             return
         ex = Exchange(rid, protocol, False, SendWindow(self.window), ReceiveWindow(self.window))
-        ex.recv_window.received(window_cost(msg))
+        ex.recv_window.received(_cost(kind, msg, size))
         ex.remote_ended = _ends_direction(kind, msg)
         self._exchanges[rid] = ex
         self._remote_count += 1
