@@ -75,6 +75,20 @@ def c2s(**payload: Any) -> pb.TunnelMessage:
     return pb.TunnelMessage(direction=pb.CLIENT_TO_SERVER, **payload)
 
 
+def opening(stream_id: str, client_id: str = "rogue") -> pb.TunnelMessage:
+    return c2s(protocol_type=pb.CONTROL,
+               stream_open=pb.StreamOpenRequest(client_id=client_id, group="default", stream_id=stream_id))
+
+
+def answers_for_unknown_requests() -> list[pb.TunnelMessage]:
+    """A response and a window update for request_ids this stream never saw."""
+    return [
+        c2s(request_id="not-mine", protocol_type=pb.HTTP,
+            http_response=pb.HttpResponse(status_code=200, is_first_chunk=True, is_last_chunk=True)),
+        c2s(request_id="not-mine-2", protocol_type=pb.HTTP, window_update=pb.WindowUpdate(increment=5)),
+    ]
+
+
 class RogueStreamTests(TestCase):
     timeout = 60
 
@@ -123,14 +137,7 @@ class RogueStreamTests(TestCase):
     @inlineCallbacks
     def test_responses_for_other_streams_requests_are_dropped(self) -> Any:
         """Answers for unknown request_ids, stray window updates and empty messages get ErrorMessages; others unaffected."""
-        open_msg = c2s(protocol_type=pb.CONTROL,
-                       stream_open=pb.StreamOpenRequest(client_id="rogue", group="default", stream_id="r2"))
-        bad = [
-            open_msg,
-            c2s(request_id="not-mine", protocol_type=pb.HTTP,
-                http_response=pb.HttpResponse(status_code=200, is_first_chunk=True, is_last_chunk=True)),
-            c2s(request_id="not-mine-2", protocol_type=pb.HTTP, window_update=pb.WindowUpdate(increment=5)),
-        ]
+        bad = [opening("r2"), *answers_for_unknown_requests()]
         got, status = yield deferToThread(rogue_session, self.stack.tunnel_port, bad, TOKEN, 3)
         kinds = [m.WhichOneof("payload") for m in got]
         self.assertEqual(kinds[0], "stream_open_response")
@@ -143,14 +150,7 @@ class RogueStreamTests(TestCase):
     @inlineCallbacks
     def test_several_messages_in_one_frame_are_handled_in_order(self) -> Any:
         """A frame holding the open and two bad answers is handled as if they came one by one; an empty frame is ignored."""
-        open_msg = c2s(protocol_type=pb.CONTROL,
-                       stream_open=pb.StreamOpenRequest(client_id="rogue", group="default", stream_id="f1"))
-        frame = [
-            open_msg,
-            c2s(request_id="not-mine", protocol_type=pb.HTTP,
-                http_response=pb.HttpResponse(status_code=200, is_first_chunk=True, is_last_chunk=True)),
-            c2s(request_id="not-mine-2", protocol_type=pb.HTTP, window_update=pb.WindowUpdate(increment=5)),
-        ]
+        frame = [opening("f1"), *answers_for_unknown_requests()]
         got, status = yield deferToThread(rogue_session, self.stack.tunnel_port, [b"", frame], TOKEN, 3)
         kinds = [m.WhichOneof("payload") for m in got]
         self.assertEqual(kinds[0], "stream_open_response")

@@ -113,6 +113,18 @@ class SessionTestCase(SynchronousTestCase):
             self.assertTrue(new, "transfer stalled")
             receiver.consumed(request_id, len(new))
 
+    def assertOverCreditAborts(self, pair: SessionPair, grow: int = 0) -> None:
+        """10 body bytes sent, 11 credited back (plus ``grow``): the request is aborted on both sides."""
+        rid = pair.server.start(http_head("GET", end=True))
+        pair.pump()
+        pair.client.send(rid, http_response_head(200, end=False, body=b"0123456789"))
+        pair.pump()
+        events = pair.deliver(pair.client, [window_update(pair.server, rid, 11, grow=grow)])
+        self.assertEqual([type(e) for e in events], [ProtocolViolation, RequestAborted])
+        server_events, _ = pair.pump()
+        self.assertEqual([(e.code, e.by_peer) for e in of_type(server_events, RequestAborted)], [(PROTOCOL_ERROR, True)])
+        self.assertReleased(pair.server, pair.client)
+
 
 # -- handshake ------------------------------------------------------------------
 
@@ -789,16 +801,7 @@ class ErrorTests(SessionTestCase):
 
     def test_over_credit_window_update(self) -> None:
         """A WindowUpdate for more than was sent aborts the request."""
-        pair = opened()
-        rid = pair.server.start(http_head("GET", end=True))
-        pair.pump()
-        pair.client.send(rid, http_response_head(200, end=False, body=b"0123456789"))
-        pair.pump()
-        events = pair.deliver(pair.client, [window_update(pair.server, rid, 11)])
-        self.assertEqual([type(e) for e in events], [ProtocolViolation, RequestAborted])
-        server_events, _ = pair.pump()
-        self.assertEqual([(e.code, e.by_peer) for e in of_type(server_events, RequestAborted)], [(PROTOCOL_ERROR, True)])
-        self.assertReleased(pair.server, pair.client)
+        self.assertOverCreditAborts(opened())
 
     def test_zero_window_update(self) -> None:
         """A WindowUpdate of zero bytes aborts the request."""
@@ -1421,16 +1424,7 @@ class WindowGrowthTests(SessionTestCase):
 
     def test_over_credit_with_grow_aborts(self) -> None:
         """A WindowUpdate whose increment exceeds what was sent aborts the request even when it also grows."""
-        pair = opened(max_window=MIB, window_budget=MIB)
-        rid = pair.server.start(http_head("GET", end=True))
-        pair.pump()
-        pair.client.send(rid, http_response_head(200, end=False, body=b"0123456789"))
-        pair.pump()
-        events = pair.deliver(pair.client, [window_update(pair.server, rid, 11, grow=DEFAULT_WINDOW)])
-        self.assertEqual([type(e) for e in events], [ProtocolViolation, RequestAborted])
-        server_events, _ = pair.pump()
-        self.assertEqual([(e.code, e.by_peer) for e in of_type(server_events, RequestAborted)], [(PROTOCOL_ERROR, True)])
-        self.assertReleased(pair.server, pair.client)
+        self.assertOverCreditAborts(opened(max_window=MIB, window_budget=MIB), grow=DEFAULT_WINDOW)
 
     def test_grow_past_one_gib_aborts(self) -> None:
         """A peer growing a window past 1 GiB gets that request aborted; a grow within it is accepted."""
