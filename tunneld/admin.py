@@ -93,18 +93,27 @@ class RequestMetrics:
             "tunneld_request_duration_seconds", "Time from a request's start to its end.", ["protocol", "route"],
             buckets=DURATION_BUCKETS, registry=registry)
         self.tally: dict[tuple[str, str, str], int] = {}
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
         self.recent_errors: deque[dict[str, object]] = deque(maxlen=RECENT_ERRORS)
 
     def observe(self, record: dict[str, Any]) -> None:
         protocol = str(record.get("protocol", "")) or "-"
         route = str(record.get("route", "")) or "-"
         klass = code_class(protocol, record.get("status"))
-        self.requests.labels(protocol, route, klass).inc()
-        self.bytes.labels(protocol, "in").inc(int(record.get("bytes_in", 0) or 0))
-        self.bytes.labels(protocol, "out").inc(int(record.get("bytes_out", 0) or 0))
-        duration = float(record.get("duration", 0.0) or 0.0)
-        self.duration.labels(protocol, route).observe(duration)
         key = (protocol, route, klass)
+        children = self._children.get(key)
+        if children is None:
+            # labels() takes a lock and builds a key on every call: this runs
+            # once per request, so the labelled series are looked up once.
+            children = self._children[key] = (
+                self.requests.labels(protocol, route, klass), self.bytes.labels(protocol, "in"),
+                self.bytes.labels(protocol, "out"), self.duration.labels(protocol, route))
+        requests, bytes_in, bytes_out, durations = children
+        requests.inc()
+        bytes_in.inc(int(record.get("bytes_in", 0) or 0))
+        bytes_out.inc(int(record.get("bytes_out", 0) or 0))
+        duration = float(record.get("duration", 0.0) or 0.0)
+        durations.observe(duration)
         self.tally[key] = self.tally.get(key, 0) + 1
         if is_failure(klass):
             self.recent_errors.appendleft({
