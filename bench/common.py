@@ -401,7 +401,7 @@ def noisy(cpu_info: dict[str, Any] | None) -> str | None:
     if cpu_info["foreign_pct"] + cpu_info["steal_pct"] < 10:
         return None
     return f"{cpu_info['foreign_pct']:.0f}%" + (f" (+{cpu_info['steal_pct']:.0f}% steal)"
-                                                 if cpu_info.get("steal_pct") else "")
+                                                 if cpu_info.get("steal_pct", 0) >= 0.5 else "")
 
 
 # --- logs and report ------------------------------------------------------------------------
