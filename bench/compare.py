@@ -324,6 +324,9 @@ class Run:
         self.ssh_reason: str | None = None if not args.no_ssh else "--no-ssh given"
         self.targets: dict[str, dict[str, Any]] = {path: {} for path in PATHS}
         self.watch = CpuWatch(self.cpu, self.our_pids)
+        self.ports: dict[str, int] = {}
+        self.cpu_at_start: dict[str, float] = {}
+        self.cpu_load_steps: dict[str, float] = {}
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds so far of each long-running process with its descendants (sshd's sessions)."""
@@ -338,6 +341,7 @@ class Run:
 
     def start(self, ports: dict[str, int]) -> None:
         a, pin, procs, env = self.args, self.pin, self.procs, pinned_env()
+        self.ports = ports
         need_http = bool(self.sections & {"http", "delay"})
         need_ws = bool(self.sections & {"ws", "idle"})
         need_grpc = "grpc" in self.sections
@@ -474,6 +478,7 @@ class Run:
 
     def measure_all(self, duration: int, transfer: int, upload_path: Path, upload_sha: str, max_time: int) -> None:
         a, pin, s = self.args, self.pin, self.sections
+        self.cpu_at_start = self.cpu_seconds()
         if "http" in s:
             for conns in self.http_connections:
                 small = http_bench.run_wrk if self.use_wrk else http_bench.run_pyload
@@ -496,16 +501,27 @@ class Run:
             self.step("delay_upload", lambda t: http_bench.upload(pin, t[0], upload_path, transfer, upload_sha,
                                                                       max_time, t[1]), "http_delayed", delayed)
         self.peak_rss("peak_load")
+        self.cpu_load_steps = {name: round(seconds - self.cpu_at_start.get(name, 0.0), 2)
+                               for name, seconds in self.cpu_seconds().items()}
         if "idle" in s and a.idle > 0:
-            # tunneld first (the backend's baseline is then untouched), ssh, then direct (backend growth only).
             for path in ("tunneld", "ssh", "direct"):
                 self.step_idle(path)
             self.results["ws_idle"] = {p: self.results["ws_idle"][p] for p in PATHS}
         self.peak_rss("peak_end")
 
     def step_idle(self, path: str) -> None:
-        """Memory of 1,000 idle WebSockets on one path: its server and client (if any) and the backend."""
+        """Memory of 1,000 idle WebSockets on one path: its server and client (if any) and the backend.
+
+        The WebSocket origin is restarted first, so each path's backend growth starts from a fresh process
+        (a process that already held 1,000 sockets would reuse that memory and read low).
+        """
         a = self.args
+        if path == "ssh" and self.ssh_reason:
+            self.step("ws_idle", lambda url: {}, "ws", (path,))  # recorded as skipped
+            return
+        self.procs.stop("backend-ws")
+        self.procs.start("backend-ws", ws_bench.backend_argv(self.pin, self.ports["ws_backend"]), pinned_env())
+        ws_bench.wait_ws_echo(self.targets["direct"]["ws"], "restarted WebSocket origin", self.procs, 30)
 
         def run(url: str) -> dict[str, Any]:
             pids: dict[str, list[int]] = {"backend": [self.procs.pid("backend-ws")]}
@@ -610,7 +626,6 @@ def main(argv: list[str] | None = None) -> int:
         upload_path = tmp / "upload.bin"
         upload_sha = http_bench.make_upload_file(upload_path, transfer)
         run.warm_up()
-        cpu_before = run.cpu_seconds()
         run.measure_all(args.duration, transfer, upload_path, upload_sha, max_time)
         # Each path must still answer after the load.
         for path in run.live_paths():
@@ -618,8 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.wait_ready(path, 10)
             except BenchError as exc:
                 run.extra_notes.append(f"FAILED: after the run, {path} did not answer: {exc}")
-        meta["cpu_seconds"] = {name: round(seconds - cpu_before.get(name, 0.0), 2)
-                               for name, seconds in run.cpu_seconds().items()}
+        meta["cpu_seconds_load_steps"] = run.cpu_load_steps
     except BenchError as exc:
         log(f"run aborted: {exc}")
         run.extra_notes.append(f"FAILED: run aborted: {exc}")
@@ -647,13 +661,12 @@ def main(argv: list[str] | None = None) -> int:
         if peak.get(path, {}).get("client_delayed"):
             notes.append(f"{path}: the client of the delayed link peaked at "
                          f"{peak[path]['client_delayed'] / MIB:.1f} MiB (VmHWM)")
-    if meta.get("cpu_seconds"):
-        notes.append("CPU seconds used during the measurements: "
-                     + ", ".join(f"{k} {v}" for k, v in meta["cpu_seconds"].items()))
+    if any(meta.get("cpu_seconds_load_steps", {}).values()):
+        notes.append("CPU seconds used during the load steps (all but the idle WebSockets): "
+                     + ", ".join(f"{k} {v}" for k, v in meta["cpu_seconds_load_steps"].items()))
     if "ws_idle" in run.results:
-        notes.append("idle WS: server/client = VmRSS growth with the sockets open over VmRSS just before, per "
-                     "socket; the direct run follows the tunneld and ssh runs, so the backend may reuse memory "
-                     "freed by them (its direct figure can read low)")
+        notes.append("idle WS: KiB per WS = VmRSS growth with the sockets open over VmRSS just before, per socket "
+                     "(first cycle); the WebSocket origin is restarted before each path's run")
 
     rows = build_rows(run.results, meta)
     report = render(meta, rows, notes)
