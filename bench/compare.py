@@ -219,7 +219,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -
     lines += ["",
               "  ratios: tunneld / direct and tunneld / ssh (req/s, MB/s, round trips/s, calls/s, msgs/s: < 1 is"
               " slower; latency and memory: > 1 is more); MB/s = 10^6 bytes/s, KiB/MiB = 1024/1024^2 bytes;",
-              f"  {NOT_APPLICABLE} = not applicable, skip = path not available (see notes), FAIL = the step failed"
+              f"  {NOT_APPLICABLE} = not applicable, skip = path not available (reason in the header), FAIL = the step failed"
               " (see notes); ssh server = sshd's processes together, ssh client = the ssh process"]
     if notes:
         lines += ["", "  notes:"]
@@ -507,7 +507,7 @@ class Run:
             for path in ("tunneld", "ssh", "direct"):
                 self.step_idle(path)
             self.results["ws_idle"] = {p: self.results["ws_idle"][p] for p in PATHS}
-        self.peak_rss("peak_end")
+            self.peak_rss("peak_end")
 
     def step_idle(self, path: str) -> None:
         """Memory of 1,000 idle WebSockets on one path: its server and client (if any) and the backend.
@@ -651,12 +651,16 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["ssh"] = (f"{ssh_forward.version()}: own sshd on 127.0.0.1 (temporary host and client keys), "
                    f"ssh -N -R per origin" if not run.ssh_reason else f"SKIPPED — {run.ssh_reason}")
-    meta["settings"] = (f"{args.duration} s per load run, {args.transfer_mib} MiB transfers, delay relay "
-                        f"{args.delay_ms:g} ms each way ({2 * args.delay_ms:g} ms round trip), {args.idle:,} idle "
-                        f"WebSockets x {args.cycles} cycle(s), sections {','.join(args.only)}"
-                        + ("  (--quick)" if args.quick else ""))
+    settings = [f"sections {','.join(args.only)}", f"{args.duration} s per load run"]
+    if {"http", "delay"} & set(args.only):
+        settings.append(f"{args.transfer_mib} MiB transfers")
+    if "delay" in args.only:
+        settings.append(f"delay relay {args.delay_ms:g} ms each way ({2 * args.delay_ms:g} ms round trip)")
+    if "idle" in args.only:
+        settings.append(f"{args.idle:,} idle WebSockets x {args.cycles} open/close cycle(s)")
+    meta["settings"] = ", ".join(settings) + ("  (--quick)" if args.quick else "")
     notes = collect_notes(run.results, logs, run.cpu, run.extra_notes)
-    peak = run.results.get("peak_end", {})
+    peak = run.results.get("peak_end", run.results.get("peak_load", {}))
     for path in ("tunneld", "ssh"):
         if peak.get(path, {}).get("client_delayed"):
             notes.append(f"{path}: the client of the delayed link peaked at "
