@@ -219,8 +219,9 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -
     lines += ["",
               "  ratios: tunneld / direct and tunneld / ssh (req/s, MB/s, round trips/s, calls/s, msgs/s: < 1 is"
               " slower; latency and memory: > 1 is more); MB/s = 10^6 bytes/s, KiB/MiB = 1024/1024^2 bytes;",
-              f"  {NOT_APPLICABLE} = not applicable, skip = path not available (reason in the header), FAIL = the step failed"
-              " (see notes); ssh server = sshd's processes together, ssh client = the ssh process"]
+              f"  {NOT_APPLICABLE} = not applicable, skip = path not available (reason in the header),"
+              " FAIL = the step failed (see notes); ssh server = sshd's processes together, ssh client = the ssh"
+              " process"]
     if notes:
         lines += ["", "  notes:"]
         lines.extend(f"  - {note}" for note in notes)
@@ -383,7 +384,8 @@ class Run:
             try:
                 self.start_ssh(ports, need_http, need_ws, need_grpc)
             except (BenchError, OSError, subprocess.SubprocessError) as exc:
-                self.ssh_reason = f"could not start sshd / ssh: {exc}"
+                self.ssh_reason = f"could not start sshd / ssh: {exc}" + (
+                    f" (sshd log: {self.ssh.sshd_log()})" if self.ssh is not None else "")
                 for name in ("ssh-delayed", "relay-ssh", "ssh", "sshd"):
                     procs.stop(name)
         if self.ssh_reason:
@@ -650,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     meta["ssh"] = (f"{ssh_forward.version()}: own sshd on 127.0.0.1 (temporary host and client keys), "
-                   f"ssh -N -R per origin" if not run.ssh_reason else f"SKIPPED — {run.ssh_reason}")
+                   f"ssh -N -R per origin" if not run.ssh_reason
+                   else "SKIPPED — " + "; ".join(ln.strip() for ln in run.ssh_reason.splitlines() if ln.strip()))
     settings = [f"sections {','.join(args.only)}", f"{args.duration} s per load run"]
     if {"http", "delay"} & set(args.only):
         settings.append(f"{args.transfer_mib} MiB transfers")
