@@ -60,8 +60,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	@VENV=$(VENV) bash scripts/demo.sh
 
+# Direct vs tunneld vs ssh -R, one table (bench/README.md); BENCH_ARGS=--quick for a ~3 minute smoke run.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	VENV=$(VENV) bash bench/run.sh
+	VENV=$(VENV) bash bench/run.sh $(BENCH_ARGS)
 
 check-config: $(STAMP)
 	$(PY) -m tunneld check etc/server.toml

@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
-# Run the tunneld benchmark (see bench/bench.py): `make bench` or `bash bench/run.sh [--quick] [--duration N]`.
-# Ensures wrk is installed (apt-get, when root) or falls back to bench.py's Python load generator,
-# then runs bench.py with the dev venv's python when .venv exists.
+# Run the tunneld benchmark (bench/compare.py): `make bench` or `bash bench/run.sh [--quick] [--duration N] ...`.
+# Installs what the comparison needs when it is missing and this runs as root with apt-get: wrk (else
+# compare.py falls back to its Python load generator for the small GETs) and openssh-server/openssh-client
+# (else the ssh -R column is skipped, with the reason in the output). Then runs compare.py with the dev
+# venv's python ($VENV, default .venv) when it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+{ command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; } || missing+=(openssh-server)
+{ command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; } || missing+=(openssh-client)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bench: installing ${missing[*]} with apt-get" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        timeout 300 apt-get install -y "${missing[@]}" >/dev/null 2>&1 \
+            || { timeout 300 apt-get update >/dev/null 2>&1 \
+                 && timeout 300 apt-get install -y "${missing[@]}" >/dev/null 2>&1; } \
+            || echo "bench: apt-get could not install ${missing[*]}" >&2
+    else
+        echo "bench: ${missing[*]} missing (not root or no apt-get): not installing" >&2
+    fi
+fi
+
 extra=()
 if ! command -v wrk >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "bench: wrk missing, installing it with apt-get" >&2
-        timeout 300 apt-get install -y wrk >/dev/null 2>&1 \
-            || { timeout 300 apt-get update >/dev/null 2>&1 && timeout 300 apt-get install -y wrk >/dev/null 2>&1; } \
-            || true
-    fi
-    if ! command -v wrk >/dev/null 2>&1; then
-        echo "bench: wrk unavailable, using the built-in Python load generator" >&2
-        extra+=(--no-wrk)
-    fi
+    echo "bench: wrk unavailable, using the built-in Python load generator" >&2
+    extra+=(--no-wrk)
 fi
 
 venv=${VENV:-.venv}
@@ -25,5 +36,5 @@ if [ -x "$venv/bin/python" ]; then
 else
     py=${PYTHON:-python3}
 fi
-# exec: bench.py itself stops (by PID) every process it started, on exit, error, SIGINT or SIGTERM.
-exec "$py" bench/bench.py ${extra[@]+"${extra[@]}"} "$@"
+# exec: compare.py itself stops (by PID) every process it started, on exit, error, SIGINT or SIGTERM.
+exec "$py" bench/compare.py ${extra[@]+"${extra[@]}"} "$@"
