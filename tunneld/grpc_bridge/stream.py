@@ -170,6 +170,14 @@ class Bridge:
             return
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        # Calls queued for the reactor by the loop's last moments (cancelled
+        # tasks' cleanup) may have missed their wake-up: deliver them now.
+        self._to_bridge.clear()
+        self._to_bridge_scheduled = False
+        if self._to_reactor:
+            self.reactor.callFromThread(self._run_to_reactor)
+        else:
+            self._to_reactor_scheduled = False
 
     # Both directions batch their hops: a hop costs a pipe write and, with
     # everything on one core, a GIL hand-over to the other thread, so every
