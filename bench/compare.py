@@ -46,7 +46,9 @@ import http_bench
 import ssh_forward
 import ws_bench
 
-PATHS = ("direct", "tunneld", "ssh")
+PATHS = ("direct", "tunneld", "ssh", "hop")
+HTTP_PATHS = PATHS          # the one-hop Twisted proxy is measured on the HTTP rows only
+OTHER_PATHS = ("direct", "tunneld", "ssh")
 SECTIONS = ("http", "ws", "grpc", "delay", "idle")
 TOKEN, DELAYED_TOKEN = "bench-token", "bench-delayed-token"
 DELAYED_HOST = "delayed.bench"  # the tunneld route of the delayed client matches this Host
@@ -189,7 +191,8 @@ def build_rows(results: dict[str, Any], m: dict[str, Any]) -> list[dict[str, Any
             values["direct"] = NOT_APPLICABLE  # direct has no server or client: only the backend's growth
         rows.append({"metric": metric, "step": step, "field": field, **values,
                      "tunneld_over_direct": ratio(values["tunneld"], values["direct"]),
-                     "tunneld_over_ssh": ratio(values["tunneld"], values["ssh"])})
+                     "tunneld_over_ssh": ratio(values["tunneld"], values["ssh"]),
+                     "tunneld_over_hop": ratio(values["tunneld"], values["hop"])})
     return rows
 
 
@@ -212,16 +215,18 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]) -
         f"  settings  {meta['settings']}",
         "",
     ]
-    header = ("metric", "direct", "tunneld", "ssh -R", "tunneld/direct", "tunneld/ssh")
+    header = ("metric", "direct", "tunneld", "ssh -R", "Twisted hop", "tunneld/direct", "tunneld/ssh", "tunneld/hop")
     lines += render_table(header, [
-        (r["metric"], show(r["direct"]), show(r["tunneld"]), show(r["ssh"]),
-         show_ratio(r["tunneld_over_direct"]), show_ratio(r["tunneld_over_ssh"])) for r in rows])
+        (r["metric"], show(r["direct"]), show(r["tunneld"]), show(r["ssh"]), show(r["hop"]),
+         show_ratio(r["tunneld_over_direct"]), show_ratio(r["tunneld_over_ssh"]),
+         show_ratio(r["tunneld_over_hop"])) for r in rows])
     lines += ["",
               "  ratios: tunneld / direct and tunneld / ssh (req/s, MB/s, round trips/s, calls/s, msgs/s: < 1 is"
               " slower; latency and memory: > 1 is more); MB/s = 10^6 bytes/s, KiB/MiB = 1024/1024^2 bytes;",
               f"  {NOT_APPLICABLE} = not applicable, skip = path not available (reason in the header),"
               " FAIL = the step failed (see notes); ssh server = sshd's processes together, ssh client = the ssh"
-              " process"]
+              " process; Twisted hop = one twisted.web ReverseProxyResource in front of the same origin"
+              " (bench/twisted_hop.py: HTTP/1.0, a new backend connection per request), HTTP rows only"]
     if notes:
         lines += ["", "  notes:"]
         lines.extend(f"  - {note}" for note in notes)
@@ -368,6 +373,11 @@ class Run:
         tunneld.update(http=f"http://127.0.0.1:{ports['http_entry']}", ws=f"ws://127.0.0.1:{ports['http_entry']}/ws",
                        grpc=f"127.0.0.1:{ports['grpc_entry']}")
         log(f"tunneld answers after {self.wait_ready('tunneld', 60):.1f} s")
+        if need_http:
+            procs.start("twisted-hop", pin + [sys.executable, str(HERE / "twisted_hop.py"), "--port",
+                                              str(ports["hop"]), "--backend-port", str(ports["http_backend"])], env)
+            self.targets["hop"].update(http=f"http://127.0.0.1:{ports['hop']}")
+            self.poll(lambda: http_bench.check_small(self.targets["hop"]["http"]), "Twisted hop", 30)
         if "delay" in self.sections:
             self.start_relay("relay-tunnel", ports["relay_tunnel"], ports["tunnel"])
             procs.start("client-delayed", pin + [twistd, "-n", "--pidfile=", "tunneld-client", "-c",
@@ -419,11 +429,11 @@ class Run:
     def wait_ready(self, path: str, limit: float) -> float:
         t = self.targets[path]
         waited = 0.0
-        if self.sections & {"http", "delay"}:
+        if self.sections & {"http", "delay"} and "http" in t:
             waited += self.poll(lambda: http_bench.check_small(t["http"]), f"{path} HTTP", limit)
-        if self.sections & {"ws", "idle"}:
+        if self.sections & {"ws", "idle"} and "ws" in t:
             waited += ws_bench.wait_ws_echo(t["ws"], f"{path} WebSocket", self.procs, limit)
-        if "grpc" in self.sections:
+        if "grpc" in self.sections and "grpc" in t:
             waited += grpc_bench.wait_grpc(t["grpc"], f"{path} gRPC", self.procs, limit)
         return waited
 
@@ -431,20 +441,22 @@ class Run:
         for path in self.live_paths():
             t = self.targets[path]
             for _ in range(20):
-                if self.sections & {"http", "delay"}:
+                if self.sections & {"http", "delay"} and "http" in t:
                     http_bench.check_small(t["http"])
+                if path == "hop":
+                    continue
                 if self.sections & {"ws", "idle"}:
                     ws_bench.ws_echo_once(t["ws"])
                 if "grpc" in self.sections:
                     grpc_bench.echo_once(t["grpc"])
 
     def live_paths(self) -> list[str]:
-        return [p for p in PATHS if p != "ssh" or not self.ssh_reason]
+        return [p for p in PATHS if (p != "ssh" or not self.ssh_reason) and (p != "hop" or self.targets["hop"])]
 
     # -- measuring ------------------------------------------------------------------------------
 
     def step(self, key: str, run: Callable[[Any], dict[str, Any]], target: str,
-             paths: tuple[str, ...] = PATHS) -> None:
+             paths: tuple[str, ...] = OTHER_PATHS) -> None:
         """Measure ``run(the path's target)`` on each of ``paths`` in turn; a failed step is recorded, the run
         goes on (a process that died ends the run: ``check_alive``)."""
         results = self.results.setdefault(key, {})
@@ -468,7 +480,7 @@ class Run:
                    "client": proc_status(p.pid("client")).get("VmHWM")}
         if p.has("client-delayed"):
             tunneld["client_delayed"] = proc_status(p.pid("client-delayed")).get("VmHWM")
-        entry: dict[str, Any] = {"direct": {"na": True}, "tunneld": tunneld}
+        entry: dict[str, Any] = {"direct": {"na": True}, "tunneld": tunneld, "hop": {"na": True}}
         if self.ssh_reason or self.ssh is None:
             entry["ssh"] = {"skipped": self.ssh_reason}
         else:
@@ -484,10 +496,12 @@ class Run:
         if "http" in s:
             for conns in self.http_connections:
                 small = http_bench.run_wrk if self.use_wrk else http_bench.run_pyload
-                self.step(f"small_c{conns}", lambda base: small(pin, f"{base}/small", conns, duration), "http")
-            self.step("download", lambda base: http_bench.download(pin, base, transfer, max_time), "http")
+                self.step(f"small_c{conns}", lambda base: small(pin, f"{base}/small", conns, duration), "http",
+                          HTTP_PATHS)
+            self.step("download", lambda base: http_bench.download(pin, base, transfer, max_time), "http",
+                      HTTP_PATHS)
             self.step("upload", lambda base: http_bench.upload(pin, base, upload_path, transfer, upload_sha,
-                                                                   max_time), "http")
+                                                                   max_time), "http", HTTP_PATHS)
         if "ws" in s:
             for conns in self.ws_connections:
                 self.step(f"ws_echo_c{conns}", lambda url: ws_bench.run_echo(pin, url, conns, duration), "ws")
@@ -508,7 +522,7 @@ class Run:
         if "idle" in s and a.idle > 0:
             for path in ("tunneld", "ssh", "direct"):
                 self.step_idle(path)
-            self.results["ws_idle"] = {p: self.results["ws_idle"][p] for p in PATHS}
+            self.results["ws_idle"] = {p: self.results["ws_idle"].get(p, {"na": True}) for p in PATHS}
             self.peak_rss("peak_end")
 
     def step_idle(self, path: str) -> None:
@@ -617,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"load average before the run: {meta['loadavg_before']}")
     ports = dict(zip(("http_backend", "ws_backend", "grpc_backend", "tunnel", "http_entry", "grpc_entry",
-                      "relay_tunnel", "sshd", "relay_ssh", "ssh_http", "ssh_ws", "ssh_grpc", "ssh_delayed"),
-                     free_ports(13)))
+                      "relay_tunnel", "sshd", "relay_ssh", "ssh_http", "ssh_ws", "ssh_grpc", "ssh_delayed", "hop"),
+                     free_ports(14)))
     meta["ports"] = ports
     logs: dict[str, Any] = {}
     try:
