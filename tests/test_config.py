@@ -1106,3 +1106,27 @@ class CheckCommandTests(ConfigTestCase):
         )
         self.assertEqual(bad.returncode, 1)
         self.assertIn("key 'window'", bad.stderr)
+
+
+class FrameSizeTests(ConfigTestCase):
+    """[server] and [client] max_frame_size: default, bounds, errors."""
+
+    def test_default_and_set(self) -> None:
+        """1 MiB by default on both sides; any size from 1024 up to the gRPC message limit."""
+        self.assertEqual(self.load("").server.max_frame_size, 2**20)
+        self.assertEqual(self.load_client("").client.max_frame_size, 2**20)
+        self.assertEqual(self.load("[server]\nmax_frame_size = 4194304\n").server.max_frame_size, 4 * 2**20)
+        self.assertEqual(self.load_client("[client]\nmax_frame_size = 1024\n").client.max_frame_size, 1024)
+
+    def test_never_above_max_message_size(self) -> None:
+        """A frame is one gRPC message: above max_message_size is an error naming both keys."""
+        self.assert_error("[server]\nmax_message_size = 2097152\nmax_frame_size = 4194304\n", "[server]",
+                          "max_frame_size", "exceeds max_message_size (2097152)")
+        self.assert_client_error(f"[client]\nmax_frame_size = {2**26 + 1}\n", "max_frame_size",
+                                 "exceeds max_message_size")
+        # Left out, the frame size follows a smaller message limit instead of failing.
+        self.assertEqual(self.load("[server]\nmax_message_size = 65536\n").server.max_frame_size, 65536)
+
+    def test_too_small(self) -> None:
+        """Below 1024 bytes is an error."""
+        self.assert_error("[server]\nmax_frame_size = 100\n", "[server]", "max_frame_size", "1024")
