@@ -307,8 +307,8 @@ class ServerHub:
             return
         self.log.info(
             "{protocol} {method} {path} route={route} status={status} {duration:.3f}s in={bytes_in} out={bytes_out} "
-            "request_id={request_id} trace_id={trace_id}",
-            **record,
+            "request_id={request_id} trace_id={trace_id} client={client}",
+            **{"client": "-", **record},
         )
 
     # -- SIGTERM ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
@@ -69,13 +69,14 @@ class ServerRoot(MultiService):
         if hub is not None:
             hub.stopping = True
         Service.stopService(self)
-        if delay > 0:
-            self.log.info("stopping: /healthz answers 503; entries keep serving for drain_delay {delay:g} s",
-                          delay=delay)
-            wait: Deferred[Any] = deferLater(self.reactor, delay, lambda: None)
-        else:
-            wait = succeed(None)
-        return wait.addCallback(self._stop_children)
+        if delay <= 0:
+            return self._stop_children(None)
+        self.log.info("stopping: /healthz answers 503; entries keep serving for drain_delay {delay:g} s",
+                      delay=delay)
+        # A fresh Deferred: it fires (``called``) only once every child has stopped.
+        done: Deferred[Any] = Deferred()
+        deferLater(self.reactor, delay, lambda: None).addCallback(self._stop_children).chainDeferred(done)
+        return done
 
     def _stop_children(self, _: object) -> Deferred[Any]:
         others = [maybeDeferred(child.stopService) for child in reversed(list(self)) if child is not self.last]

@@ -345,6 +345,7 @@ class HttpExchange:
             "duration": time.monotonic() - self.started, "bytes_in": self.body_in, "bytes_out": self.body_out,
             "request_id": self.request_id, "trace_id": self.trace_id,
             "method": req.method.decode("latin-1"), "path": req.path.decode("latin-1", "replace"),
+            "client": h.client_ip(req),
         })
 
     def _cancel_timer(self) -> None:
