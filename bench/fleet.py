@@ -91,7 +91,7 @@ def haproxy_cfg(port: int, stats: int, servers: list[tuple[int, int]], disabled:
         f"    server s{i} 127.0.0.1:{http} send-proxy-v2 check port {admin}" + (" disabled" if i in disabled else "")
         for i, (http, admin) in enumerate(servers))
     return f"""global
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout connect 2s
