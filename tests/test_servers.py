@@ -200,3 +200,32 @@ class ForwardChoiceTests(TwoServersCase):
         self.assertEqual(fired, [None])
         self.assertEqual(self.hub.dispatch(HOST, "/"), Refusal(503, "client is shutting down"))
         self.assertEqual((self.wire_a.client_handle.closed, self.wire_b.client_handle.closed), (1, 1))
+
+
+class StatusTests(TwoServersCase):
+    def test_status_and_metrics_list_every_server(self) -> None:
+        """The client's /status has one entry per server (state, rtt, in flight); gauges carry a server label."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from tunneld.admin import ClientCollector, client_status
+
+        self.hub.heartbeat_tick()
+        self.wire_a.flush()
+        self.start(self.server_b, self.wire_b, "/api/z")
+        self.link_a.lost(self.wire_a.client_handle, "gone")
+        doc = client_status(self.hub, None, 0.0)
+        servers = {s["address"]: s for s in doc["servers"]}  # type: ignore[attr-defined]
+        self.assertEqual(list(servers), [A, B])
+        self.assertEqual((servers[A]["state"], servers[A]["in_flight"], servers[A]["routes"]), ("down", 0, []))
+        self.assertEqual((servers[B]["state"], servers[B]["in_flight"], servers[B]["routes"]), ("connected", 1, ["api"]))
+        self.assertIsNotNone(self.link_a.rtt)
+        self.assertEqual(servers[A]["rtt"], self.link_a.rtt)
+        self.assertEqual((doc["connected"], doc["in_flight"], doc["server"]), (True, 1, A))
+        self.assertEqual([r["servers"] for r in doc["routes"]], [[B]])  # type: ignore[index]
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ClientCollector(self.hub))  # type: ignore[arg-type]
+        text = generate_latest(registry).decode()
+        self.assertIn(f'tunneld_client_connected{{server="{A}"}} 0.0', text)
+        self.assertIn(f'tunneld_client_connected{{server="{B}"}} 1.0', text)
+        self.assertIn(f'tunneld_requests_in_flight{{server="{B}"}} 1.0', text)
+        self.assertIn(f'tunneld_client_routes{{server="{B}"}} 1.0', text)
