@@ -114,6 +114,7 @@ class ServerLink:
         self.tunnel = self.handle = None
         self.connected_since = None
         self.routes = {}   # that server's grant ends with its stream; the next open brings them again
+        self.rtt = None
 
     def _received(self, tunnel: Tunnel, msg: pb.TunnelMessage) -> None:
         self.last_received = self.clock.seconds()
