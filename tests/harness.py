@@ -143,4 +143,4 @@ class Stack:
         return self.server.hub.in_flight()
 
     def client_in_flight(self) -> int:
-        return sum(len(app.hub.tunnel.session) for app in self.clients if app.hub.tunnel is not None)
+        return sum(app.hub.in_flight for app in self.clients)

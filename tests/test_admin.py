@@ -136,12 +136,15 @@ class MetricsTests(AdminTestCase):
         # The client counts what it served: the four answered plus the backend's 503.
         yield wait_for(lambda: sum(client.hub.metrics.tally.values()) == 5, what="client-side records")
         text = yield self.scrape(client)
-        self.assertEqual(metric(text, "tunneld_requests_total", protocol="http", route="web", code_class="2xx"), 4)
-        self.assertEqual(metric(text, "tunneld_requests_total", protocol="http", route="web", code_class="5xx"), 1)
-        self.assertEqual(metric(text, "tunneld_client_connected"), 1)
-        self.assertEqual(metric(text, "tunneld_client_reconnects_total"), 0)
-        self.assertEqual(metric(text, "tunneld_client_routes"), 1)
-        self.assertEqual(metric(text, "tunneld_requests_in_flight"), 0)
+        server = f"127.0.0.1:{self.stack.tunnel_port}"
+        self.assertEqual(metric(text, "tunneld_requests_total", protocol="http", route="web", code_class="2xx",
+                                server=server), 4)
+        self.assertEqual(metric(text, "tunneld_requests_total", protocol="http", route="web", code_class="5xx",
+                                server=server), 1)
+        self.assertEqual(metric(text, "tunneld_client_connected", server=server), 1)
+        self.assertEqual(metric(text, "tunneld_client_reconnects_total", server=server), 0)
+        self.assertEqual(metric(text, "tunneld_client_routes", server=server), 1)
+        self.assertEqual(metric(text, "tunneld_requests_in_flight", server=server), 0)
         self.assertEqual(metric(text, "tunneld_build_info", version="0.1.0", role="client"), 1)
 
     @inlineCallbacks
@@ -150,24 +153,26 @@ class MetricsTests(AdminTestCase):
         client = yield self.stack.add_client(admin_listen="127.0.0.1:0")
         server = self.stack.server
         yield wait_for(lambda: all(e.rtt is not None for e in server.hub.registry.streams()) and
-                       client.hub.rtt is not None, what="heartbeat round trips")
+                       client.hub.links[0].rtt is not None, what="heartbeat round trips")
         text = yield self.scrape(server)
         rtt = metric(text, "tunneld_heartbeat_rtt_seconds", group="default", client_id=client.hub.client_id)
         self.assertTrue(0 <= rtt < 5, rtt)
         text = yield self.scrape(client)
-        self.assertTrue(0 <= metric(text, "tunneld_heartbeat_rtt_seconds") < 5)
+        server = f"127.0.0.1:{self.stack.tunnel_port}"
+        self.assertTrue(0 <= metric(text, "tunneld_heartbeat_rtt_seconds", server=server) < 5)
 
     @inlineCallbacks
     def test_reconnect_counted(self) -> Any:
         """A lost stream shows as one reconnect on the client and a second opened stream on the server."""
         client = yield self.stack.add_client(admin_listen="127.0.0.1:0")
-        first = client.hub.handle
+        first = client.hub.links[0].handle
         first.abort("test: cut the stream")
-        yield wait_for(lambda: client.hub.handle is not first and client.hub.is_connected
+        yield wait_for(lambda: client.hub.links[0].handle is not first and client.hub.is_connected
                        and self.stack._registered(client), what="the client to reconnect")
         text = yield self.scrape(client)
-        self.assertEqual(metric(text, "tunneld_client_reconnects_total"), 1)
-        self.assertEqual(metric(text, "tunneld_client_connected"), 1)
+        server = f"127.0.0.1:{self.stack.tunnel_port}"
+        self.assertEqual(metric(text, "tunneld_client_reconnects_total", server=server), 1)
+        self.assertEqual(metric(text, "tunneld_client_connected", server=server), 1)
         yield wait_for(lambda: len(self.stack.server.hub.registry) == 1, what="the old stream to go")
         text = yield self.scrape(self.stack.server)
         self.assertEqual(metric(text, "tunneld_streams_opened_total"), 2)

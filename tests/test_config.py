@@ -99,8 +99,8 @@ upstream = "api"
 
 
 def field_names(cls: type) -> list[str]:
-    """The keys of a config table: its dataclass's field names."""
-    return [f.name for f in dataclasses.fields(cls)]
+    """The keys of a config table: its dataclass's field names (bar ``servers``, filled from ``server``)."""
+    return [f.name for f in dataclasses.fields(cls) if f.name != "servers"]
 
 
 def uncomment_examples(text: str) -> str:

@@ -85,8 +85,8 @@ class ReloadTests(TestCase):
         self.assertEqual((yield self.status("/echo")), 200)
         self.write()
         os.kill(os.getpid(), signal.SIGHUP)
-        yield wait_for(lambda: "new" in self.client.hub.routes, what="routes pushed to the client")
-        self.assertNotIn("old", self.client.hub.routes)
+        yield wait_for(lambda: "new" in self.client.hub.links[0].routes, what="routes pushed to the client")
+        self.assertNotIn("old", self.client.hub.links[0].routes)
         self.assertEqual((yield self.status("/small")), 200)
         self.assertEqual((yield self.status("/echo")), 404)
 

@@ -22,7 +22,7 @@ from tests.test_tunnel import Recorder, errors_in
 from tunneld import __version__
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
-from tunneld.client_hub import ClientHub, backend_hostport
+from tunneld.client_hub import ClientHub, ServerLink, backend_hostport
 from tunneld.config import ClientSettings, ServerConfig, parse_client_config, parse_server_config
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.server_hub import ServerHub
@@ -127,7 +127,7 @@ class BackendFactory:
 class Link:
     """One tunnel stream: a ClientHub's handle wired to a ServerHub's handle."""
 
-    def __init__(self, server_hub: ServerHub, client_hub: ClientHub, peer: str = "ipv4:10.0.0.2:40000") -> None:
+    def __init__(self, server_hub: ServerHub, client_hub: ServerLink, peer: str = "ipv4:10.0.0.2:40000") -> None:
         self.server_hub = server_hub
         self.client_hub = client_hub
         self.client_handle = FakeHandle("tunnel.example.com:7000")
@@ -192,11 +192,11 @@ class HubCase(SynchronousTestCase):
         self.config = server_config()
         self.hub = ServerHub(self.config, self.clock)
 
-    def client(self, answer: bool = True, **settings: Any) -> tuple[ClientHub, BackendFactory]:
+    def client(self, answer: bool = True, **settings: Any) -> tuple[ServerLink, BackendFactory]:
         factory = BackendFactory(answer)
-        return ClientHub(client_settings(**settings), self.clock, {pb.HTTP: factory}), factory
+        return ClientHub(client_settings(**settings), self.clock, {pb.HTTP: factory}).links[0], factory
 
-    def link(self, answer: bool = True, **settings: Any) -> tuple[Link, ClientHub, BackendFactory]:
+    def link(self, answer: bool = True, **settings: Any) -> tuple[Link, ServerLink, BackendFactory]:
         client_hub, factory = self.client(answer, **settings)
         return Link(self.hub, client_hub, peer=f"ipv4:10.0.0.{len(self.hub.streams) + 2}:4000"), client_hub, factory
 

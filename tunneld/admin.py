@@ -15,6 +15,9 @@ Both the server (``[server] admin_listen``) and, optionally, the client
 Each process has its own ``CollectorRegistry`` (never prometheus-client's
 global one), so tests can run several servers and clients side by side.
 
+``GET /healthz`` (server only, never behind the token) is for load balancers:
+``503 starting`` / ``200 ok`` / ``503 draining`` from ``ServerHub.health``.
+
 Access: with ``admin_token`` set, ``/metrics`` and ``/status`` need
 ``Authorization: Bearer <token>`` (else 401).  The dashboard page itself is
 static HTML with no data and no external assets; its script reads the token
@@ -44,7 +47,6 @@ from tunneld import __version__
 if TYPE_CHECKING:
     from tunneld.client_hub import ClientHub
     from tunneld.config import ServerConfig
-    from tunneld.grpc_bridge.client import TunnelClientService
     from tunneld.server_hub import ServerHub
 
 # Request durations range from milliseconds (HTTP) to hours (WebSocket, gRPC streams).
@@ -80,12 +82,14 @@ def is_failure(klass: str) -> bool:
 class RequestMetrics:
     """Counters fed by ``finished(record)``, one call per finished request."""
 
-    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.time,
+                 extra_labels: tuple[str, ...] = ()) -> None:
         disable_created_metrics()  # no *_created series: plain Prometheus text format
         self.clock = clock
+        self.extra_labels = extra_labels   # the client adds "server": which server the request came from
         self.requests = Counter(
             "tunneld_requests", "Finished requests by protocol, route and status class (2xx.. or gRPC status).",
-            ["protocol", "route", "code_class"], registry=registry)
+            ["protocol", "route", "code_class", *extra_labels], registry=registry)
         self.bytes = Counter(
             "tunneld_request_bytes", "Body bytes of finished requests: in = request bodies (toward the backend), "
             "out = response bodies (toward the caller).", ["protocol", "direction"], registry=registry)
@@ -93,7 +97,7 @@ class RequestMetrics:
             "tunneld_request_duration_seconds", "Time from a request's start to its end.", ["protocol", "route"],
             buckets=DURATION_BUCKETS, registry=registry)
         self.tally: dict[tuple[str, str, str], int] = {}
-        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self.recent_errors: deque[dict[str, object]] = deque(maxlen=RECENT_ERRORS)
 
     def observe(self, record: dict[str, Any]) -> None:
@@ -101,12 +105,13 @@ class RequestMetrics:
         route = str(record.get("route", "")) or "-"
         klass = code_class(protocol, record.get("status"))
         key = (protocol, route, klass)
-        children = self._children.get(key)
+        extra = tuple(str(record.get(name, "")) or "-" for name in self.extra_labels)
+        children = self._children.get(key + extra)
         if children is None:
             # labels() takes a lock and builds a key on every call: this runs
             # once per request, so the labelled series are looked up once.
-            children = self._children[key] = (
-                self.requests.labels(protocol, route, klass), self.bytes.labels(protocol, "in"),
+            children = self._children[key + extra] = (
+                self.requests.labels(protocol, route, klass, *extra), self.bytes.labels(protocol, "in"),
                 self.bytes.labels(protocol, "out"), self.duration.labels(protocol, route))
         requests, bytes_in, bytes_out, durations = children
         requests.inc()
@@ -289,66 +294,94 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
 
 
 class ClientCollector:
-    """Live client gauges and counters, read from the hub and dial service at scrape time."""
+    """Live client gauges and counters, read from the hub's links (one per server) at scrape time."""
 
-    def __init__(self, hub: ClientHub, dial: TunnelClientService) -> None:
+    def __init__(self, hub: ClientHub) -> None:
         self.hub = hub
-        self.dial = dial
 
     def collect(self) -> Iterator[Metric]:
-        hub, dial = self.hub, self.dial
+        hub = self.hub
         info = GaugeMetricFamily("tunneld_build_info", "Always 1; the version and role as labels.",
                                  labels=["version", "role"])
         info.add_metric([__version__, "client"], 1)
         yield info
-        yield _gauge("tunneld_client_connected", "1 while the tunnel stream to the server is open.",
-                     1 if hub.is_connected else 0)
-        yield _counter("tunneld_client_reconnects", "Tunnel streams lost and redialled since start.", dial.reconnects)
-        yield _gauge("tunneld_client_routes", "Routes the server granted this client.", len(hub.routes))
-        tunnel = hub.tunnel
-        yield _gauge("tunneld_requests_in_flight", "Requests in flight on the tunnel stream.",
-                     len(tunnel.session) if tunnel is not None else 0)
-        if hub.rtt is not None:
-            yield _gauge("tunneld_heartbeat_rtt_seconds", "Last heartbeat round trip to the server.", hub.rtt)
-        counters = getattr(hub, "counters", {})
-        dropped, stalls = _tunnels_dropped_and_stalled([tunnel] if tunnel is not None else [])
-        yield _counter("tunneld_tunnel_messages_dropped", "Tunnel messages from the server dropped as invalid.",
-                       counters.get("messages_dropped", 0) + dropped)
+        per_server = {
+            "connected": GaugeMetricFamily("tunneld_client_connected", "1 while the tunnel stream to the server is open.",
+                                           labels=["server"]),
+            "reconnects": CounterMetricFamily("tunneld_client_reconnects",
+                                              "Tunnel streams lost and redialled since start.", labels=["server"]),
+            "routes": GaugeMetricFamily("tunneld_client_routes", "Routes the server granted this client.",
+                                        labels=["server"]),
+            "in_flight": GaugeMetricFamily("tunneld_requests_in_flight", "Requests in flight on the tunnel stream.",
+                                           labels=["server"]),
+            "rtt": GaugeMetricFamily("tunneld_heartbeat_rtt_seconds", "Last heartbeat round trip to the server.",
+                                     labels=["server"]),
+        }
+        dropped_total, stalls_total = 0, 0
+        for link in hub.links:
+            label = [link.server]
+            per_server["connected"].add_metric(label, 1 if link.is_connected else 0)
+            per_server["reconnects"].add_metric(label, link.dial.reconnects if link.dial is not None else 0)
+            per_server["routes"].add_metric(label, len(link.routes))
+            per_server["in_flight"].add_metric(label, link.in_flight)
+            if link.rtt is not None:
+                per_server["rtt"].add_metric(label, link.rtt)
+            dropped, stalls = _tunnels_dropped_and_stalled([link.tunnel] if link.tunnel is not None else [])
+            dropped_total += link.counters.get("messages_dropped", 0) + dropped
+            stalls_total += link.counters.get("flow_stalls", 0) + stalls
+        yield from per_server.values()
+        yield _counter("tunneld_tunnel_messages_dropped", "Tunnel messages from the servers dropped as invalid.",
+                       dropped_total)
         yield _counter("tunneld_flow_control_stalls", "Times a request's sender paused on an empty window.",
-                       counters.get("flow_stalls", 0) + stalls)
+                       stalls_total)
         yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
 
 
-def client_status(hub: ClientHub, dial: TunnelClientService, metrics: RequestMetrics | None, started: float,
+def client_status(hub: ClientHub, metrics: RequestMetrics | None, started: float,
                   clock: Callable[[], float] = time.time) -> dict[str, object]:
-    """The client's ``/status`` document."""
+    """The client's ``/status`` document: the whole client, and ``servers`` (one entry per server)."""
     now = clock()
     offset = now - hub.clock.seconds()
     tally = metrics.by_route() if metrics is not None else {}
-    routes = [{
-        "name": r.name, "kind": "grpc" if r.grpc_service else "http", "match": _route_match(r),
-        "backend": r.backend, "requests": tally.get(r.name, {}),
-    } for r in hub.routes.values()]
     summary = metrics.summary() if metrics is not None else {"requests": 0, "errors": 0, "by_class": [],
                                                              "recent_errors": []}
-    tunnel = hub.tunnel
-    dropped, stalls = _tunnels_dropped_and_stalled([tunnel] if tunnel is not None else [])
-    counters = dict(getattr(hub, "counters", {}))
-    counters["messages_dropped"] = counters.get("messages_dropped", 0) + dropped
-    counters["flow_stalls"] = counters.get("flow_stalls", 0) + stalls
-    counters["reconnects"] = dial.reconnects
-    counters["dial_attempts"] = dial.attempts
+    counters: dict[str, int] = {"messages_dropped": 0, "flow_stalls": 0, "reconnects": 0, "dial_attempts": 0}
+    servers = []
+    routes: dict[str, dict[str, object]] = {}
+    for link in hub.links:
+        dial = link.dial
+        dropped, stalls = _tunnels_dropped_and_stalled([link.tunnel] if link.tunnel is not None else [])
+        counters["messages_dropped"] += link.counters.get("messages_dropped", 0) + dropped
+        counters["flow_stalls"] += link.counters.get("flow_stalls", 0) + stalls
+        reconnects = dial.reconnects if dial is not None else 0
+        counters["reconnects"] += reconnects
+        counters["dial_attempts"] += dial.attempts if dial is not None else 0
+        servers.append({
+            "address": link.server, "state": link.state, "connected": link.is_connected,
+            "connected_since": link.connected_since + offset if link.connected_since is not None else None,
+            "rtt": link.rtt, "in_flight": link.in_flight, "reconnects": reconnects,
+            "routes": sorted(link.routes), "config_version": link.config_version,
+        })
+        for r in link.routes.values():
+            row = routes.setdefault(r.name, {
+                "name": r.name, "kind": "grpc" if r.grpc_service else "http", "match": _route_match(r),
+                "backend": r.backend, "requests": tally.get(r.name, {}), "servers": [],
+            })
+            row["servers"].append(link.server)  # type: ignore[attr-defined]
+    connected = [link for link in hub.links if link.is_connected]
+    first = connected[0] if connected else hub.links[0]
     settings = hub.settings
     return {
         "role": "client", "version": __version__, "now": now, "started": started, "draining": hub.draining,
         "client_id": hub.client_id, "group": settings.group, "server": settings.server,
+        "servers": servers,
         "http_entry": getattr(settings, "http_entry", ""),
         "connected": hub.is_connected,
-        "connected_since": hub.connected_since + offset if hub.connected_since is not None else None,
-        "rtt": hub.rtt, "in_flight": len(tunnel.session) if tunnel is not None else 0,
-        "reconnects": dial.reconnects, "config_version": hub.config_version,
+        "connected_since": first.connected_since + offset if first.connected_since is not None else None,
+        "rtt": first.rtt, "in_flight": hub.in_flight,
+        "reconnects": counters["reconnects"], "config_version": first.config_version,
         "totals": {"requests": summary["requests"], "errors": summary["errors"]},
-        "routes": routes, "requests": summary["by_class"], "recent_errors": summary["recent_errors"],
+        "routes": list(routes.values()), "requests": summary["by_class"], "recent_errors": summary["recent_errors"],
         "counters": counters,
     }
 
@@ -362,10 +395,11 @@ class AdminResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry, status: Callable[[], dict[str, object]],
-                 token: Callable[[], str] = lambda: "") -> None:
+                 token: Callable[[], str] = lambda: "", health: Callable[[], tuple[int, str]] | None = None) -> None:
         super().__init__()
         self.registry = registry
         self.status = status
+        self.health = health   # the server's /healthz (no token: load balancers probe it)
         self.token = token   # read per request, so a config reload can change it
 
     def render_GET(self, request: server.Request) -> bytes:
@@ -378,6 +412,11 @@ class AdminResource(Resource):
             request.setHeader(b"x-frame-options", b"DENY")
             request.setHeader(b"referrer-policy", b"no-referrer")
             return DASHBOARD_HTML
+        if path == b"/healthz" and self.health is not None:
+            code, text = self.health()
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return text.encode() + b"\n"
         if path not in (b"/metrics", b"/status"):
             return self._plain(request, http.NOT_FOUND, "not found; try /, /metrics or /status")
         if not self._authorized(request):
@@ -447,21 +486,20 @@ def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
     hub.metrics = metrics
     started = time.time()
     resource = AdminResource(registry, lambda: server_status(hub, metrics, started),
-                             lambda: hub.config.server.admin_token)
+                             lambda: hub.config.server.admin_token, health=hub.health)
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 
-def client_admin(hub: ClientHub, dial: TunnelClientService, reactor: Any, listen: str,
-                 token: str = "") -> AdminService:
-    """The client's admin port; also makes ``hub.finished`` feed the request metrics."""
+def client_admin(hub: ClientHub, reactor: Any, listen: str, token: str = "") -> AdminService:
+    """The client's admin port; also makes ``hub.finished`` feed the request metrics (labelled by server)."""
     from tunneld.endpoints import server_endpoint
 
     registry = CollectorRegistry(auto_describe=False)
-    metrics = RequestMetrics(registry)
-    registry.register(ClientCollector(hub, dial))  # type: ignore[arg-type]
+    metrics = RequestMetrics(registry, extra_labels=("server",))
+    registry.register(ClientCollector(hub))  # type: ignore[arg-type]
     hub.metrics = metrics
     started = time.time()
-    resource = AdminResource(registry, lambda: client_status(hub, dial, metrics, started), lambda: token)
+    resource = AdminResource(registry, lambda: client_status(hub, metrics, started), lambda: token)
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 
@@ -592,7 +630,7 @@ function renderServer(d) {
 
 function renderClient(d) {
   $("title").textContent = "tunneld client " + d.client_id;
-  $("meta").textContent = "v" + d.version + " \u00b7 group " + d.group + " \u00b7 server " + d.server +
+  $("meta").textContent = "v" + d.version + " \u00b7 group " + d.group + " \u00b7 server " + (d.servers || []).map((v) => v.address).join(", ") +
     " \u00b7 up " + dur(d.now - d.started) + (d.draining ? " \u00b7 DRAINING" : "");
   const tiles = [tile(d.connected ? "connected" : "down", "tunnel", d.connected ? "good" : "bad"),
     tile(d.connected_since ? dur(d.now - d.connected_since) : "-", "connected for"), tile(ms(d.rtt), "rtt"),
@@ -600,7 +638,14 @@ function renderClient(d) {
     tile(d.totals.errors, "failed", d.totals.errors ? "bad" : ""), tile(d.reconnects, "reconnects")];
   const routes = d.routes.map((r) => el("tr", null, td(el("b", null, r.name)), td(r.match, "mono"),
     td([el("span", "arrow", "\u2192 "), r.backend], "mono"), td(classes(r.requests))));
+  const servers = (d.servers || []).map((v) => el("tr", null, td(el("b", null, v.address), "mono"),
+    td(pill(v.state, v.state === "connected" ? "ok" : (v.state === "draining" ? "warn" : "bad"))),
+    td(v.connected_since ? dur(d.now - v.connected_since) : "-", "num"), td(ms(v.rtt), "num"),
+    td(v.in_flight, "num"), td(v.reconnects, "num"), td(v.routes.length, "num")));
   $("body").replaceChildren(el("div", "tiles", tiles),
+    section("Servers", "one tunnel stream to each",
+      table(["server", "state", "connected#", "rtt#", "in flight#", "reconnects#", "routes#"], servers,
+            "No servers.")),
     section("Routes", "granted by the server, config " + (d.config_version || "-"),
       table(["route", "match", "backend", "requests by status"], routes, "No routes (not connected yet?).")),
     failures(d));

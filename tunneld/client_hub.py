@@ -1,12 +1,20 @@
-"""Client side: the one tunnel stream, its routes, and serving its requests.
+"""Client side: one tunnel stream per server, their routes, and serving their requests.
 
-For every connection attempt the dial service hands over a fresh
-``StreamHandle``; the hub builds a session on it, sends ``stream_open``, keeps
-the routes the server granted, and starts a backend exchange for each request
-the server sends, but only for a route it was given and, when
+``server`` in client.toml may list several servers (SPEC §7.1).  The
+``ClientHub`` holds one ``ServerLink`` per server; each link is the
+``StreamOwner`` of that server's stream and has its own dial service (own
+reconnect backoff), so losing one server leaves the others untouched.
+
+For every connection attempt a link's dial service hands over a fresh
+``StreamHandle``; the link builds a session on it, sends ``stream_open``,
+keeps the routes *that server* granted, and starts a backend exchange for
+each request that server sends, but only for a route it gave and, when
 ``allow_backends`` is set, only to an allowed host:port.  A silent server
 (nothing received for ``heartbeat_timeout``) is dropped so the dial service
 reconnects.  SIGTERM lets in-flight requests finish, then closes cleanly.
+
+The forward direction (``http_entry``) goes to the connected link with the
+fewest requests in flight (ties rotate).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import socket
 import uuid
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from tunneld import __version__
@@ -43,17 +51,18 @@ def backend_hostport(url: str) -> str:
 _DEFAULT_PORTS = {"http": 80, "ws": 80, "grpc": 80, "https": 443, "wss": 443, "grpcs": 443}
 
 
-class ClientHub:
-    """Owner of the client's tunnel stream (a tunnel ``StreamOwner``)."""
+class ServerLink:
+    """The client's tunnel stream to one server (a tunnel ``StreamOwner``)."""
 
     log = Logger()
-    metrics: Any = None   # admin.RequestMetrics when the admin port is on; fed by finished()
 
-    def __init__(self, settings: ClientSettings, clock: Any, backends: dict[int, BackendFactory]) -> None:
-        self.settings = settings
-        self.clock = clock
-        self.backends = backends
-        self.client_id = settings.client_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    def __init__(self, hub: ClientHub, server: str) -> None:
+        self.hub = hub
+        self.server = server
+        self.settings = hub.settings
+        self.clock = hub.clock
+        self.backends = hub.backends
+        self.client_id = hub.client_id
         self.tunnel: Tunnel | None = None
         self.handle: StreamHandle | None = None
         self.routes: dict[str, pb.Route] = {}
@@ -64,6 +73,21 @@ class ClientHub:
         self.on_ready: Callable[[], None] | None = None   # the dial service resets its backoff here
         self.draining = False
         self.counters: dict[str, int] = {"messages_dropped": 0, "flow_stalls": 0}  # of streams already lost
+        self.dial: Any = None   # its TunnelClientService (reconnects, attempts), set by the tap
+
+    @property
+    def in_flight(self) -> int:
+        tunnel = self.tunnel
+        return len(tunnel.session) if tunnel is not None else 0
+
+    @property
+    def state(self) -> str:
+        """"connected", "connecting" (a dial or open handshake in progress), "draining" or "down"."""
+        if self.draining:
+            return "draining"
+        if self.is_connected and self.connected_since is not None:
+            return "connected"
+        return "connecting" if self.handle is not None else "down"
 
     # -- connection lifecycle -----------------------------------------------------
 
@@ -89,6 +113,8 @@ class ClientHub:
         self.counters["flow_stalls"] += self.tunnel.stalls
         self.tunnel = self.handle = None
         self.connected_since = None
+        self.routes = {}   # that server's grant ends with its stream; the next open brings them again
+        self.rtt = None
 
     def _received(self, tunnel: Tunnel, msg: pb.TunnelMessage) -> None:
         self.last_received = self.clock.seconds()
@@ -107,12 +133,13 @@ class ClientHub:
             self._install(event.response.config)
             self.connected_since = self.clock.seconds()
             self.log.info("connected to {server} as {client_id} (group {group}, {n} routes)",
-                          server=self.settings.server, client_id=self.client_id, group=self.settings.group,
+                          server=self.server, client_id=self.client_id, group=self.settings.group,
                           n=len(self.routes))
             if self.on_ready is not None:
                 self.on_ready()
         elif isinstance(event, s.OpenRejected):
-            self.log.error("server refused the stream: {message}", message=event.message)
+            self.log.error("server {server} refused the stream: {message}", server=self.server,
+                           message=event.message)
             self._drop(f"refused: {event.message}")
         elif isinstance(event, s.ConfigReceived):
             self._install(event.config)
@@ -132,7 +159,7 @@ class ClientHub:
         self.config_version = config.config_version
 
     def request_received(self, tunnel: Tunnel, event: s.RequestReceived) -> ResponderHandler | None:
-        if self.draining:
+        if self.draining or self.hub.draining:
             tunnel.cancel(event.request_id, s.OVERLOADED, "client is shutting down")
             return None
         head = event.message
@@ -156,25 +183,6 @@ class ClientHub:
             tunnel.cancel(event.request_id, s.BAD_GATEWAY, "protocol not supported by this client")
             return None
         return factory(tunnel, event, route)
-
-    # -- the http_entry's Dispatcher (forward direction) ------------------------------
-
-    def dispatch(self, host: str, path: str) -> Target | Refusal:
-        """Every entry request goes to the server, which matches its [[forward]] rules."""
-        tunnel = self.tunnel
-        if tunnel is None or not tunnel.is_open:
-            return Refusal(502, f"not connected to the server {self.settings.server}")
-        if self.draining:
-            return Refusal(503, "client is shutting down")
-        return Target(tunnel, "forward", self.settings.request_timeout)
-
-    def finished(self, record: dict[str, object]) -> None:
-        if self.metrics is not None:
-            self.metrics.observe(record)
-        if not self.settings.access_log:
-            return
-        self.log.info("{protocol} route={route} status={status} {duration:.3f}s out={bytes_out} "
-                       "request_id={request_id} trace_id={trace_id}", **record)
 
     # -- periodic work --------------------------------------------------------------
 
@@ -204,6 +212,7 @@ class ClientHub:
     def drain(self, timeout: float) -> Deferred[None]:
         """Let in-flight requests finish (up to ``timeout``), then close the stream cleanly."""
         self.draining = True
+        self.hub.draining = True
         tunnel = self.tunnel
         if tunnel is None:
             return succeed(None)
@@ -222,3 +231,83 @@ class ClientHub:
 
         check()
         return done
+
+
+class ClientHub:
+    """The client's links, one per server, and the forward direction's choice among them."""
+
+    log = Logger()
+    metrics: Any = None   # admin.RequestMetrics when the admin port is on; fed by finished()
+
+    def __init__(self, settings: ClientSettings, clock: Any, backends: dict[int, BackendFactory]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.backends = backends
+        self.client_id = settings.client_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.draining = False
+        self.links = [ServerLink(self, server) for server in settings.server_list]
+        self._turn = 0
+
+    # -- the whole client ---------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        """Connected to at least one server."""
+        return any(link.is_connected for link in self.links)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(link.in_flight for link in self.links)
+
+    def link_of(self, tunnel: Tunnel) -> ServerLink | None:
+        for link in self.links:
+            if link.tunnel is tunnel:
+                return link
+        return None
+
+    # -- the http_entry's Dispatcher (forward direction) ------------------------------
+
+    def choose(self) -> ServerLink | None:
+        """The connected link with the fewest requests in flight; equal ones take turns."""
+        ready = [link for link in self.links
+                 if link.is_connected and link.connected_since is not None and not link.draining]
+        if not ready:
+            return None
+        self._turn = (self._turn + 1) % len(ready)
+        ordered = ready[self._turn:] + ready[:self._turn]
+        return min(ordered, key=lambda link: link.in_flight)
+
+    def dispatch(self, host: str, path: str) -> Target | Refusal:
+        """Every entry request goes to a server, which matches its [[forward]] rules."""
+        if self.draining:
+            return Refusal(503, "client is shutting down")
+        link = self.choose()
+        if link is None or link.tunnel is None:
+            servers = ", ".join(self.settings.server_list)
+            return Refusal(502, f"not connected to the server {servers}")
+        return Target(link.tunnel, "forward", self.settings.request_timeout)
+
+    def finished(self, record: dict[str, object]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(record)
+        if not self.settings.access_log:
+            return
+        self.log.info("{protocol} route={route} status={status} {duration:.3f}s out={bytes_out} "
+                       "request_id={request_id} trace_id={trace_id}", **record)
+
+    # -- periodic work --------------------------------------------------------------
+
+    def heartbeat_tick(self) -> None:
+        for link in self.links:
+            link.heartbeat_tick()
+
+    def config_sync_tick(self) -> None:
+        for link in self.links:
+            link.config_sync_tick()
+
+    # -- SIGTERM ------------------------------------------------------------------------
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Drain every link at once (each dial service also drains its own link before stopping)."""
+        self.draining = True
+        return DeferredList([link.drain(timeout) for link in self.links]).addCallback(lambda _: None)

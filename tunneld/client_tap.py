@@ -1,6 +1,7 @@
 """``twistd tunneld-client``: options and the client's service tree.
 
-  bridge (thread) -> dial service (reconnects forever; drains before stopping)
+  bridge (thread) -> one dial service per server (each reconnects forever with its own backoff;
+                     drains its link before stopping)
                   -> gRPC backend channels (closed after in-flight calls end, drain_timeout at most)
   heartbeat and config-sync TimerServices
 Without ``-c`` the client runs on built-in defaults that match the shipped
@@ -47,9 +48,10 @@ class Options(usage.Options):
 class ClientApp:
     service: MultiService
     hub: ClientHub
-    dial: TunnelClientService
+    dial: TunnelClientService   # the first server's (the only one with a single server)
     entry: StreamServerEndpointService | None = None   # the forward direction's http_entry
     admin: AdminService | None = None   # /metrics, /status, dashboard (admin_listen)
+    dials: tuple[TunnelClientService, ...] = ()   # one per server, in the order of `server`
 
 
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = CLIENT_MAX_MESSAGE_SIZE) -> ClientApp:
@@ -59,9 +61,13 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     backend_trust = trust_root(cfg.backend_ca)
     hub: ClientHub
 
+    def finished_on(tunnel: Tunnel) -> Any:
+        """Records of requests served for one server carry its address (the metrics' ``server`` label)."""
+        return lambda record: hub.finished({**record, "server": tunnel.name})
+
     def http_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
         return BackendExchange(tunnel, event.request_id, event.message, route.backend, agent,
-                               finished=hub.finished)
+                               finished=finished_on(tunnel))
 
     def websocket_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
         return BackendWebSocketExchange(tunnel, event.request_id, event.message, route.backend, reactor,
@@ -72,21 +78,25 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
 
     def grpc_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
         return GrpcBackendExchange(tunnel, event.request_id, event.message, route, bridge, channels,
-                                   finished=hub.finished)
+                                   finished=finished_on(tunnel))
 
     hub = ClientHub(cfg, reactor, {pb.HTTP: http_backend, pb.WEBSOCKET: websocket_backend, pb.GRPC: grpc_backend})
     bridge = Bridge(reactor)
     bridge_service = BridgeService(bridge)
     bridge_service.setServiceParent(top)
-    dial = TunnelClientService(
-        bridge, cfg.server, cfg.token, hub.connected, hub.lost, reactor,
-        max_message_size=max_message_size, max_frame_size=min(cfg.max_frame_size, max_message_size),
-        before_stop=lambda: hub.drain(cfg.drain_timeout),
-        credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None,
-        server_name=cfg.tls_server_name,
-    )
-    hub.on_ready = dial.reset
-    dial.setServiceParent(bridge_service)
+    dials = []
+    for link in hub.links:
+        dial = TunnelClientService(
+            bridge, link.server, cfg.token, link.connected, link.lost, reactor,
+            max_message_size=max_message_size, max_frame_size=min(cfg.max_frame_size, max_message_size),
+            before_stop=lambda link=link: link.drain(cfg.drain_timeout),   # type: ignore[misc]
+            credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None,
+            server_name=cfg.tls_server_name,
+        )
+        link.on_ready = dial.reset
+        link.dial = dial
+        dial.setServiceParent(bridge_service)
+        dials.append(dial)
     GrpcChannelsService(bridge, channels, grace=cfg.drain_timeout).setServiceParent(bridge_service)
     PoolCloser(pool).setServiceParent(top)
     for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick),
@@ -101,9 +111,9 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         entry.setServiceParent(top)
     admin = None
     if cfg.admin_listen:
-        admin = client_admin(hub, dial, reactor, cfg.admin_listen, cfg.admin_token)
+        admin = client_admin(hub, reactor, cfg.admin_listen, cfg.admin_token)
         admin.setServiceParent(top)
-    return ClientApp(top, hub, dial, entry, admin)
+    return ClientApp(top, hub, dials[0], entry, admin, tuple(dials))
 
 
 def makeService(options: Options) -> MultiService:

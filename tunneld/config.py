@@ -116,6 +116,9 @@ class ServerSettings:
     grpc_tls_cert: str = ""  # gRPC entry over TLS
     grpc_tls_key: str = ""
     upstream_ca: str = ""  # PEM CA bundle to verify https upstreams; "" = the system's
+    ready_timeout: float = 10.0  # /healthz: "starting" until every group with routes has a client, at most this long
+    drain_delay: float = 0.0  # SIGTERM: entries keep serving this long with /healthz 503, then the drain
+    proxy_protocol: bool = False  # http_listen expects HAProxy's PROXY header (v1/v2) on every connection
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ CLIENT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 class ClientSettings:
     """The ``[client]`` table."""
 
-    server: str = "127.0.0.1:7000"
+    server: str = "127.0.0.1:7000"  # the first (or only) server; ``servers`` holds them all
     group: str = "default"
     token: str = field(default="change-me", repr=False)
     client_id: str = ""  # the loader fills f"{hostname}-{6 hex digits}"
@@ -238,6 +241,16 @@ class ClientSettings:
     max_frame_size: int = 1048576  # tunnel frames: messages packed per gRPC write (<= 64 MiB)
     max_window: int = 16777216  # receive windows of requests whose reader keeps up grow up to this
     window_budget: int = 67108864  # per stream: growth of all its receive windows together (>= max_window)
+    servers: tuple[str, ...] = ()  # all servers when `server` lists several (the loader fills it); else ()
+
+    @property
+    def server_list(self) -> tuple[str, ...]:
+        """The servers to keep a tunnel stream to (``servers``, else ``server``)."""
+        return self.servers or (self.server,)
+
+
+#: Fields of a settings dataclass that the file does not set directly.
+_DERIVED_KEYS = frozenset({"servers"})
 
 
 @dataclass(frozen=True)
@@ -358,7 +371,7 @@ def _kind(value: object) -> str:
 
 
 def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _DERIVED_KEYS)
 
 
 class _Table:
@@ -626,6 +639,9 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         http_tls_cert=http_cert, http_tls_key=http_key, grpc_tls_cert=grpc_cert, grpc_tls_key=grpc_key,
         upstream_ca=t.pem("upstream_ca"),
+        ready_timeout=t.seconds("ready_timeout", d.ready_timeout, zero_ok=True),
+        drain_delay=t.seconds("drain_delay", d.drain_delay, zero_ok=True),
+        proxy_protocol=t.boolean("proxy_protocol", d.proxy_protocol),
     )
 
 
@@ -846,8 +862,10 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
     tls_cert, tls_key = t.pair("tls_cert", "tls_key")
     # The initial window is the server's (announced when the stream opens).
     max_window, window_budget = _window_growth(t, d, MIN_WINDOW, "the smallest window a server announces")
+    servers = _server_list(t)
     settings = ClientSettings(
-        server=t.listen("server", d.server, dial=True),
+        server=servers[0],
+        servers=servers if len(servers) > 1 else (),
         group=t.name("group", d.group),
         token=token,
         client_id=client_id or f"{socket.gethostname()}-{secrets.token_hex(3)}",
@@ -871,6 +889,29 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         window_budget=window_budget,
     )
     return ClientConfig(path=path, client=settings)
+
+
+def _server_list(t: _Table) -> tuple[str, ...]:
+    """``server``: one "host:port" or a non-empty list of them, without repeats."""
+    value = t.raw.get("server", ClientSettings.server)
+    if isinstance(value, str):
+        return (t.listen("server", value, dial=True),)
+    if not isinstance(value, list) or not value:
+        raise t.error("server", f"must be a \"host:port\" string or a non-empty list of them, not {_kind(value)}")
+    servers: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise t.error("server", f"list entries must be strings, not {_kind(item)}")
+        try:
+            _, port = parse_listen(item)
+        except ValueError as exc:
+            raise t.error("server", str(exc)) from None
+        if port == 0:
+            raise t.error("server", f"{item!r}: port 0 cannot be dialled")
+        if item in servers:
+            raise t.error("server", f"{item!r} is listed twice")
+        servers.append(item)
+    return tuple(servers)
 
 
 # --- files ----------------------------------------------------------------
@@ -936,7 +977,7 @@ def describe(config: ServerConfig | ClientConfig) -> str:
         c = config.client
         return (
             f"client config {config.path or '(defaults)'}: id {c.client_id or '(generated)'}, "
-            f"server {c.server}, group {c.group}, http entry {c.http_entry or 'off'}, "
+            f"server {', '.join(c.server_list)}, group {c.group}, http entry {c.http_entry or 'off'}, "
             f"admin {_admin(c.admin_listen, c.admin_token)}, log {c.log_format}"
         )
     s = config.server

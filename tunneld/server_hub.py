@@ -66,6 +66,9 @@ class ServerHub:
         self.registry = StreamRegistry(config.server.heartbeat_timeout)
         self.streams: dict[Tunnel, ServerStream] = {}
         self.draining = False
+        self.stopping = False   # SIGTERM arrived (/healthz says "draining"); the drain may start later (drain_delay)
+        self.started_at = clock.seconds()
+        self.ready = False      # latched: /healthz "ok" from the first moment every group with routes had a client
         self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0, "forwarded": 0,
                                          "messages_dropped": 0, "flow_stalls": 0}  # the last two: closed streams'
 
@@ -304,8 +307,8 @@ class ServerHub:
             return
         self.log.info(
             "{protocol} {method} {path} route={route} status={status} {duration:.3f}s in={bytes_in} out={bytes_out} "
-            "request_id={request_id} trace_id={trace_id}",
-            **record,
+            "request_id={request_id} trace_id={trace_id} client={client}",
+            **{"client": "-", **record},
         )
 
     # -- SIGTERM ----------------------------------------------------------------------
@@ -313,9 +316,30 @@ class ServerHub:
     def in_flight(self) -> int:
         return sum(len(stream.tunnel.session) for stream in self.streams.values())
 
+    # -- /healthz (load balancers) --------------------------------------------------
+
+    def health(self) -> tuple[int, str]:
+        """What ``GET /healthz`` answers: (503, "starting"), (200, "ok") or (503, "draining").
+
+        Ready once every group that has routes has a healthy stream here, or
+        ``ready_timeout`` after start, whichever comes first; from then on ok
+        until SIGTERM (a later client loss is the routes' 502, not a reason to
+        take the whole server out of the balancer).
+        """
+        if self.stopping or self.draining:
+            return 503, "draining"
+        if not self.ready:
+            now = self.clock.seconds()
+            groups = {route.group for route in self.config.routes}
+            served = all(any(self.registry.is_healthy(e, now) for e in self.registry.streams(g)) for g in groups)
+            if served or now - self.started_at >= self.config.server.ready_timeout:
+                self.ready = True
+        return (200, "ok") if self.ready else (503, "starting")
+
     def drain(self, timeout: float) -> Deferred[None]:
         """Refuse new requests, wait for in-flight ones (up to ``timeout``), close streams."""
         self.draining = True
+        self.stopping = True
         done: Deferred[None] = Deferred()
         deadline = self.clock.seconds() + timeout
 

@@ -5,6 +5,11 @@ The tree (children start in this order, stop in reverse):
                    -> gRPC entry (grpc.aio on grpc_listen, when set; in-flight calls get drain_timeout)
   HTTP entry       (twisted.web Site on http_listen)
   heartbeat, cleanup TimerServices
+  admin port       (/metrics, /status, /healthz; stops last, so /healthz says "draining" to the end)
+SIGTERM (``ServerRoot.stopService``): /healthz turns 503 at once, the entries
+keep serving for ``drain_delay`` (the load balancer takes the server out),
+then every child but the admin port stops (the tunnel service drains the
+hub), then the admin port.
 Nothing here touches grpc or starts threads: that happens in startService,
 after twistd has forked.
 """
@@ -17,6 +22,8 @@ from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -45,6 +52,41 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+class ServerRoot(MultiService):
+    """The server's top service: on stop, /healthz first, then ``drain_delay``, then the drain, admin last."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.hub: ServerHub | None = None
+        self.last: Service | None = None   # the admin port
+
+    def stopService(self) -> Deferred[Any]:
+        hub = self.hub
+        delay = hub.config.server.drain_delay if hub is not None else 0.0
+        if hub is not None:
+            hub.stopping = True
+        Service.stopService(self)
+        if delay <= 0:
+            return self._stop_children(None)
+        self.log.info("stopping: /healthz answers 503; entries keep serving for drain_delay {delay:g} s",
+                      delay=delay)
+        # A fresh Deferred: it fires (``called``) only once every child has stopped.
+        done: Deferred[Any] = Deferred()
+        deferLater(self.reactor, delay, lambda: None).addCallback(self._stop_children).chainDeferred(done)
+        return done
+
+    def _stop_children(self, _: object) -> Deferred[Any]:
+        others = [maybeDeferred(child.stopService) for child in reversed(list(self)) if child is not self.last]
+        done: Deferred[Any] = DeferredList(others)
+        if self.last is not None:
+            last = self.last
+            done.addCallback(lambda _: maybeDeferred(last.stopService))
+        return done
+
+
 @dataclass
 class ServerApp:
     service: MultiService
@@ -57,7 +99,7 @@ class ServerApp:
 
 def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     cfg = config.server
-    top = MultiService()
+    top = ServerRoot(reactor)
     agent, pool = make_agent(reactor, ca=cfg.upstream_ca)
 
     def upstream_backend(tunnel: Tunnel, event: s.RequestReceived, origin: str, rule: ForwardRule,
@@ -67,6 +109,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
                                next_origin=next_origin)
 
     hub = ServerHub(config, reactor, upstream_factory=upstream_backend)
+    top.hub = hub
     PoolCloser(pool).setServiceParent(top)
     bridge = Bridge(reactor)
     bridge_service = BridgeService(bridge)
@@ -97,7 +140,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         websocket = EntryWebSocketResource(EntryWebSocketFactory(hub, reactor, scheme=scheme,
                                                                  ping_interval=cfg.websocket_ping_interval))
         site = EntrySite(hub, reactor, scheme=scheme, max_header_size=cfg.max_header_size, websocket=websocket)
-        endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key)
+        endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key,
+                                   proxy_protocol=cfg.proxy_protocol)
         http = StreamServerEndpointService(endpoint, site)
         http._raiseSynchronously = True
         http.setServiceParent(top)
@@ -109,6 +153,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     if cfg.admin_listen:
         admin = server_admin(hub, reactor, cfg.admin_listen)
         admin.setServiceParent(top)
+        top.last = admin
     return ServerApp(top, hub, tunnel, http, grpc_entry, admin)
 
 

@@ -87,6 +87,17 @@ def strip_hop_by_hop(pairs: Iterable[tuple[bytes, bytes]]) -> Pairs:
     return [(name, value) for name, value in items if name.lower() not in drop]
 
 
+def client_ip(request: Any) -> str:
+    """The external client's address for X-Forwarded-For, logs and IP rules ("" if unknown).
+
+    The one place that answers "who is calling" for a twisted.web request on
+    an entry: with ``proxy_protocol = true`` the transport's peer is already
+    the address HAProxy's PROXY header carried (twisted.protocols.haproxy),
+    otherwise it is the TCP peer.
+    """
+    return getattr(request.getClientAddress(), "host", "") or ""
+
+
 def add_forwarded(
     pairs: Iterable[tuple[bytes, bytes]], *, client_ip: str, proto: str, host: str
 ) -> Pairs:

@@ -127,8 +127,7 @@ class HttpExchange:
             self.refusal = Refusal(413, f"request body of {length} bytes exceeds {decision.max_body_size}")
             return
         self.target = decision
-        peer = req.getClientAddress()
-        client_ip = getattr(peer, "host", "") or ""
+        client_ip = h.client_ip(req)
         # Expect was answered here already (twisted sends 100 Continue itself).
         flat_fwd = [(n, v) for n, v in flat if n.lower() != b"expect"]
         fwd = h.request_headers_for_backend(
@@ -346,6 +345,7 @@ class HttpExchange:
             "duration": time.monotonic() - self.started, "bytes_in": self.body_in, "bytes_out": self.body_out,
             "request_id": self.request_id, "trace_id": self.trace_id,
             "method": req.method.decode("latin-1"), "path": req.path.decode("latin-1", "replace"),
+            "client": h.client_ip(req),
         })
 
     def _cancel_timer(self) -> None:

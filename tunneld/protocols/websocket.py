@@ -232,7 +232,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self.route = decision.route
         if decision.max_message_size:
             self.maxMessagePayloadSize = decision.max_message_size
-        client_ip = getattr(req.getClientAddress(), "host", "") or ""
+        client_ip = h.client_ip(req)
         fwd = [(n, v) for n, v in h.request_headers_for_backend(flat, client_ip=client_ip, proto=factory.scheme,
                                                                  host=host, set_host=decision.set_host)
                if n.lower() not in _HANDSHAKE_HEADERS]
