@@ -159,7 +159,8 @@ class ClientHub:
 
     # -- the http_entry's Dispatcher (forward direction) ------------------------------
 
-    def dispatch(self, host: str, path: str) -> Target | Refusal:
+    def dispatch(self, host: str, path: str, address: str = "",
+                 headers: list[tuple[bytes, bytes]] | None = None) -> Target | Refusal:
         """Every entry request goes to the server, which matches its [[forward]] rules."""
         tunnel = self.tunnel
         if tunnel is None or not tunnel.is_open:
