@@ -583,8 +583,12 @@ class EntrySite(server.Site):
             self.header_timeouts += 1
             channel.head_since = None
             transport = channel.transport
-            if transport is not None:
-                transport.abortConnection()
+            if transport is None:
+                continue
+            if channel._receivedHeaderSize or getattr(channel, "_buffer", b""):
+                transport.abortConnection()   # a head begun and not finished: slowloris, no courtesy
+            else:
+                transport.loseConnection()    # an idle keep-alive connection: a clean close
 
     def log(self, request: object) -> None:
         pass  # one line per request comes from the dispatcher's ``finished``
