@@ -435,6 +435,44 @@ class SmugglingTests(AccessTestCase):
         yield self.assert_released()
 
 
+    @inlineCallbacks
+    def test_oversized_lines_and_header_floods_are_cut(self) -> Any:
+        """A request line over 16 KiB closes the connection, headers over max_header_size or 500 of them get 400; the backend sees nothing."""
+        port = self.stack.http_port
+        long_line = yield self.in_thread(raw_exchange, port, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n")
+        self.assertIn(status_of(long_line), (0, 400))
+        big = yield self.in_thread(raw_exchange, port, b"GET / HTTP/1.1\r\nHost: x\r\n" +
+                                   b"X-Big: " + b"b" * 9000 + b"\r\nX-Big2: " + b"b" * 9000 + b"\r\n\r\n")
+        self.assertEqual(status_of(big), 400)
+        many = yield self.in_thread(raw_exchange, port, b"GET / HTTP/1.1\r\nHost: x\r\n" +
+                                    b"".join(b"X-%d: 1\r\n" % i for i in range(600)) + b"\r\n")
+        self.assertEqual(status_of(many), 400)
+        self.assertEqual(self.recorder.seen, [])
+        yield self.assert_released()
+
+    @inlineCallbacks
+    def test_pipelined_flood_is_served_one_at_a_time(self) -> Any:
+        """200 pipelined requests on one connection are answered in order, never more than one in flight."""
+        port = self.stack.http_port
+        peak = [0]
+
+        def sample() -> None:
+            peak[0] = max(peak[0], self.stack.server_in_flight())
+
+        from twisted.internet.task import LoopingCall
+        sampler = LoopingCall(sample)
+        sampler.start(0.001)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+        data = b"".join(b"GET /p%d HTTP/1.1\r\nHost: app.test\r\n\r\n" % i for i in range(199))
+        data += b"GET /p199 HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+        response = yield self.in_thread(raw_exchange, port, data)
+        sampler.stop()
+        self.assertEqual(response.count(b"HTTP/1.1 200 OK"), 200)
+        self.assertEqual(self.recorder.paths(), [f"/p{i}" for i in range(200)])
+        self.assertLessEqual(peak[0], 1)
+        yield self.assert_released()
+
+
 _TOKENS = [b"GET", b"POST", b"HEAD", b"OPTIONS", b"G\x00T", b"/", b"/x?y=1", b"*", b"http://evil/", b" ", b"  ",
            b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/9", b"\r\n", b"\n", b"\r", b":", b"Host: app.test",
            b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: 99999999999999999999",

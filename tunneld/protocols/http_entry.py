@@ -525,7 +525,7 @@ class EntrySite(server.Site):
     def __init__(self, dispatcher: Dispatcher, clock: IReactorTime, *, scheme: str = "http",
                  max_header_size: int = 16384, websocket: Any = None, header_timeout: float = 20.0,
                  max_connections: int = 10000) -> None:
-        super().__init__(EntryResource())
+        super().__init__(EntryResource(), reactor=clock)   # twisted.web's own timers on the same clock
         self.websocket = websocket  # renders upgrade requests (autobahn's WebSocketResource)
         self.dispatcher = dispatcher
         self.clock = clock
