@@ -496,6 +496,18 @@ class EntryChannel(http.HTTPChannel):
             self.site.connection_closed(self)
 
 
+class _EntryProtocol(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
+    """twisted.web's protocol switcher, releasing our channel's count whatever channel ends up serving."""
+
+    def __init__(self, channel: EntryChannel) -> None:
+        super().__init__(channel)
+        self._entry_channel = channel
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self._entry_channel.release()   # idempotent; covers a switch to another channel (h2)
+
+
 _OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 28\r\n"
                b"Connection: close\r\n\r\n503 too many connections\r\n\r\n")
 
@@ -520,7 +532,7 @@ class EntrySite(server.Site):
     requestFactory = EntryRequest
 
     def protocol(self) -> Any:  # type: ignore[override]
-        return http._GenericHTTPChannelProtocol(EntryChannel())
+        return _EntryProtocol(EntryChannel())
 
     def __init__(self, dispatcher: Dispatcher, clock: IReactorTime, *, scheme: str = "http",
                  max_header_size: int = 16384, websocket: Any = None, header_timeout: float = 20.0,
