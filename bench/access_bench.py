@@ -7,9 +7,12 @@
    ``open`` (no access control) and ``auth`` (``basic_auth`` with a bcrypt
    cost-10 hash, every request carrying the right credentials). The runs
    alternate open/auth/open/auth; every process (backend, server, client, wrk)
-   is pinned to one CPU with taskset.
+   is pinned to one CPU with taskset. Also the server CPU per request
+   (utime+stime delta over the run / requests), which other work on a busy
+   machine disturbs less than req/s.
 2. Slowloris: ``--slowloris`` connections each send a request line and one
-   header line, then one more header line every 2 s; the server's CPU
+   header line (opened in batches of 40, under the listen backlog), then
+   one more header line every 2 s; the server's CPU
    (utime+stime from /proc) is sampled while they are held and while
    ``header_timeout`` cuts them, and a normal request is timed every 0.5 s
    meanwhile. Bounded: header_timeout + 30 s at most.
@@ -25,11 +28,13 @@ import http.client
 import json
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,8 @@ sys.path.insert(0, str(HERE))
 
 import bcrypt  # noqa: E402
 
-import bench as hb  # noqa: E402
+import common as hb  # noqa: E402  (bench/common.py: ports, processes by PID, /proc readings)
+from http_bench import parse_wrk  # noqa: E402
 
 PASSWORD = "bench-password"
 
@@ -59,44 +65,65 @@ def get(port: int, host: str, headers: dict[str, str] | None = None, timeout: fl
         conn.close()
 
 
-def wrk(pin: list[str], port: int, host: str, headers: dict[str, str], duration: int) -> dict[str, Any]:
+def wrk(pin: list[str], port: int, host: str, headers: dict[str, str], duration: int, server_pid: int) -> dict[str, Any]:
     argv = pin + ["wrk", "-t1", "-c64", f"-d{duration}s", "--latency", "-H", f"Host: {host}"]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
     argv.append(f"http://127.0.0.1:{port}/small")
     log(" ".join(a if not a.startswith("Authorization") else "Authorization: Basic ..." for a in argv))
+    cpu0 = hb.proc_cpu_seconds(server_pid) or 0.0
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    cpu1 = hb.proc_cpu_seconds(server_pid) or 0.0
     if out.returncode != 0:
         raise hb.BenchError(f"wrk failed: {out.stderr}")
-    result = hb.parse_wrk(out.stdout)
+    result = parse_wrk(out.stdout)
+    # Server CPU per request: less sensitive than req/s to other work on the CPU.
+    result["server_cpu_us_per_request"] = round(1e6 * (cpu1 - cpu0) / max(1, result.get("requests") or 1), 1)
     errors = [line for line in out.stdout.splitlines() if "Non-2xx" in line or "Socket errors" in line]
     result["errors"] = errors
     return result
 
 
-def slowloris(port: int, count: int, header_timeout: float, server_pid: int) -> dict[str, Any]:
+def metric(admin_port: int, name: str) -> float:
+    """One unlabelled sample from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return -1.0
+
+
+def slowloris(port: int, count: int, header_timeout: float, server_pid: int, admin_port: int) -> dict[str, Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 1000)), hard))
     socks: list[socket.socket] = []
     cpu0 = hb.proc_cpu_seconds(server_pid) or 0.0
     t0 = time.monotonic()
-    for _ in range(count):
-        s = socket.socket()
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        socks.append(s)
-    time.sleep(0.5)   # let the connects complete (bounded; not a measurement)
-    for s in socks:
-        try:
+    for start in range(0, count, 40):
+        # In batches below the listen backlog (50), each batch connected before the next.
+        batch = []
+        for _ in range(min(40, count - start)):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            batch.append(s)
+        for s in batch:
+            poller = select.poll()
+            poller.register(s, select.POLLOUT)
+            poller.poll(5000)
             s.send(b"GET /small HTTP/1.1\r\nHost: open.test\r\n")
-        except OSError:
-            pass
+        socks.extend(batch)
+        bound = time.monotonic() + 5
+        while metric(admin_port, "tunneld_http_connections") < len(socks) and time.monotonic() < bound:
+            time.sleep(0.01)
     opened = time.monotonic() - t0
     cpu_open = (hb.proc_cpu_seconds(server_pid) or 0.0) - cpu0
-    log(f"{count} slowloris connections opened in {opened:.2f} s (server CPU {cpu_open:.2f} s)")
+    held_by_server = metric(admin_port, "tunneld_http_connections")
+    log(f"{count} slowloris connections opened in {opened:.2f} s (server CPU {cpu_open:.2f} s), "
+        f"server holds {held_by_server}")
     alive = set(range(count))
     samples = []
     probe_max = 0.0
@@ -142,6 +169,7 @@ def slowloris(port: int, count: int, header_timeout: float, server_pid: int) -> 
         samples.append((round(time.monotonic() - t0, 2), len(alive), hb.proc_cpu_seconds(server_pid)))
         time.sleep(0.5)
     all_cut = time.monotonic() - t0 if not alive else None
+    timeouts = metric(admin_port, "tunneld_http_header_timeouts_total")
     cpu_end = hb.proc_cpu_seconds(server_pid) or 0.0
     # CPU while held: from all-open to the first cut
     held_samples = [(t, c) for t, n, c in samples if n == count and c is not None]
@@ -152,7 +180,8 @@ def slowloris(port: int, count: int, header_timeout: float, server_pid: int) -> 
     for s in socks:
         s.close()
     return {
-        "connections": count, "opened_s": round(opened, 2), "server_cpu_to_open_s": round(cpu_open, 2),
+        "connections": count, "held_by_server": held_by_server, "header_timeouts_counted": timeouts,
+        "opened_s": round(opened, 2), "server_cpu_to_open_s": round(cpu_open, 2),
         "held_cpu_pct": None if held_cpu_pct is None else round(held_cpu_pct, 1),
         "first_cut_s": None if first_cut is None else round(first_cut, 2),
         "all_cut_s": None if all_cut is None else round(all_cut, 2),
@@ -167,12 +196,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--cpu", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=3, help="open/auth wrk run pairs, alternating")
     parser.add_argument("--slowloris", type=int, default=2000)
     parser.add_argument("--header-timeout", type=float, default=10.0)
     parser.add_argument("--output", default=str(HERE / "results" / "access-latest.json"))
     args = parser.parse_args()
     pin = ["taskset", "-c", str(args.cpu)]
-    tunnel_port, http_port, backend_port = hb.free_ports(3)
+    tunnel_port, http_port, backend_port, admin_port = hb.free_ports(4)
     tmp = Path(tempfile.mkdtemp(prefix="tunneld-access-bench-"))
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(10)).decode()
     t = time.perf_counter()
@@ -184,7 +214,7 @@ def main() -> int:
 tunnel_listen = "127.0.0.1:{tunnel_port}"
 http_listen = "127.0.0.1:{http_port}"
 grpc_listen = ""
-admin_listen = ""
+admin_listen = "127.0.0.1:{admin_port}"
 drain_timeout = 2
 header_timeout = {args.header_timeout}
 [[groups]]
@@ -209,17 +239,15 @@ client_id = "bench"
 drain_timeout = 2
 """)
     twistd = hb.find_twistd()
-    procs = hb.Procs()
+    procs = hb.Procs(tmp)
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
     results: dict[str, Any] = {"cpu": args.cpu, "bcrypt_cost10_ms": round(bcrypt_ms, 1), "wrk": []}
     auth = {"Authorization": "Basic " + base64.b64encode(f"bench:{PASSWORD}".encode()).decode()}
     try:
-        procs.start("backend", pin + [sys.executable, str(HERE / "backend.py"), "--port", str(backend_port)],
-                    tmp / "backend.log", env)
+        procs.start("backend", pin + [sys.executable, str(HERE / "backend.py"), "--port", str(backend_port)], env)
         server = procs.start("server", pin + [twistd, "-n", "--pidfile=", "tunneld-server", "-c", str(server_toml)],
-                             tmp / "server.log", env)
-        procs.start("client", pin + [twistd, "-n", "--pidfile=", "tunneld-client", "-c", str(client_toml)],
-                    tmp / "client.log", env)
+                             env)
+        procs.start("client", pin + [twistd, "-n", "--pidfile=", "tunneld-client", "-c", str(client_toml)], env)
         deadline = time.monotonic() + 30
         while True:
             procs.check_alive()
@@ -232,18 +260,22 @@ drain_timeout = 2
                 raise hb.BenchError("the tunnel did not answer within 30 s")
             time.sleep(0.2)
         assert get(http_port, "auth.test")[0] == 401
-        for host, headers in (("open.test", {}), ("auth.test", auth), ("open.test", {}), ("auth.test", auth)):
-            r = wrk(pin, http_port, host, headers, args.duration)
-            results["wrk"].append({"route": host.split(".")[0], "rps": r.get("rps"), "p50_ms": r.get("p50_ms"),
+        for host, headers in [("open.test", {}), ("auth.test", auth)] * args.pairs:
+            r = wrk(pin, http_port, host, headers, args.duration, server.pid)
+            results["wrk"].append({"route": host.split(".")[0], "rps": r.get("rps"),
+                                   "server_cpu_us_per_request": r["server_cpu_us_per_request"], "p50_ms": r.get("p50_ms"),
                                    "p99_ms": r.get("p99_ms"), "errors": r["errors"]})
-            log(f"{host}: {r.get('rps')} req/s p50 {r.get('p50_ms')} ms p99 {r.get('p99_ms')} ms {r['errors']}")
+            log(f"{host}: {r.get('rps')} req/s, server {r['server_cpu_us_per_request']} us CPU/request, p50 {r.get('p50_ms')} ms p99 {r.get('p99_ms')} ms {r['errors']}")
         open_rps = [w["rps"] for w in results["wrk"] if w["route"] == "open"]
         auth_rps = [w["rps"] for w in results["wrk"] if w["route"] == "auth"]
         results["open_rps_mean"] = round(sum(open_rps) / len(open_rps), 1)
         results["auth_rps_mean"] = round(sum(auth_rps) / len(auth_rps), 1)
         results["auth_vs_open"] = round(results["auth_rps_mean"] / results["open_rps_mean"], 3)
+        for route in ("open", "auth"):
+            cpu = [w["server_cpu_us_per_request"] for w in results["wrk"] if w["route"] == route]
+            results[f"{route}_server_cpu_us_per_request_mean"] = round(sum(cpu) / len(cpu), 1)
         os.sched_setaffinity(0, {args.cpu})
-        results["slowloris"] = slowloris(http_port, args.slowloris, args.header_timeout, server.pid)
+        results["slowloris"] = slowloris(http_port, args.slowloris, args.header_timeout, server.pid, admin_port)
     finally:
         procs.stop_all()
     out = Path(args.output)
