@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
@@ -277,6 +278,8 @@ basic_auth = ["alice:{new_hash}"]
 
 
 class IpRuleTests(AccessTestCase):
+    server_settings = {"admin_listen": "127.0.0.1:0"}
+
     def routes(self, backend: str, ws_backend: str) -> list[dict[str, Any]]:
         return [
             {"name": "denied", "backend": backend, "path_prefix": "/deny", "deny_ips": ["127.0.0.2/32", "::1/128"]},
@@ -286,8 +289,17 @@ class IpRuleTests(AccessTestCase):
 
     @inlineCallbacks
     def test_403_from_denied_and_not_allowed_addresses_200_from_allowed(self) -> Any:
-        """deny_ips refuses 127.0.0.2 with 403; allow_ips refuses 127.0.0.1 and serves 127.0.0.2; refusals are counted."""
+        """deny_ips refuses 127.0.0.2 with 403; allow_ips refuses 127.0.0.1 and serves 127.0.0.2; refusals are logged and counted."""
         port = self.stack.http_port
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            text = formatEvent(event)
+            if text.startswith("access refused"):
+                lines.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         self.assertEqual(status_of((yield self.in_thread(get, port, "/deny", source="127.0.0.2"))), 403)
         self.assertEqual(status_of((yield self.in_thread(get, port, "/allow", source="127.0.0.1"))), 403)
         self.assertEqual(self.recorder.seen, [])
@@ -295,6 +307,25 @@ class IpRuleTests(AccessTestCase):
         self.assertEqual(status_of((yield self.in_thread(get, port, "/deny", source="127.0.0.1"))), 200)
         self.assertEqual(self.recorder.paths(), ["/allow", "/deny"])
         yield self.assert_released()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("route=denied reason=ip_denied status=403 address=127.0.0.2", lines[0])
+        self.assertIn("route=office reason=ip_not_allowed status=403 address=127.0.0.1", lines[1])
+
+        def admin(path: str) -> bytes:
+            raw = raw_exchange(self.stack.server.admin.port.getHost().port,   # type: ignore[union-attr]
+                               f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            return raw.split(b"\r\n\r\n", 1)[1]
+
+        metrics = (yield self.in_thread(admin, "/metrics")).decode()
+        self.assertIn('tunneld_access_refusals_total{reason="ip_denied",route="denied"} 1.0', metrics)
+        self.assertIn('tunneld_access_refusals_total{reason="ip_not_allowed",route="office"} 1.0', metrics)
+        self.assertIn("tunneld_http_header_timeouts_total 0.0", metrics)
+        self.assertIn("tunneld_http_connections_refused_total 0.0", metrics)
+        status = json.loads((yield self.in_thread(admin, "/status")))
+        routes = {r["name"]: r for r in status["routes"]}
+        self.assertEqual((routes["denied"]["access"], routes["denied"]["refusals"]), ("deny_ips", {"ip_denied": 1}))
+        self.assertEqual(routes["office"]["refusals"], {"ip_not_allowed": 1})
+        self.assertEqual(status["counters"]["access_refusals"], 2)
 
 
 class LimitTests(AccessTestCase):
