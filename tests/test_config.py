@@ -1130,3 +1130,61 @@ class FrameSizeTests(ConfigTestCase):
     def test_too_small(self) -> None:
         """Below 1024 bytes is an error."""
         self.assert_error("[server]\nmax_frame_size = 100\n", "[server]", "max_frame_size", "1024")
+
+
+_BCRYPT_LINE = "alice:$2y$05$" + "a" * 53
+
+
+class AccessConfigTests(ConfigTestCase):
+    def route(self, extra: str) -> str:
+        return GROUP + '[[routes]]\nname = "web"\nbackend = "http://127.0.0.1:3000"\n' + extra
+
+    def test_defaults_and_values(self) -> None:
+        """header_timeout 20 and max_connections 10000 by default; access keys load, CIDRs normalised."""
+        loaded = self.load(GROUP + WEB)
+        self.assertEqual((loaded.server.header_timeout, loaded.server.max_connections), (20.0, 10000))
+        self.assertFalse(loaded.routes[0].protected)
+        loaded = self.load("[server]\nheader_timeout = 5\nmax_connections = 50\n" + self.route(
+            f'basic_auth = ["{_BCRYPT_LINE}"]\nallow_ips = ["10.1.2.3/8", "2001:db8::1"]\ndeny_ips = ["10.6.0.0/16"]\n'))
+        self.assertEqual((loaded.server.header_timeout, loaded.server.max_connections), (5.0, 50))
+        route = loaded.routes[0]
+        self.assertEqual(route.allow_ips, ("10.0.0.0/8", "2001:db8::1/128"))
+        self.assertEqual(route.deny_ips, ("10.6.0.0/16",))
+        self.assertEqual(route.basic_auth, (_BCRYPT_LINE,))
+        self.assertTrue(route.protected)
+        self.assertNotIn("$2y$", repr(route))
+
+    def test_malformed_cidr_names_the_entry(self) -> None:
+        """A malformed CIDR is an error naming file, table, key and the item."""
+        self.assert_error(self.route('allow_ips = ["10.0.0.0/8", "10.0.0.300/8"]\n'), "[[routes]] #1 'web'",
+                          "allow_ips", "item 2", "'10.0.0.300/8'")
+        self.assert_error(self.route('deny_ips = ["fe80::/200"]\n'), "[[routes]] #1 'web'", "deny_ips", "item 1")
+        self.assert_error(self.route('deny_ips = "10.0.0.0/8"\n'), "[[routes]] #1 'web'", "deny_ips", "array")
+
+    def test_malformed_htpasswd_names_the_entry(self) -> None:
+        """A non-bcrypt or broken htpasswd line is an error naming the item and user, duplicates too."""
+        self.assert_error(self.route('basic_auth = ["bob:$apr1$xyz$abcdefghijklmnopqrstuv"]\n'),
+                          "[[routes]] #1 'web'", "basic_auth", "item 1", "user 'bob'", "bcrypt")
+        self.assert_error(self.route('basic_auth = ["no-colon-here"]\n'), "[[routes]] #1 'web'", "basic_auth",
+                          "item 1", "htpasswd line")
+        self.assert_error(self.route(f'basic_auth = ["{_BCRYPT_LINE}", "{_BCRYPT_LINE}"]\n'),
+                          "[[routes]] #1 'web'", "basic_auth", "item 2", "user 'alice'")
+
+    def test_limits_validated(self) -> None:
+        """header_timeout must be > 0 seconds and max_connections >= 1."""
+        self.assert_error("[server]\nheader_timeout = 0\n", "[server]", "header_timeout", "> 0")
+        self.assert_error("[server]\nmax_connections = 0\n", "[server]", "max_connections", ">= 1")
+
+    def test_grpc_routes_refuse_access_keys(self) -> None:
+        """Access control on a gRPC route is refused (the gRPC entry does not enforce it)."""
+        self.assert_error(GROUP + '[[routes]]\nname = "g"\ngrpc_service = "a.B"\nbackend = "grpc://127.0.0.1:1"\n'
+                          'allow_ips = ["10.0.0.0/8"]\n', "[[routes]] #1 'g'", "allow_ips", "HTTP and WebSocket")
+
+    def test_describe_counts_protected_routes(self) -> None:
+        """check's summary says how many routes are protected, and by what."""
+        text = describe(self.load(self.route(f'basic_auth = ["{_BCRYPT_LINE}"]\n') +
+                                  '[[routes]]\nname = "b"\npath_prefix = "/b"\nbackend = "http://127.0.0.1:3000"\n'
+                                  'deny_ips = ["10.0.0.0/8"]\n[[routes]]\nname = "c"\npath_prefix = "/c"\n'
+                                  'backend = "http://127.0.0.1:3000"\n'))
+        self.assertIn("2 protected: 1 basic_auth, 1 IP rules", text)
+        self.assertNotIn("$2y$", text)

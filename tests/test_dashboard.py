@@ -36,7 +36,8 @@ class DashboardTests(TestCase):
             [{"name": "web", "group": "edge", "backend": origin, "host": "app.example.com"},
              {"name": "api", "group": "edge", "backend": origin, "host": "api.example.com"},
              {"name": "greeter", "group": "edge", "grpc_service": "helloworld.Greeter", "backend": "grpc://127.0.0.1:50051"},
-             {"name": "reports", "group": "batch", "backend": origin, "path_prefix": "/reports"}],
+             {"name": "reports", "group": "batch", "backend": origin, "path_prefix": "/reports"},
+             {"name": "ops", "group": "edge", "backend": origin, "host": "ops.example.com", "allow_ips": ["10.0.0.0/8"]}],
             groups=[{"name": "edge", "tokens": [TOKEN]}, {"name": "batch", "tokens": ["batch-token"]}],
             server={"admin_listen": "127.0.0.1:0", "admin_token": ADMIN_TOKEN},
         )
@@ -64,9 +65,10 @@ class DashboardTests(TestCase):
         codes = []
         for host, path in (("app.example.com", "/"), ("app.example.com", "/bytes/100"), ("api.example.com", "/echo"),
                            ("api.example.com", "/echo"), ("app.example.com", "/status/500"),
-                           ("other.example.com", "/"), ("reports.example.com", "/reports/daily")):
+                           ("other.example.com", "/"), ("reports.example.com", "/reports/daily"),
+                           ("ops.example.com", "/")):
             codes.append((yield self.get(host, path)))
-        self.assertEqual(codes, [200, 200, 200, 200, 500, 404, 502])
+        self.assertEqual(codes, [200, 200, 200, 200, 500, 404, 502, 403])
         self.pending = treq.get(self.stack.url("/held"), headers={b"Host": [b"app.example.com"]}, persistent=False)
         self.pending.addCallback(treq.content)
         yield wait_for(lambda: len(self.held.requests) == 1, what="a request held at the backend")
@@ -85,7 +87,8 @@ class DashboardTests(TestCase):
         yield self.browser.run(page.call, "Page.navigate", url=url)
         text = yield self.browser.run(page.wait_for_text, "edge-1")
         for expected in ("Connected clients", "api.example.com/", "no client", "no route",
-                         "5xx 1", "4xx 1", "/status/500", "/reports/daily", "Recent failures"):
+                         "5xx 1", "4xx 1", "/status/500", "/reports/daily", "Recent failures",
+                         "ACCESS REFUSED", "allow_ips", "ip_not_allowed 1"):
             self.assertIn(expected, text)
         # A marker survives the update: the page changes in place, it is not reloaded.
         yield self.browser.run(page.evaluate, "window.__marker = 'kept'")

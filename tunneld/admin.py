@@ -96,6 +96,11 @@ class RequestMetrics:
         self.duration = Histogram(
             "tunneld_request_duration_seconds", "Time from a request's start to its end.", ["protocol", "route"],
             buckets=DURATION_BUCKETS, registry=registry)
+        self.refusals = Counter(
+            "tunneld_access_refusals", "Requests refused by a route's access control, by route and reason "
+            "(ip_denied, ip_not_allowed, no_credentials, bad_credentials, too_many_failures).",
+            ["route", "reason"], registry=registry)
+        self.refusal_tally: dict[tuple[str, str], int] = {}
         self.tally: dict[tuple[str, str, str], int] = {}
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self.recent_errors: deque[dict[str, object]] = deque(maxlen=RECENT_ERRORS)
@@ -120,6 +125,10 @@ class RequestMetrics:
         duration = float(record.get("duration", 0.0) or 0.0)
         durations.observe(duration)
         self.tally[key] = self.tally.get(key, 0) + 1
+        refusal = record.get("refusal")
+        if refusal:
+            self.refusals.labels(route, str(refusal)).inc()
+            self.refusal_tally[(route, str(refusal))] = self.refusal_tally.get((route, str(refusal)), 0) + 1
         if is_failure(klass):
             self.recent_errors.appendleft({
                 "time": self.clock(), "protocol": protocol, "route": route, "status": _jsonable(record.get("status")),
@@ -133,6 +142,13 @@ class RequestMetrics:
         for (_, route, klass), n in self.tally.items():
             classes = out.setdefault(route, {})
             classes[klass] = classes.get(klass, 0) + n
+        return out
+
+    def refusals_by_route(self) -> dict[str, dict[str, int]]:
+        """route -> refusal reason -> count."""
+        out: dict[str, dict[str, int]] = {}
+        for (route, reason), n in self.refusal_tally.items():
+            out.setdefault(route, {})[reason] = n
         return out
 
     def summary(self) -> dict[str, object]:
@@ -217,6 +233,14 @@ class ServerCollector:
         yield _counter("tunneld_flow_control_stalls", "Times a request's sender paused on an empty window.",
                        counters.get("flow_stalls", 0) + stalls)
         yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
+        entry = getattr(hub, "entry", None)
+        if entry is not None:
+            yield _gauge("tunneld_http_connections", "Open connections on the HTTP entry (WebSockets included).",
+                         entry.connections)
+            yield _counter("tunneld_http_connections_refused", "Connections answered 503 and closed at "
+                           "max_connections.", entry.refused_connections)
+            yield _counter("tunneld_http_header_timeouts", "Connections closed for not sending a complete "
+                           "request head within header_timeout.", entry.header_timeouts)
 
 
 def _stream_in_flight(entry: Any) -> int:
@@ -228,6 +252,11 @@ def _route_match(route: Any) -> str:
     if getattr(route, "grpc_service", ""):
         return f"grpc {route.grpc_service}" + (f" @ {route.host}" if route.host else "")
     return f"{route.host or '*'}{route.path_prefix}"
+
+
+def _access_summary(route: Any) -> str:
+    """What guards a route, for /status and the dashboard: "basic_auth, allow_ips" or ""."""
+    return ", ".join(k for k in ("basic_auth", "allow_ips", "deny_ips") if getattr(route, k, ()))
 
 
 def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float,
@@ -256,6 +285,7 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
             "routes": [r.name for r in config.routes if r.group == name],
         })
     tally = metrics.by_route() if metrics is not None else {}
+    refused = metrics.refusals_by_route() if metrics is not None else {}
     routes: list[dict[str, object]] = []
     for r in config.routes:
         routes.append({
@@ -263,6 +293,7 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
             "group": r.group, "backend": r.backend,
             "clients": sorted({str(c["client_id"]) for c in clients if c["group"] == r.group}),
             "requests": tally.get(r.name, {}),
+            "access": _access_summary(r), "refusals": refused.get(r.name, {}),
         })
     for f in getattr(config, "forward", ()):
         routes.append({
@@ -276,6 +307,12 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
     counters = dict(hub.counters)
     counters["messages_dropped"] = counters.get("messages_dropped", 0) + dropped
     counters["flow_stalls"] = counters.get("flow_stalls", 0) + stalls
+    entry = getattr(hub, "entry", None)
+    if entry is not None:
+        counters["http_connections"] = entry.connections
+        counters["http_connections_refused"] = entry.refused_connections
+        counters["http_header_timeouts"] = entry.header_timeouts
+    counters["access_refusals"] = sum(sum(r.values()) for r in refused.values())
     s = config.server
     return {
         "role": "server", "version": __version__, "now": now, "started": started, "draining": hub.draining,
@@ -583,6 +620,13 @@ function td(v, cls) { return el("td", cls, v); }
 function tile(n, label, kind) { return el("div", "tile" + (kind ? " " + kind : ""), el("div", "n", n), el("div", "l", label)); }
 function section(title, note, body) { return el("section", null, el("h2", null, title, note ? el("small", null, note) : null), body); }
 
+function refusals(r) {
+  const counts = r.refusals || {};
+  const keys = Object.keys(counts).sort();
+  const guard = r.access ? [el("span", "mono", r.access), " "] : [el("span", "arrow", "open")];
+  return guard.concat(keys.map((k) => pill(k + " " + counts[k], "bad")));
+}
+
 function failures(d) {
   const rows = d.recent_errors.map((e) => el("tr", null,
     td(new Date(e.time * 1000).toLocaleTimeString(), "mono"), td(e.protocol), td(e.route, "mono"),
@@ -601,7 +645,8 @@ function renderServer(d) {
   const tiles = [tile(t.clients, "clients", t.clients ? "good" : "bad"), tile(t.streams, "streams"),
     tile(t.in_flight, "in flight"), tile(t.requests, "requests"), tile(t.errors, "failed", t.errors ? "bad" : ""),
     tile(d.counters.messages_dropped, "dropped msgs", d.counters.messages_dropped ? "bad" : ""),
-    tile(d.counters.flow_stalls, "flow stalls")];
+    tile(d.counters.flow_stalls, "flow stalls"),
+    tile(d.counters.access_refusals || 0, "access refused", d.counters.access_refusals ? "bad" : "")];
   const clients = d.clients.map((c) => el("tr", null,
     td(el("b", null, c.client_id)), td(c.group), td(c.address, "mono"), td(c.version),
     td(dur(d.now - c.connected_at), "num"), td(dur(d.now - c.last_heartbeat) + " ago", "num"), td(ms(c.rtt), "num"),
@@ -611,9 +656,10 @@ function renderServer(d) {
     td(r.kind === "forward" ? el("span", "arrow", "forward") : [el("span", "arrow", "\u2192 "), r.group]),
     td(r.kind === "forward" ? "" : (r.clients.length ? r.clients.map((c) => pill(c, "ok"))
                                                         : pill("no client", "bad"))),
-    td(r.backend, "mono"), td(classes(r.requests))));
+    td(r.backend, "mono"), td(classes(r.requests)), td(refusals(r))));
   if (Object.keys(d.unrouted || {}).length) {
-    routes.push(el("tr", null, td(el("i", null, "no route")), td("-"), td(""), td(""), td(""), td(classes(d.unrouted))));
+    routes.push(el("tr", null, td(el("i", null, "no route")), td("-"), td(""), td(""), td(""), td(classes(d.unrouted)),
+      td("")));
   }
   const groups = d.groups.map((g) => el("tr", null, td(el("b", null, g.name)), td(g.clients, "num"),
     td(g.streams, "num"), td(g.in_flight, "num"), td(g.routes.join(", ") || "-")));
@@ -623,7 +669,8 @@ function renderServer(d) {
       table(["client", "group", "address", "version", "connected#", "heartbeat#", "rtt#", "in flight#", "health"],
             clients, "No client is connected.")),
     section("Routes", "what flows where: route \u2192 group \u2192 clients, and how it went",
-      table(["route", "match", "group", "clients", "backend", "requests by status"], routes, "No routes configured.")),
+      table(["route", "match", "group", "clients", "backend", "requests by status", "access / refused"], routes,
+            "No routes configured.")),
     section("Groups", null, table(["group", "clients#", "streams#", "in flight#", "routes"], groups, "No groups.")),
     failures(d));
 }

@@ -277,7 +277,8 @@ class ClientHub:
         ordered = ready[self._turn:] + ready[:self._turn]
         return min(ordered, key=lambda link: link.in_flight)
 
-    def dispatch(self, host: str, path: str) -> Target | Refusal:
+    def dispatch(self, host: str, path: str, address: str = "",
+                 headers: list[tuple[bytes, bytes]] | None = None) -> Target | Refusal:
         """Every entry request goes to a server, which matches its [[forward]] rules."""
         if self.draining:
             return Refusal(503, "client is shutting down")

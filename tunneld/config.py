@@ -35,6 +35,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from tunneld.registry.access import parse_cidr, parse_htpasswd_line
 from tunneld.window import MAX_WINDOW_CAP
 
 __all__ = [
@@ -108,6 +109,8 @@ class ServerSettings:
     max_message_size: int = 67108864  # gRPC message limit on the tunnel port
     max_frame_size: int = 1048576  # tunnel frames: messages packed per gRPC write (<= max_message_size)
     max_header_size: int = 16384  # HTTP entry: total request header bytes
+    header_timeout: float = 20.0  # HTTP entry: seconds for a complete request head (each request), else closed
+    max_connections: int = 10000  # HTTP entry: open connections; beyond, new ones get 503 and are closed
     tls_cert: str = ""  # tunnel port: PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: str = ""
     tls_client_ca: str = ""  # tunnel port: PEM CA bundle; set = clients must present a certificate (mTLS)
@@ -146,6 +149,14 @@ class Route:
     grpc_service: str = ""  # "package.Service"; set => a gRPC route (path_prefix ignored)
     max_message_size: int = 16777216  # WebSocket / gRPC message limit
     max_body_size: int = 0  # HTTP request body limit, 0 = unlimited
+    basic_auth: tuple[str, ...] = field(default=(), repr=False)  # htpasswd lines "user:$2y$..." (bcrypt)
+    allow_ips: tuple[str, ...] = ()  # CIDRs; set = only these client addresses are served (403 otherwise)
+    deny_ips: tuple[str, ...] = ()  # CIDRs refused with 403 (checked before allow_ips)
+
+    @property
+    def protected(self) -> bool:
+        """Does access control apply (basic auth or an IP rule)?"""
+        return bool(self.basic_auth or self.allow_ips or self.deny_ips)
 
 
 @dataclass(frozen=True)
@@ -632,6 +643,8 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         max_message_size=max_message_size,
         max_frame_size=_frame_size(t, d.max_frame_size, max_message_size),
         max_header_size=t.integer("max_header_size", d.max_header_size, 1),
+        header_timeout=t.seconds("header_timeout", d.header_timeout),
+        max_connections=t.integer("max_connections", d.max_connections, 1),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
         access_log=t.boolean("access_log", d.access_log),
         admin_token=t.text("admin_token", d.admin_token),
@@ -724,6 +737,7 @@ def _parse_route(t: _Table, settings: ServerSettings, groups: tuple[str, ...]) -
             "set grpc_service for a gRPC route; WebSocket upgrades use http(s)",
         )
     timeout = t.seconds("timeout", d.timeout, zero_ok=True)
+    basic_auth, allow_ips, deny_ips = _access(t, bool(grpc_service))
     return Route(
         name=name,
         group=group,
@@ -735,7 +749,37 @@ def _parse_route(t: _Table, settings: ServerSettings, groups: tuple[str, ...]) -
         grpc_service=grpc_service,
         max_message_size=t.integer("max_message_size", d.max_message_size, 1),
         max_body_size=t.integer("max_body_size", d.max_body_size, 0),
+        basic_auth=basic_auth,
+        allow_ips=allow_ips,
+        deny_ips=deny_ips,
     )
+
+
+def _access(t: _Table, grpc: bool) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """``basic_auth``, ``allow_ips``, ``deny_ips``: every entry checked, CIDRs normalised."""
+    lines = t.texts("basic_auth", ())
+    users: dict[str, int] = {}
+    for index, line in enumerate(lines, 1):
+        try:
+            user, _ = parse_htpasswd_line(line)
+        except ValueError as exc:
+            raise t.error("basic_auth", f"item {index}: {exc}") from None
+        if user in users:
+            raise t.error("basic_auth", f"item {index}: user {user!r} is also item {users[user]}")
+        users[user] = index
+    cidrs = {}
+    for key in ("allow_ips", "deny_ips"):
+        normalised = []
+        for index, text in enumerate(t.texts(key, ()), 1):
+            try:
+                normalised.append(str(parse_cidr(text)))
+            except ValueError as exc:
+                raise t.error(key, f"item {index}: {exc}") from None
+        cidrs[key] = tuple(normalised)
+    if grpc and (lines or cidrs["allow_ips"] or cidrs["deny_ips"]):
+        key = "basic_auth" if lines else ("allow_ips" if cidrs["allow_ips"] else "deny_ips")
+        raise t.error(key, "applies to HTTP and WebSocket routes only; the gRPC entry has no access control")
+    return tuple(line.strip() for line in lines), cidrs["allow_ips"], cidrs["deny_ips"]
 
 
 def _parse_upstream(t: _Table) -> Upstream:
@@ -971,6 +1015,13 @@ def _admin(listen: str, token: str) -> str:
     return f"{listen} ({'token' if token else 'no token'})"
 
 
+def _protected(routes: tuple[Route, ...]) -> str:
+    auth = sum(1 for r in routes if r.basic_auth)
+    ips = sum(1 for r in routes if r.allow_ips or r.deny_ips)
+    protected = sum(1 for r in routes if r.protected)
+    return f"{protected} protected: {auth} basic_auth, {ips} IP rules"
+
+
 def describe(config: ServerConfig | ClientConfig) -> str:
     """A one-line summary: listeners, groups and routes, or server, group and entry."""
     if isinstance(config, ClientConfig):
@@ -991,6 +1042,6 @@ def describe(config: ServerConfig | ClientConfig) -> str:
         f"http {s.http_listen}, grpc {s.grpc_listen or 'off'}, "
         f"admin {_admin(s.admin_listen, s.admin_token)}, log {s.log_format}; "
         f"groups {names(config.groups)}; "
-        f"routes {names(config.routes)}; upstreams {names(config.upstreams)}; "
+        f"routes {names(config.routes)} ({_protected(config.routes)}); upstreams {names(config.upstreams)}; "
         f"forward {names(config.forward)}; version {config.version()}"
     )

@@ -23,7 +23,9 @@ from tunneld import tunnel_pb2 as pb
 from tunneld.config import ForwardRule, Route, ServerConfig
 from tunneld.grpc_bridge.entry import GrpcRefusal, GrpcTarget
 from tunneld.grpc_bridge.stream import StreamHandle
+from tunneld.protocols.headers import get_first
 from tunneld.protocols.http_entry import Refusal, Target
+from tunneld.registry.access import AccessControl
 from tunneld.registry.routes import RouteTable
 from tunneld.registry.streams import DuplicateStream, StreamEntry, StreamRegistry
 from tunneld.registry.upstreams import UpstreamPool
@@ -60,6 +62,8 @@ class ServerHub:
         self.clock = clock
         self.config = config
         self.routes: RouteTable[Route] = RouteTable(config.routes)
+        self.access = AccessControl(config.routes)
+        self.entry: Any = None   # the HTTP entry's EntrySite (connection metrics), set by the tap
         self.forward_rules: RouteTable[ForwardRule] = RouteTable(config.forward)
         self.upstreams = {u.name: UpstreamPool(u.name, u.backends, u.cooldown) for u in config.upstreams}
         self.upstream_factory = upstream_factory
@@ -214,6 +218,7 @@ class ServerHub:
         old = self.config
         self.config = config
         self.routes = RouteTable(config.routes)
+        self.access.reload(config.routes)   # remembered credentials are forgotten
         self.forward_rules = RouteTable(config.forward)
         pools = {}
         for u in config.upstreams:
@@ -224,7 +229,8 @@ class ServerHub:
             pools[u.name] = pool
         self.upstreams = pools
         self.registry.heartbeat_timeout = config.server.heartbeat_timeout
-        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size")
+        listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size",
+                     "header_timeout", "max_connections")
         changed = [k for k in listeners if getattr(old.server, k) != getattr(config.server, k)]
         if changed:
             self.log.warn("config reload: {keys} change only on restart", keys=", ".join(changed))
@@ -275,17 +281,26 @@ class ServerHub:
         tunnel: Tunnel = chosen.handle.tunnel  # type: ignore[attr-defined]
         return tunnel if tunnel.is_open else None
 
-    def dispatch(self, host: str, path: str) -> Target | Refusal:
+    def dispatch(self, host: str, path: str, address: str = "",
+                 headers: list[tuple[bytes, bytes]] | None = None) -> Target | Refusal:
+        """Which tunnel serves this request from ``address``; access control first (403/401/429)."""
         if self.draining:
             return Refusal(503, "server is shutting down")
         route = self.routes.match_http(host, path)
         if route is None:
             return Refusal(404, f"no route for host {host or '-'} path {path}")
+        policy = self.access.policies.get(route.name) if self.access.policies else None
+        if policy is not None:
+            authorization = get_first(headers, b"authorization") if policy.users and headers else None
+            denial = self.access.check(policy, address, authorization, self.clock.seconds())
+            if denial is not None:
+                return Refusal(denial.status, denial.message, route.name, denial.reason, denial.headers)
         tunnel = self.choose(route.group)
         if tunnel is None:
             return Refusal(502, f"no client connected for group {route.group!r} (route {route.name})", route.name)
         self.counters["requests"] += 1
-        return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size)
+        return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size,
+                      strip_authorization=policy is not None and bool(policy.users))
 
     def dispatch_grpc(self, service: str, authority: str) -> GrpcTarget | GrpcRefusal:
         """The gRPC entry's question: which tunnel serves ``service`` (called at ``authority``)."""
@@ -303,6 +318,12 @@ class ServerHub:
     def finished(self, record: dict[str, object]) -> None:
         if self.metrics is not None:
             self.metrics.observe(record)
+        if record.get("refusal"):
+            # Security events are logged even with access_log off (once per request).
+            self.log.info("access refused: {protocol} {path} route={route} reason={refusal} status={status} "
+                          "address={address} request_id={request_id} trace_id={trace_id}",
+                          **{"address": "", "request_id": "", **record})
+            return
         if not self.config.server.access_log:
             return
         self.log.info(

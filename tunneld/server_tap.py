@@ -139,7 +139,9 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         scheme = "https" if cfg.http_tls_cert else "http"
         websocket = EntryWebSocketResource(EntryWebSocketFactory(hub, reactor, scheme=scheme,
                                                                  ping_interval=cfg.websocket_ping_interval))
-        site = EntrySite(hub, reactor, scheme=scheme, max_header_size=cfg.max_header_size, websocket=websocket)
+        site = EntrySite(hub, reactor, scheme=scheme, max_header_size=cfg.max_header_size, websocket=websocket,
+                         header_timeout=cfg.header_timeout, max_connections=cfg.max_connections)
+        hub.entry = site
         endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key,
                                    proxy_protocol=cfg.proxy_protocol)
         http = StreamServerEndpointService(endpoint, site)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol as Protocol_
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -46,6 +48,7 @@ class Target:
     max_body_size: int = 0
     set_host: str = ""
     max_message_size: int = 0   # WebSocket / gRPC message limit of the route
+    strip_authorization: bool = False   # basic auth was checked here: the credentials stay here
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,22 @@ class Refusal:
     status: int
     message: str
     route: str = ""   # the route it matched, if any (for logs and metrics)
+    reason: str = ""  # access refusals: ip_denied, ip_not_allowed, no_credentials, ... (metrics label)
+    headers: tuple[tuple[bytes, bytes], ...] = ()   # e.g. WWW-Authenticate with a 401
 
 
 class Dispatcher(Protocol):
-    def dispatch(self, host: str, path: str) -> Target | Refusal:
-        """Pick the tunnel for a request, or say why not."""
+    def dispatch(self, host: str, path: str, address: str = "",
+                 headers: list[tuple[bytes, bytes]] | None = None) -> Target | Refusal:
+        """Pick the tunnel for a request from ``address`` (the client's IP), or say why not."""
 
     def finished(self, record: dict[str, object]) -> None:
         """A request ended (for logs and metrics)."""
+
+
+def without_authorization(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``pairs`` minus every ``Authorization`` header (checked here, never forwarded)."""
+    return [(n, v) for n, v in pairs if n.lower() != b"authorization"]
 
 
 def trace_id_of(pairs: list[tuple[bytes, bytes]]) -> str:
@@ -119,7 +130,8 @@ class HttpExchange:
         uri = req.uri.decode("latin-1")
         path, _, query = uri.partition("?")
         self.trace_id = trace_id_of(flat)
-        decision = self.dispatcher.dispatch(host, path)
+        client_ip = h.client_ip(req)
+        decision = self.dispatcher.dispatch(host, path, client_ip, flat)
         if isinstance(decision, Refusal):
             self.refusal = decision
             return
@@ -127,9 +139,10 @@ class HttpExchange:
             self.refusal = Refusal(413, f"request body of {length} bytes exceeds {decision.max_body_size}")
             return
         self.target = decision
-        client_ip = h.client_ip(req)
         # Expect was answered here already (twisted sends 100 Continue itself).
         flat_fwd = [(n, v) for n, v in flat if n.lower() != b"expect"]
+        if decision.strip_authorization:
+            flat_fwd = without_authorization(flat_fwd)
         fwd = h.request_headers_for_backend(
             flat_fwd, client_ip=client_ip, proto=self.scheme, host=host, set_host=decision.set_host
         )
@@ -212,7 +225,7 @@ class HttpExchange:
         self.rendered = True
         self.request.notifyFinish().addErrback(self._client_gone)
         if self.refusal is not None:
-            self._answer_error(self.refusal.status, self.refusal.message)
+            self._answer_error(self.refusal.status, self.refusal.message, self.refusal.headers)
             return
         early, self.early = self.early, []
         for msg, end in early:
@@ -310,7 +323,7 @@ class HttpExchange:
         self.status = self.status or 499
         self._end(abort=False, write=False)
 
-    def _answer_error(self, status: int, message: str) -> None:
+    def _answer_error(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         if self.done:
             return
         req = self.request
@@ -320,6 +333,8 @@ class HttpExchange:
         req.responseHeaders = http.Headers()
         req.setHeader(b"content-type", b"text/plain; charset=utf-8")
         req.setHeader(b"content-length", str(len(body)).encode())
+        for name, value in headers:
+            req.setHeader(name, value)
         req.write(body)
         self._finish()
 
@@ -340,12 +355,15 @@ class HttpExchange:
                     req.channel.transport.abortConnection()
             else:
                 req.finish()
+        client_ip = h.client_ip(req)
         self.dispatcher.finished({
             "protocol": "http", "route": self._route(), "status": self.status,
             "duration": time.monotonic() - self.started, "bytes_in": self.body_in, "bytes_out": self.body_out,
             "request_id": self.request_id, "trace_id": self.trace_id,
             "method": req.method.decode("latin-1"), "path": req.path.decode("latin-1", "replace"),
-            "client": h.client_ip(req),
+            "client": client_ip,
+            "refusal": self.refusal.reason if self.refusal is not None else "",
+            "address": client_ip if self.refusal is not None and self.refusal.reason else "",
         })
 
     def _cancel_timer(self) -> None:
@@ -421,32 +439,160 @@ class EntryResource(Resource):
         if request.exchange is None:
             site: EntrySite = request.channel.site
             assert site.websocket is not None
+            # The WebSocket protocol takes the transport over; the channel
+            # keeps counting until it ends (EntryWebSocket.connectionLost).
             return site.websocket.render(request)
         request.exchange.render()
         return server.NOT_DONE_YET
 
 
+class EntryChannel(http.HTTPChannel):
+    """An HTTPChannel that owes its site a complete request head within ``header_timeout``.
+
+    twisted.web's idle timeout restarts with every byte, so a client sending
+    one header line every few seconds (slowloris) would hold the connection
+    for ever.  ``head_since`` is when the channel started waiting for the
+    current request head (at connect, and when a keep-alive request is done)
+    and None while a request is being handled; the site's sweep closes
+    channels that waited longer than ``header_timeout``.  The hot path pays
+    one attribute store per request and one clock read per keep-alive request.
+    """
+
+    site: EntrySite
+    head_since: float | None = None
+    counted = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.head_since = self.site.clock.seconds()
+
+    def allHeadersReceived(self) -> None:
+        self.head_since = None
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        if self.persistent:
+            # Before the buffered (pipelined) bytes are replayed, which may
+            # complete the next head at once.
+            self.head_since = self.site.clock.seconds()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.release()
+        super().connectionLost(reason)
+
+    def release(self) -> None:
+        """This connection no longer counts (closed, or handed to a WebSocket that ended)."""
+        if self.counted:
+            self.counted = False
+            self.site.connection_closed(self)
+
+
+class _EntryProtocol(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
+    """twisted.web's protocol switcher, releasing our channel's count whatever channel ends up serving."""
+
+    def __init__(self, channel: EntryChannel) -> None:
+        super().__init__(channel)
+        self._entry_channel = channel
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self._entry_channel.release()   # idempotent; covers a switch to another channel (h2)
+
+
+_OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 28\r\n"
+               b"Connection: close\r\n\r\n503 too many connections\r\n\r\n")
+
+
+class _Overloaded(Protocol_):
+    """Beyond ``max_connections``: answer 503 and close, nothing parsed, nothing kept."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(_OVERLOADED)
+        self.transport.loseConnection()
+
+
 class EntrySite(server.Site):
-    """The HTTP entry: every request goes to the dispatcher."""
+    """The HTTP entry: every request goes to the dispatcher.
+
+    Limits against abuse live here: ``max_connections`` (a new connection
+    beyond it gets a canned 503 and is closed) and ``header_timeout`` (a
+    sweep every ``header_timeout / 4`` seconds, at most 1 s, closes
+    connections that have waited longer for a complete request head).
+    """
 
     requestFactory = EntryRequest
 
+    def protocol(self) -> Any:  # type: ignore[override]
+        return _EntryProtocol(EntryChannel())
+
     def __init__(self, dispatcher: Dispatcher, clock: IReactorTime, *, scheme: str = "http",
-                 max_header_size: int = 16384, websocket: Any = None) -> None:
-        super().__init__(EntryResource())
+                 max_header_size: int = 16384, websocket: Any = None, header_timeout: float = 20.0,
+                 max_connections: int = 10000) -> None:
+        super().__init__(EntryResource(), reactor=clock)   # twisted.web's own timers on the same clock
         self.websocket = websocket  # renders upgrade requests (autobahn's WebSocketResource)
         self.dispatcher = dispatcher
         self.clock = clock
         self.scheme = scheme
         self.max_header_size = max_header_size
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
         self.displayTracebacks = False
+        self.channels: set[EntryChannel] = set()
+        self.refused_connections = 0
+        self.header_timeouts = 0
+        self._sweeper: LoopingCall | None = None
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(min(1.0, self.header_timeout / 4), now=False)
+
+    def stopFactory(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
+        super().stopFactory()
 
     def buildProtocol(self, addr: object) -> object:
+        if len(self.channels) >= self.max_connections:
+            self.refused_connections += 1
+            return _Overloaded()
         protocol = super().buildProtocol(addr)
         # Site wraps the HTTPChannel (to allow protocol switching); the limit
         # belongs on the channel itself.
-        getattr(protocol, "_channel", protocol).totalHeadersSize = self.max_header_size
+        channel = getattr(protocol, "_channel", protocol)
+        channel.totalHeadersSize = self.max_header_size
+        channel.counted = True
+        self.channels.add(channel)
         return protocol
+
+    def connection_closed(self, channel: EntryChannel) -> None:
+        self.channels.discard(channel)
+
+    @property
+    def connections(self) -> int:
+        return len(self.channels)
+
+    def sweep(self) -> None:
+        """Close every connection that has waited longer than ``header_timeout`` for a request head."""
+        now = self.clock.seconds()
+        late = now - self.header_timeout
+        for channel in [c for c in self.channels if c.head_since is not None and c.head_since <= late]:
+            if channel._waitingForTransport:
+                # Still writing the last response to a slow reader: its head is not due yet.
+                channel.head_since = now
+                continue
+            self.header_timeouts += 1
+            channel.head_since = None
+            transport = channel.transport
+            if transport is None:
+                continue
+            if channel._receivedHeaderSize or getattr(channel, "_buffer", b""):
+                transport.abortConnection()   # a head begun and not finished: slowloris, no courtesy
+            else:
+                transport.loseConnection()    # an idle keep-alive connection: a clean close
 
     def log(self, request: object) -> None:
         pass  # one line per request comes from the dispatcher's ``finished``

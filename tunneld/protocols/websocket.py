@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import headers as h
-from tunneld.protocols.http_entry import Refusal, trace_id_of
+from tunneld.protocols.http_entry import Refusal, trace_id_of, without_authorization
 from tunneld.tunnel import CreditGate, Tunnel
 
 PIECE = 64 * 1024
@@ -213,6 +213,20 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self.status = 0          # the handshake's answer: 101, or the refusal's status
         self._reported = False
         self._path = ""
+        self.refusal = ""        # access refusal reason (metrics label), "" if none
+        self.address = ""
+        self._deny_headers: list[tuple[str, str]] = []
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        # autobahn's ConnectionDeny carries no headers; a 401 needs WWW-Authenticate.
+        super().failHandshake(reason, code, responseHeaders or self._deny_headers or None)
+
+    def connectionLost(self, reason: Any) -> None:
+        channel = getattr(self.entry_request, "channel", None)
+        super().connectionLost(reason)
+        release = getattr(channel, "release", None)
+        if release is not None:
+            release()   # the HTTP entry counted this connection (max_connections)
 
     def onConnect(self, request: Any) -> Deferred[Any]:
         req = self.entry_request
@@ -224,15 +238,20 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         path = uri.partition("?")[0]
         self.trace_id = trace_id_of(flat)
         self._path = path
-        decision = factory.dispatcher.dispatch(host, path)
+        client_ip = h.client_ip(req)
+        decision = factory.dispatcher.dispatch(host, path, client_ip, flat)
         if isinstance(decision, Refusal):
             self.status = decision.status
             self.route = decision.route or "-"
+            self.refusal = decision.reason
+            self.address = client_ip
+            self._deny_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in decision.headers]
             raise ConnectionDeny(decision.status, decision.message)
         self.route = decision.route
         if decision.max_message_size:
             self.maxMessagePayloadSize = decision.max_message_size
-        client_ip = h.client_ip(req)
+        if decision.strip_authorization:
+            flat = without_authorization(flat)
         fwd = [(n, v) for n, v in h.request_headers_for_backend(flat, client_ip=client_ip, proto=factory.scheme,
                                                                  host=host, set_host=decision.set_host)
                if n.lower() not in _HANDSHAKE_HEADERS]
@@ -317,6 +336,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             "status": self.status or 502, "duration": time.monotonic() - self.started,
             "bytes_in": self.bytes_from_socket, "bytes_out": self.bytes_to_socket,
             "request_id": self.request_id, "trace_id": self.trace_id,
+            "refusal": self.refusal, "address": self.address,
         })
 
 
