@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
+from tunneld import inspector
 from tunneld.admin import AdminService, client_admin
 from tunneld.client_hub import ClientHub
 from tunneld.config import CLIENT_MAX_MESSAGE_SIZE, ClientConfig, ConfigError, load_client_config
@@ -104,9 +105,11 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)
+    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:
-        entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry), EntrySite(hub, reactor))
+        entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry),
+                                            EntrySite(hub, reactor, inspector=hub.inspector))
         entry._raiseSynchronously = True
         entry.setServiceParent(top)
     admin = None
