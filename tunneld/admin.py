@@ -43,6 +43,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from tunneld import __version__
+from tunneld.inspector import Exchange, Inspector
 
 if TYPE_CHECKING:
     from tunneld.client_hub import ClientHub
@@ -432,8 +433,11 @@ class AdminResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry, status: Callable[[], dict[str, object]],
-                 token: Callable[[], str] = lambda: "", health: Callable[[], tuple[int, str]] | None = None) -> None:
+                 token: Callable[[], str] = lambda: "", health: Callable[[], tuple[int, str]] | None = None,
+                 inspector: Inspector | None = None, replay: Callable[[Exchange], str] | None = None) -> None:
         super().__init__()
+        self.inspector = inspector   # None: the inspector is off (/inspect answers 404)
+        self.replay = replay
         self.registry = registry
         self.status = status
         self.health = health   # the server's /healthz (no token: load balancers probe it)
@@ -454,8 +458,10 @@ class AdminResource(Resource):
             request.setResponseCode(code)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return text.encode() + b"\n"
+        if path == b"/inspect" or path.startswith(b"/inspect/"):
+            return self._inspect(request, path)
         if path not in (b"/metrics", b"/status"):
-            return self._plain(request, http.NOT_FOUND, "not found; try /, /metrics or /status")
+            return self._plain(request, http.NOT_FOUND, "not found; try /, /metrics, /status or /inspect")
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="tunneld admin"')
             return self._plain(request, http.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer ...)")
@@ -464,6 +470,51 @@ class AdminResource(Resource):
             return generate_latest(self.registry)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.status(), indent=1, sort_keys=True).encode() + b"\n"
+
+    def render_POST(self, request: server.Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        path = request.path
+        if path.startswith(b"/inspect/") and path.endswith(b"/replay"):
+            return self._inspect(request, path)
+        return self._plain(request, http.NOT_ALLOWED, "only POST /inspect/<request_id>/replay")
+
+    def _inspect(self, request: server.Request, path: bytes) -> bytes:
+        """``GET /inspect``, ``GET /inspect/<request_id>``, ``POST /inspect/<request_id>/replay`` (SPEC §7.3)."""
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="tunneld admin"')
+            return self._plain(request, http.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer ...)")
+        inspector = self.inspector
+        if inspector is None:
+            return self._plain(request, http.NOT_FOUND, "the inspector is off (inspect = 0)")
+        parts = [p for p in path.decode("latin-1", "replace").split("/")[2:] if p]   # after "/inspect"
+        post = request.method == b"POST"
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] != "replay"):
+            return self._plain(request, http.NOT_FOUND, "try GET /inspect, GET /inspect/<request_id> or "
+                                                        "POST /inspect/<request_id>/replay")
+        if post != (len(parts) == 2):
+            return self._plain(request, http.NOT_ALLOWED, "GET /inspect[/<request_id>]; "
+                                                          "POST /inspect/<request_id>/replay")
+        if not parts:
+            return self._json(request, inspector.listing())
+        rec = inspector.find(parts[0])
+        if rec is None:
+            return self._plain(request, http.NOT_FOUND, f"no exchange {parts[0]!r} in the inspector")
+        if not post:
+            return self._json(request, rec.to_json(bodies=True))
+        if self.replay is None:
+            return self._plain(request, http.CONFLICT, "replay is not available here")
+        from tunneld.protocols.replay import ReplayRefused
+        try:
+            new_id = self.replay(rec)
+        except ReplayRefused as e:
+            return self._plain(request, e.status, e.message)
+        return self._json(request, {"request_id": new_id})
+
+    @staticmethod
+    def _json(request: server.Request, value: object) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(value, sort_keys=True).encode() + b"\n"
 
     def _authorized(self, request: server.Request) -> bool:
         token = self.token().encode()
@@ -513,6 +564,16 @@ class AdminService(StreamServerEndpointService):
         return port
 
 
+def _replayer(hub: Any, reactor: Any) -> Callable[[Exchange], str] | None:
+    """Replay through ``hub``'s dispatcher into its inspector (None without an inspector)."""
+    inspector = hub.inspector
+    if inspector is None:
+        return None
+    from tunneld.protocols.replay import replay
+
+    return lambda rec: replay(rec, hub, inspector, reactor)
+
+
 def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
     """The server's admin port (token: the current config's ``admin_token``); feeds metrics from ``hub.finished``."""
     from tunneld.endpoints import server_endpoint
@@ -523,7 +584,8 @@ def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
     hub.metrics = metrics
     started = time.time()
     resource = AdminResource(registry, lambda: server_status(hub, metrics, started),
-                             lambda: hub.config.server.admin_token, health=hub.health)
+                             lambda: hub.config.server.admin_token, health=hub.health,
+                             inspector=hub.inspector, replay=_replayer(hub, reactor))
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 
@@ -536,7 +598,8 @@ def client_admin(hub: ClientHub, reactor: Any, listen: str, token: str = "") -> 
     registry.register(ClientCollector(hub))  # type: ignore[arg-type]
     hub.metrics = metrics
     started = time.time()
-    resource = AdminResource(registry, lambda: client_status(hub, metrics, started), lambda: token)
+    resource = AdminResource(registry, lambda: client_status(hub, metrics, started), lambda: token,
+                             inspector=hub.inspector, replay=_replayer(hub, reactor))
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 
