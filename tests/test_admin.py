@@ -278,14 +278,23 @@ class StatusTests(AdminTestCase):
 
     @inlineCallbacks
     def test_dashboard_page_and_unknown_paths(self) -> Any:
-        """/ is a self-contained HTML page with a strict CSP; unknown paths are 404 and other methods 405."""
+        """/ is an HTML page whose script and style are package files of this origin (strict CSP, nothing
+        inline, nothing external); unknown paths are 404 and other methods 405."""
         resp, body = yield self.admin_get(self.stack.server, "/")
         self.assertEqual(resp.code, 200)
-        self.assertIn(b"<script>", body)
+        self.assertIn(b'<script src="dashboard.js">', body)
+        self.assertNotIn(b"<script>", body)
+        self.assertNotIn(b"<style>", body)
         self.assertNotIn(b"src=\"http", body)
         csp = resp.headers.getRawHeaders(b"content-security-policy")[0]
         self.assertIn(b"default-src 'none'", csp)
         self.assertIn(b"connect-src 'self'", csp)
+        self.assertIn(b"script-src 'self'", csp)
+        for path, kind in (("/dashboard.js", b"text/javascript"), ("/dashboard.css", b"text/css")):
+            resp, asset = yield self.admin_get(self.stack.server, path)
+            self.assertEqual(resp.code, 200)
+            self.assertTrue(resp.headers.getRawHeaders(b"content-type")[0].startswith(kind))
+            self.assertGreater(len(asset), 1000)
         resp, _ = yield self.admin_get(self.stack.server, "/nope")
         self.assertEqual(resp.code, 404)
         resp = yield treq.post(self.admin_url(self.stack.server, "/status"), persistent=False)

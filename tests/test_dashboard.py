@@ -136,3 +136,79 @@ class DashboardTests(TestCase):
                   mobile=False)
         data = page.call("Page.captureScreenshot", format="png")["data"]
         return base64.b64decode(data)
+
+
+class TrafficViewTests(TestCase):
+    """The dashboard's traffic view (the inspector) in headless Chromium."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        from tests.test_e2e_inspect import Recorder
+
+        self.recorder = Recorder()
+        from twisted.web import server as web
+
+        self.backend = reactor.listenTCP(0, web.Site(self.recorder), interface="127.0.0.1")
+        self.stack = Stack(
+            [{"name": "api", "group": "default", "backend": f"http://127.0.0.1:{self.backend.getHost().port}",
+              "host": "api.example.com"}],
+            server={"admin_listen": "127.0.0.1:0", "admin_token": ADMIN_TOKEN, "inspect_body_bytes": 4096},
+        )
+        yield self.stack.start()
+        yield self.stack.add_client(client_id="edge-1")
+        self.browser = Browser(self)
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        yield self.stack.stop()
+        yield self.backend.stopListening()
+
+    @inlineCallbacks
+    def send(self, method: str, path: str, body: bytes = b"") -> Any:
+        resp = yield treq.request(method, self.stack.url(path), data=body or None, persistent=False,
+                                  headers={b"Host": [b"api.example.com"], b"Content-Type": [b"application/json"]})
+        yield treq.content(resp)
+        return resp.code
+
+    @inlineCallbacks
+    def test_traffic_list_detail_and_replay(self) -> Any:
+        """The list updates as traffic flows, opening an exchange shows its body, Replay makes a new exchange."""
+        self.assertEqual((yield self.send("POST", "/api/items", b'{"hello": "world", "n": 1}')), 200)
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        admin = self.stack.server.admin.port.getHost().port
+        yield self.browser.run(page.call, "Emulation.setDeviceMetricsOverride", width=1360, height=1000,
+                               deviceScaleFactor=1, mobile=False)
+        yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}")
+        text = yield self.browser.run(page.wait_for_text, "POST /api/items")
+        self.assertIn("Traffic", text)
+        # Live: a later request shows up without a reload.
+        yield self.browser.run(page.evaluate, "window.__marker = 'kept'")
+        self.assertEqual((yield self.send("GET", "/second?x=1")), 200)
+        yield self.browser.run(page.wait_for_text, "GET /second?x=1")
+        self.assertEqual((yield self.browser.run(page.evaluate, "window.__marker")), "kept")
+        inspector = self.stack.server.hub.inspector
+        [post] = [e for e in inspector if e.method == "POST"]
+        yield self.browser.run(page.evaluate, f"document.querySelector('tr[data-id=\"{post.request_id}\"]').click()")
+        text = yield self.browser.run(page.wait_for_text, '"hello": "world"')
+        self.assertIn("Request body", text)
+        self.assertIn("content-type", text.lower())
+        yield self.browser.run(page.evaluate, "document.getElementById('replay').click()")
+        text = yield self.browser.run(page.wait_for_text, "replayed as")
+        yield wait_for(lambda: len(self.recorder.seen) == 3, what="the replay at the backend")
+        self.assertEqual(self.recorder.seen[2][3], b'{"hello": "world", "n": 1}')
+        [replayed] = [e for e in inspector if e.replay_of == post.request_id]
+        self.assertIn(replayed.request_id, text)
+        yield self.browser.run(page.wait_for_text, "replay")
+        shot = yield self.browser.run(DashboardTests.screenshot, page)
+        self.assertTrue(shot.startswith(b"\x89PNG"))
+        if os.environ.get("TUNNELD_WRITE_SCREENSHOT") == "1":
+            with open(os.path.join(ROOT, "docs", "traffic.png"), "wb") as f:
+                f.write(shot)
+        # The filter hides what does not match.
+        yield self.browser.run(page.evaluate, "(() => { const i = document.getElementById('f-status'); i.value = '404';"
+                                              " i.dispatchEvent(new Event('input')); })()")
+        yield self.browser.run(page.wait_for_text, "Nothing matches the filters.")
+        self.assertEqual(page.console_errors(), [])
