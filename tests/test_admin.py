@@ -398,3 +398,39 @@ class GrpcMetricsTests(TestCase):
         self.assertEqual(metric(text, "tunneld_requests_total", protocol="grpc", route="health",
                                 code_class="NOT_FOUND"), 1)
         self.assertEqual(metric(text, "tunneld_request_duration_seconds_count", protocol="grpc", route="health"), 2)
+
+
+class ClientDrainTests(TestCase):
+    """The client's admin port outlives its drain."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_admin_port_up_until_the_drain_is_done(self) -> Any:
+        """While a stopping client waits for an in-flight request, its /status still answers; then the port closes."""
+        from tests.backends import test_site
+
+        site, held, _ = test_site()
+        backend = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(backend.stopListening)
+        self.addCleanup(held.release)
+        stack = Stack([{"name": "web", "group": "default", "backend": f"http://127.0.0.1:{backend.getHost().port}"}])
+        yield stack.start()
+        self.addCleanup(stack.stop)
+        client = yield stack.add_client(admin_listen="127.0.0.1:0", drain_timeout=20)
+        pending = treq.get(stack.url("/held"), persistent=False)
+        yield wait_for(lambda: len(held.requests) == 1, what="a request held at the backend")
+        stack.clients.remove(client)
+        stopped = client.service.stopService()
+        url = f"http://127.0.0.1:{client.admin.port.getHost().port}/status".encode()
+        resp = yield treq.get(url, persistent=False)
+        yield treq.content(resp)
+        self.assertEqual(resp.code, 200)
+        self.assertFalse(stopped.called)
+        held.release()
+        resp = yield pending
+        yield treq.content(resp)
+        yield stopped
+        failed = []
+        yield treq.get(url, persistent=False, timeout=5).addErrback(failed.append)
+        self.assertEqual(len(failed), 1)

@@ -71,7 +71,9 @@ class _InspectorCase(TestCase):
             {"name": "chat", "group": "default", "backend": f"http://127.0.0.1:{self.ws_backend.getHost().port}",
              "path_prefix": "/room"},
             {"name": "raw", "group": "default", "grpc_service": RAW_SERVICE, "backend": self.grpc_backend.url},
-        ], server={"admin_listen": "127.0.0.1:0", "admin_token": "tok", "grpc_listen": "127.0.0.1:0",
+            {"name": "nobody", "group": "empty", "grpc_service": "tunneld.test.Nobody",
+             "backend": self.grpc_backend.url},
+        ], groups=[{"name": "default", "tokens": ["test-token"]}, {"name": "empty", "tokens": ["x"]}], server={"admin_listen": "127.0.0.1:0", "admin_token": "tok", "grpc_listen": "127.0.0.1:0",
                    "inspect": self.inspect, "inspect_body_bytes": self.body_bytes})
         yield self.stack.start()
         self.client = yield self.stack.add_client(client_id="inspected")
@@ -229,6 +231,26 @@ class InspectorTests(_InspectorCase):
         _, raw = yield self.call_admin("GET", "/inspect")
         self.assertNotIn(b"grpc-secret", raw)
 
+    @inlineCallbacks
+    def test_grpc_refusal_counted_under_its_route(self) -> Any:
+        """A gRPC call refused for want of a client is recorded and counted under the route it matched."""
+        target = f"127.0.0.1:{self.stack.grpc_port}"
+
+        def call() -> grpc.StatusCode:
+            with grpc.insecure_channel(target) as channel:
+                try:
+                    channel.unary_unary("/tunneld.test.Nobody/Call")(b"x", timeout=10)
+                except grpc.RpcError as e:
+                    return e.code()  # type: ignore[no-any-return]
+            raise AssertionError("the call succeeded")
+
+        code = yield self.in_thread(call)
+        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
+        [ex] = yield self.wait_done("grpc")
+        self.assertEqual((ex["route"], ex["status"]), ("nobody", "UNAVAILABLE"))
+        metrics = self.stack.server.hub.metrics  # type: ignore[union-attr]
+        yield wait_for(lambda: metrics.tally.get(("grpc", "nobody", "UNAVAILABLE")) == 1, what="the refusal counted")
+
     # -- replay -------------------------------------------------------------------------
 
     @inlineCallbacks
@@ -324,3 +346,4 @@ class OffTests(TestCase):
             self.assertEqual(resp.code, 404)
         finally:
             yield stack.stop()
+

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.web.client import HTTPConnectionPool
 from twisted.python import usage
 
@@ -55,9 +56,29 @@ class ClientApp:
     dials: tuple[TunnelClientService, ...] = ()   # one per server, in the order of `server`
 
 
+class ClientRoot(MultiService):
+    """The client's top service: on stop, every other child first (the drain included), then ``after``.
+
+    ``after``: the backend connection pool (the drained requests hand their
+    connections back to it) and the admin port (so /status and /metrics stay
+    up while in-flight requests finish)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after: list[Service] = []
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        others = [maybeDeferred(child.stopService) for child in reversed(list(self)) if child not in self.after]
+        done: Deferred[Any] = DeferredList(others)
+        for service in self.after:
+            done.addCallback(lambda _, service=service: maybeDeferred(service.stopService))
+        return done
+
+
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = CLIENT_MAX_MESSAGE_SIZE) -> ClientApp:
     cfg = config.client
-    top = MultiService()
+    top = ClientRoot()
     agent, pool = make_agent(reactor, ca=cfg.backend_ca)
     backend_trust = trust_root(cfg.backend_ca)
     hub: ClientHub
@@ -99,7 +120,9 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         dial.setServiceParent(bridge_service)
         dials.append(dial)
     GrpcChannelsService(bridge, channels, grace=cfg.drain_timeout).setServiceParent(bridge_service)
-    PoolCloser(pool).setServiceParent(top)
+    closer = PoolCloser(pool)
+    closer.setServiceParent(top)
+    top.after.append(closer)
     for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick),
                            (cfg.config_sync_interval, hub.config_sync_tick)):
         timer = TimerService(interval, tick)
@@ -116,6 +139,7 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     if cfg.admin_listen:
         admin = client_admin(hub, reactor, cfg.admin_listen, cfg.admin_token)
         admin.setServiceParent(top)
+        top.after.append(admin)
     return ClientApp(top, hub, dials[0], entry, admin, tuple(dials))
 
 

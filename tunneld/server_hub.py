@@ -315,7 +315,8 @@ class ServerHub:
             return GrpcRefusal("UNIMPLEMENTED", f"no route for gRPC service {service!r}")
         tunnel = self.choose(route.group)
         if tunnel is None:
-            return GrpcRefusal("UNAVAILABLE", f"no client connected for group {route.group!r} (route {route.name})")
+            return GrpcRefusal("UNAVAILABLE", f"no client connected for group {route.group!r} (route {route.name})",
+                               route.name)
         self.counters["requests"] += 1
         return GrpcTarget(tunnel, route.name, route.max_message_size, client_id=self.chosen_client)
 

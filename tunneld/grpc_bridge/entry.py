@@ -85,6 +85,7 @@ class GrpcRefusal:
 
     code: str
     message: str
+    route: str = ""   # the route it matched, if any (logs and metrics count the refusal under it)
 
 
 class GrpcDispatcher(Protocol):
@@ -343,6 +344,7 @@ class _EntryExchange:
         if self.entry.inspector is not None:
             self._record(msg, decision)
         if isinstance(decision, GrpcRefusal):
+            self.route = decision.route or "-"
             self._fail_caller(decision.code, decision.message)
             return
         self.tunnel = tunnel = decision.tunnel
@@ -459,8 +461,8 @@ class _EntryExchange:
         rec.method = call.method
         rec.host = call.authority
         rec.request_headers = call.metadata
+        rec.route = decision.route or "-"
         if isinstance(decision, GrpcTarget):
-            rec.route = decision.route
             rec.client_id = decision.client_id
         req = msg.grpc_request
         if req.has_message:
