@@ -189,6 +189,10 @@ class TrafficViewTests(TestCase):
         self.assertEqual((yield self.send("GET", "/second?x=1")), 200)
         yield self.browser.run(page.wait_for_text, "GET /second?x=1")
         self.assertEqual((yield self.browser.run(page.evaluate, "window.__marker")), "kept")
+        # The per-route charts fill after two polls.
+        text = yield self.browser.run(page.wait_for_text, "req/s")
+        self.assertIn("Per route, last minutes", text)
+        self.assertGreaterEqual((yield self.browser.run(page.evaluate, "document.querySelectorAll('svg.spark').length")), 3)
         inspector = self.stack.server.hub.inspector
         [post] = [e for e in inspector if e.method == "POST"]
         yield self.browser.run(page.evaluate, f"document.querySelector('tr[data-id=\"{post.request_id}\"]').click()")

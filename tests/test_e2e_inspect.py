@@ -347,3 +347,39 @@ class OffTests(TestCase):
         finally:
             yield stack.stop()
 
+
+class ClientInspectorTests(TestCase):
+    """The client's admin port inspects (and replays) requests through its http_entry."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_client_http_entry_captured_and_replayed(self) -> Any:
+        """A POST through the client's http_entry is captured on the client's /inspect and replays upstream."""
+        recorder = Recorder()
+        upstream = reactor.listenTCP(0, server.Site(recorder), interface="127.0.0.1")
+        self.addCleanup(upstream.stopListening)
+        stack = Stack([], upstreams=[{"name": "api", "backends": [f"http://127.0.0.1:{upstream.getHost().port}"]}],
+                      forward=[{"name": "api", "host": "api.internal", "upstream": "api"}])
+        yield stack.start()
+        self.addCleanup(stack.stop)
+        client = yield stack.add_client(http_entry="127.0.0.1:0", admin_listen="127.0.0.1:0", admin_token="ct",
+                                        inspect_body_bytes=100)
+        entry = yield stack.entry_port(client)
+        resp = yield treq.post(f"http://127.0.0.1:{entry}/orders".encode(), data=b"n=1",
+                               headers={b"Host": [b"api.internal"]}, persistent=False)
+        yield treq.content(resp)
+        self.assertEqual(resp.code, 200)
+        admin = f"http://127.0.0.1:{client.admin.port.getHost().port}"
+        auth = {b"Authorization": [b"Bearer ct"]}
+        yield wait_for(lambda: len(client.hub.inspector) == 1 and next(iter(client.hub.inspector)).done,
+                       what="the client's record")
+        resp = yield treq.get(f"{admin}/inspect".encode(), headers=auth, persistent=False)
+        [ex] = json.loads((yield treq.content(resp)))["exchanges"]
+        self.assertEqual((ex["protocol"], ex["route"], ex["request"]["path"], ex["status"], ex["bytes_in"]),
+                         ("http", "forward", "/orders", 200, 3))
+        resp = yield treq.post(f"{admin}/inspect/{ex['request_id']}/replay".encode(), headers=auth, persistent=False)
+        body = yield treq.content(resp)
+        self.assertEqual(resp.code, 200, body)
+        yield wait_for(lambda: len(recorder.seen) == 2, what="the replay upstream")
+        self.assertEqual(recorder.seen[1][:2] + (recorder.seen[1][3],), (b"POST", b"/orders", b"n=1"))

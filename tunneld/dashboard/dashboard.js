@@ -263,6 +263,60 @@ async function pollTraffic() {
   if (!r.ok) return;
   const d = await r.json();
   renderTraffic(d.exchanges);
+  return d.exchanges;
+}
+
+// -- live charts per route: request rate and failures (from /status counts), latency (from the inspector) --
+
+const HISTORY = 90;           // samples kept: 3 minutes at one poll every 2 s
+const series = {};            // route -> [{rate, errors, latency}]
+let previous = null;          // {time, counts: route -> {total, failed}}
+
+function routeCounts(d) {
+  const counts = {};
+  for (const r of d.routes || []) {
+    let total = 0, bad = 0;
+    for (const [k, n] of Object.entries(r.requests || {})) { total += n; if (failed(k)) bad += n; }
+    counts[r.name] = {total: total, failed: bad};
+  }
+  return counts;
+}
+function spark(values, kind) {
+  const NS = "http://www.w3.org/2000/svg", w = 180, h = 34;
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("width", w); svg.setAttribute("height", h); svg.setAttribute("class", "spark " + kind);
+  const max = Math.max(...values, 1e-9);
+  const pts = values.map((v, i) => ((values.length === 1 ? w : i * w / (values.length - 1))).toFixed(1) + "," +
+    (h - 2 - (v / max) * (h - 4)).toFixed(1)).join(" ");
+  const line = document.createElementNS(NS, "polyline");
+  line.setAttribute("points", pts); line.setAttribute("fill", "none"); line.setAttribute("stroke-width", "1.5");
+  svg.append(line);
+  return svg;
+}
+function updateCharts(d, exchanges) {
+  const now = Date.now() / 1000;
+  const counts = routeCounts(d);
+  if (previous !== null && now > previous.time) {
+    const dt = now - previous.time;
+    for (const [route, c] of Object.entries(counts)) {
+      const before = previous.counts[route] || {total: c.total, failed: c.failed};
+      const recent = (exchanges || []).filter((e) => e.route === route && e.done && e.started + e.duration >= previous.time);
+      const latency = recent.length ? recent.reduce((a, e) => a + e.duration, 0) / recent.length : 0;
+      const s = series[route] || (series[route] = []);
+      s.push({rate: Math.max(0, c.total - before.total) / dt, errors: Math.max(0, c.failed - before.failed) / dt, latency: latency});
+      if (s.length > HISTORY) s.shift();
+    }
+  }
+  previous = {time: now, counts: counts};
+  const rows = Object.keys(series).sort().map((route) => {
+    const s = series[route], last = s[s.length - 1];
+    return el("tr", null, td(el("b", null, route)),
+      td([spark(s.map((p) => p.rate), "rate"), " ", last.rate.toFixed(1) + " req/s"], "chart"),
+      td([spark(s.map((p) => p.errors), "errors"), " ", last.errors.toFixed(1) + " failed/s"], "chart"),
+      td([spark(s.map((p) => p.latency), "latency"), " ", ms(last.latency)], "chart"));
+  });
+  $("charts").replaceChildren(section("Per route, last minutes", "request rate, failures and mean latency, one point per poll",
+    table(["route", "requests", "failures", "latency"], rows, "Collecting (two polls needed)...")));
 }
 
 let timer = null;
@@ -279,7 +333,8 @@ async function poll() {
       const d = await r.json();
       $("auth").className = "";
       if (d.role === "client") renderClient(d); else renderServer(d);
-      await pollTraffic();
+      const exchanges = await pollTraffic();
+      updateCharts(d, exchanges);
       $("live").replaceChildren(el("span", "dot on"), "live \u00b7 " + new Date().toLocaleTimeString());
     }
   } catch (e) {
