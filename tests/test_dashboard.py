@@ -151,9 +151,19 @@ class TrafficViewTests(TestCase):
         from twisted.web import server as web
 
         self.backend = reactor.listenTCP(0, web.Site(self.recorder), interface="127.0.0.1")
+        from autobahn.twisted.resource import WebSocketResource
+        from autobahn.twisted.websocket import WebSocketServerFactory
+
+        from tests.test_e2e_inspect import Echo
+
+        factory = WebSocketServerFactory()
+        factory.protocol = Echo
+        self.ws_backend = reactor.listenTCP(0, web.Site(WebSocketResource(factory)), interface="127.0.0.1")
         self.stack = Stack(
             [{"name": "api", "group": "default", "backend": f"http://127.0.0.1:{self.backend.getHost().port}",
-              "host": "api.example.com"}],
+              "host": "api.example.com"},
+             {"name": "chat", "group": "default", "backend": f"http://127.0.0.1:{self.ws_backend.getHost().port}",
+              "path_prefix": "/room"}],
             server={"admin_listen": "127.0.0.1:0", "admin_token": ADMIN_TOKEN, "inspect_body_bytes": 4096},
         )
         yield self.stack.start()
@@ -164,6 +174,42 @@ class TrafficViewTests(TestCase):
     def tearDown(self) -> Any:
         yield self.stack.stop()
         yield self.backend.stopListening()
+        yield self.ws_backend.stopListening()
+        yield wait_for(lambda: not any("_notify_bucket" in repr(c) for c in reactor.getDelayedCalls()),
+                       what="autobahn timers to expire")
+
+    @inlineCallbacks
+    def test_websocket_timeline(self) -> Any:
+        """A WebSocket exchange opens to its messages as a timeline, both directions, no console error."""
+        from twisted.internet.threads import deferToThreadPool
+        from twisted.python.threadpool import ThreadPool
+        from websockets.sync.client import connect
+
+        port = self.stack.http_port
+
+        def talk() -> None:
+            with connect(f"ws://127.0.0.1:{port}/room") as ws:
+                for text in ("first message", "second message"):
+                    ws.send(text)
+                    ws.recv(timeout=10)
+
+        pool = ThreadPool(minthreads=1, maxthreads=1, name="ws-caller")
+        pool.start()
+        self.addCleanup(pool.stop)
+        yield deferToThreadPool(reactor, pool, talk)
+        inspector = self.stack.server.hub.inspector
+        yield wait_for(lambda: any(e.protocol == "websocket" and e.done for e in inspector), what="the record")
+        [ws] = [e for e in inspector if e.protocol == "websocket"]
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        admin = self.stack.server.admin.port.getHost().port
+        yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}")
+        yield self.browser.run(page.wait_for_text, "MSGS")   # the traffic table (with its rows) is there
+        yield self.browser.run(page.evaluate, f"document.querySelector('tr[data-id=\"{ws.request_id}\"]').click()")
+        text = yield self.browser.run(page.wait_for_text, "echo:second message")
+        for expected in ("Messages", "first message", "echo:first message", "to backend", "to caller"):
+            self.assertIn(expected, text)
+        self.assertEqual(page.console_errors(), [])
 
     @inlineCallbacks
     def send(self, method: str, path: str, body: bytes = b"") -> Any:
