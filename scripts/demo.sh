@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # `make demo`: the whole tunnel on one machine, all on 127.0.0.1, in the
 # foreground of this shell:
-#   demo backend (bench/backend.py, :3000) <- tunneld-client <=tunnel=> tunneld-server (:8080)
+#   demo backend (bench/backend.py, :3000)                    \
+#   WebSocket chat + gRPC tunneld.demo.Echo (tunneld.demo, :3001/:3002) <- tunneld-client
+#                                  <=tunnel=> tunneld-server (HTTP+WebSocket :8080, gRPC :8081, admin :9100)
 # Waits until http://127.0.0.1:8080/ answers 200 through the tunnel, prints
-# what to try, then waits. Ctrl-C or SIGTERM stops everything it started, by
+# what to try for each protocol and the dashboard, then waits. Ctrl-C or SIGTERM stops everything it started, by
 # PID; so does any one of the three dying. Logs: .demo/*.log.
 #
 # Environment (all optional): VENV (.venv), SERVER_CONF (etc/server.toml),
 # CLIENT_CONF (etc/client.toml), BACKEND_PORT (3000; the server config's web
-# route must point at it). The entry URL comes from the server's http_listen.
+# route must point at it), WS_PORT (3001) and GRPC_PORT (3002) (its chat and
+# demo-grpc routes). The entry URL comes from the server's http_listen.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,6 +21,8 @@ TWISTD=$VENV/bin/twistd
 SERVER_CONF=${SERVER_CONF:-etc/server.toml}
 CLIENT_CONF=${CLIENT_CONF:-etc/client.toml}
 BACKEND_PORT=${BACKEND_PORT:-3000}
+WS_PORT=${WS_PORT:-3001}
+GRPC_PORT=${GRPC_PORT:-3002}
 READY_TIMEOUT=15
 STOP_TIMEOUT=15          # server and client drain in-flight work on SIGTERM
 LOGDIR=.demo
@@ -31,11 +36,13 @@ command -v curl >/dev/null || { echo "demo: needs curl (apt-get install curl)" >
 
 # Every port the demo will listen on: the backend's and the server config's
 # *_listen keys (empty = disabled). A busy one is named and we stop here.
-ports=$("$PY" - "$SERVER_CONF" "$BACKEND_PORT" <<'EOF'
+ports=$("$PY" - "$SERVER_CONF" "$BACKEND_PORT" "$WS_PORT" "$GRPC_PORT" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     server = tomllib.load(f).get("server", {})
 print(f"backend 127.0.0.1:{sys.argv[2]}")
+print(f"ws_backend 127.0.0.1:{sys.argv[3]}")
+print(f"grpc_backend 127.0.0.1:{sys.argv[4]}")
 for key in ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen"):
     if server.get(key):
         print(key, server[key])
@@ -49,6 +56,17 @@ case $ENTRY in
     "[::]:"*) ENTRY=[::1]:${ENTRY#"[::]:"} ;;
 esac
 ENTRY=http://$ENTRY
+local_addr() {  # local_addr KEY: the server's KEY listener as host:port to dial ("" if off)
+    local a
+    a=$(awk -v k="$1" '$1 == k { print $2 }' <<<"$ports")
+    case $a in
+        0.0.0.0:*) a=127.0.0.1:${a#0.0.0.0:} ;;
+        "[::]:"*) a=[::1]:${a#"[::]:"} ;;
+    esac
+    echo "$a"
+}
+GRPC_ENTRY=$(local_addr grpc_listen)
+ADMIN=$(local_addr admin_listen)
 busy=$("$PY" - <<EOF
 import socket
 busy = []
@@ -133,6 +151,7 @@ died() {  # died: print which child exited, with its log tail; 0 if one did
 http_code() { curl -s -o /dev/null -m 2 -w '%{http_code}' "$1" 2>/dev/null || true; }
 
 start backend "$PY" bench/backend.py --port "$BACKEND_PORT" --host 127.0.0.1
+start demo-backends "$PY" -m tunneld.demo serve --host 127.0.0.1 --ws-port "$WS_PORT" --grpc-port "$GRPC_PORT"
 start server "$TWISTD" -n --pidfile= tunneld-server -c "$SERVER_CONF"
 # The server's entry answers (404/502) once it listens; then start the client.
 deadline=$((SECONDS + READY_TIMEOUT))
@@ -156,8 +175,9 @@ done
 
 hint() { printf '  %-72s # %s\n' "$1" "$2"; }
 echo
+WS_ENTRY=ws://${ENTRY#http://}
 echo "tunneld demo is up: $ENTRY -> server -> tunnel -> client -> backend 127.0.0.1:$BACKEND_PORT"
-echo "Try:"
+echo "Try HTTP:"
 hint "curl -i $ENTRY/" "page with two Set-Cookie headers"
 hint "curl -N $ENTRY/stream" "Server-Sent Events, one every 0.2 s"
 hint "curl -N '$ENTRY/stream?n=20&interval=0.5'" "longer stream"
@@ -165,8 +185,21 @@ hint "curl -o /dev/null -w '%{size_download} B %{speed_download} B/s\\n' $ENTRY/
 hint "curl -T somefile $ENTRY/upload" "answers {bytes, sha256}"
 hint "curl -i $ENTRY/status/204" "empty answer"
 hint "curl -H 'X-Demo: 1' '$ENTRY/echo?a=1'" "the request as the backend saw it"
+echo "Try WebSocket (route chat -> 127.0.0.1:$WS_PORT):"
+hint "open $ENTRY/chat/" "a chat page in a browser, talking over the tunnel"
+hint "$PY -m tunneld.demo ws $WS_ENTRY/chat/ws 'hello'" "one message, its echo printed"
+if [ -n "$GRPC_ENTRY" ]; then
+    echo "Try gRPC (route demo-grpc -> 127.0.0.1:$GRPC_PORT):"
+    hint "$PY -m tunneld.demo call --target $GRPC_ENTRY Say 'hello'" "unary call"
+    hint "$PY -m tunneld.demo call --target $GRPC_ENTRY Count 5" "server streaming"
+fi
+if [ -n "$ADMIN" ]; then
+    echo "Watch it:"
+    hint "open http://$ADMIN/" "dashboard: clients, routes, live traffic with replay"
+    hint "curl -s http://$ADMIN/inspect" "the inspector's JSON (add -H 'Authorization: Bearer ...' with admin_token)"
+fi
 hint "make check-config" "$PY -m tunneld check $SERVER_CONF"
-echo "Logs: $LOGDIR/backend.log $LOGDIR/server.log $LOGDIR/client.log"
+echo "Logs: $LOGDIR/backend.log $LOGDIR/demo-backends.log $LOGDIR/server.log $LOGDIR/client.log"
 echo "Ctrl-C stops everything."
 
 # Wait until a signal arrives or one of the three exits.

@@ -278,14 +278,23 @@ class StatusTests(AdminTestCase):
 
     @inlineCallbacks
     def test_dashboard_page_and_unknown_paths(self) -> Any:
-        """/ is a self-contained HTML page with a strict CSP; unknown paths are 404 and other methods 405."""
+        """/ is an HTML page whose script and style are package files of this origin (strict CSP, nothing
+        inline, nothing external); unknown paths are 404 and other methods 405."""
         resp, body = yield self.admin_get(self.stack.server, "/")
         self.assertEqual(resp.code, 200)
-        self.assertIn(b"<script>", body)
+        self.assertIn(b'<script src="dashboard.js">', body)
+        self.assertNotIn(b"<script>", body)
+        self.assertNotIn(b"<style>", body)
         self.assertNotIn(b"src=\"http", body)
         csp = resp.headers.getRawHeaders(b"content-security-policy")[0]
         self.assertIn(b"default-src 'none'", csp)
         self.assertIn(b"connect-src 'self'", csp)
+        self.assertIn(b"script-src 'self'", csp)
+        for path, kind in (("/dashboard.js", b"text/javascript"), ("/dashboard.css", b"text/css")):
+            resp, asset = yield self.admin_get(self.stack.server, path)
+            self.assertEqual(resp.code, 200)
+            self.assertTrue(resp.headers.getRawHeaders(b"content-type")[0].startswith(kind))
+            self.assertGreater(len(asset), 1000)
         resp, _ = yield self.admin_get(self.stack.server, "/nope")
         self.assertEqual(resp.code, 404)
         resp = yield treq.post(self.admin_url(self.stack.server, "/status"), persistent=False)
@@ -389,3 +398,39 @@ class GrpcMetricsTests(TestCase):
         self.assertEqual(metric(text, "tunneld_requests_total", protocol="grpc", route="health",
                                 code_class="NOT_FOUND"), 1)
         self.assertEqual(metric(text, "tunneld_request_duration_seconds_count", protocol="grpc", route="health"), 2)
+
+
+class ClientDrainTests(TestCase):
+    """The client's admin port outlives its drain."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_admin_port_up_until_the_drain_is_done(self) -> Any:
+        """While a stopping client waits for an in-flight request, its /status still answers; then the port closes."""
+        from tests.backends import test_site
+
+        site, held, _ = test_site()
+        backend = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(backend.stopListening)
+        self.addCleanup(held.release)
+        stack = Stack([{"name": "web", "group": "default", "backend": f"http://127.0.0.1:{backend.getHost().port}"}])
+        yield stack.start()
+        self.addCleanup(stack.stop)
+        client = yield stack.add_client(admin_listen="127.0.0.1:0", drain_timeout=20)
+        pending = treq.get(stack.url("/held"), persistent=False)
+        yield wait_for(lambda: len(held.requests) == 1, what="a request held at the backend")
+        stack.clients.remove(client)
+        stopped = client.service.stopService()
+        url = f"http://127.0.0.1:{client.admin.port.getHost().port}/status".encode()
+        resp = yield treq.get(url, persistent=False)
+        yield treq.content(resp)
+        self.assertEqual(resp.code, 200)
+        self.assertFalse(stopped.called)
+        held.release()
+        resp = yield pending
+        yield treq.content(resp)
+        yield stopped
+        failed = []
+        yield treq.get(url, persistent=False, timeout=5).addErrback(failed.append)
+        self.assertEqual(len(failed), 1)

@@ -154,13 +154,16 @@ class ConfigTestCase(SynchronousTestCase):
 
 class ShippedFilesTests(ConfigTestCase):
     def test_server_toml_loads(self) -> None:
-        """etc/server.toml loads with the default settings, group 'default' and route 'web'."""
+        """etc/server.toml loads with the default settings, group 'default', route 'web' and the demo's routes."""
         loaded = load_server_config(SERVER_TOML)
         self.assertEqual(loaded.server, ServerSettings())
         self.assertEqual(loaded.groups, (Group("default", ("change-me",)),))
         self.assertEqual(
             loaded.routes,
-            (Route(name="web", backend="http://127.0.0.1:3000", timeout=30.0),),
+            (Route(name="web", backend="http://127.0.0.1:3000", timeout=30.0),
+             Route(name="chat", backend="http://127.0.0.1:3001", path_prefix="/chat", timeout=30.0),
+             Route(name="demo-grpc", backend="grpc://127.0.0.1:3002", grpc_service="tunneld.demo.Echo",
+                   timeout=30.0)),
         )
         self.assertEqual((loaded.upstreams, loaded.forward), ((), ()))
 
@@ -174,9 +177,9 @@ class ShippedFilesTests(ConfigTestCase):
         """The commented-out gRPC route, upstream and forward examples load once uncommented."""
         with open(SERVER_TOML, encoding="utf-8") as f:
             loaded = self.load(uncomment_examples(f.read()))
-        self.assertEqual([r.name for r in loaded.routes], ["web", "greeter"])
-        self.assertEqual(loaded.routes[1].grpc_service, "helloworld.Greeter")
-        self.assertEqual(loaded.routes[1].backend, "grpc://127.0.0.1:50051")
+        self.assertEqual([r.name for r in loaded.routes], ["web", "chat", "demo-grpc", "greeter"])
+        self.assertEqual(loaded.routes[3].grpc_service, "helloworld.Greeter")
+        self.assertEqual(loaded.routes[3].backend, "grpc://127.0.0.1:50051")
         self.assertEqual(loaded.upstreams[0].name, "api")
         self.assertEqual(loaded.forward[0].upstream, "api")
 

@@ -136,3 +136,129 @@ class DashboardTests(TestCase):
                   mobile=False)
         data = page.call("Page.captureScreenshot", format="png")["data"]
         return base64.b64decode(data)
+
+
+class TrafficViewTests(TestCase):
+    """The dashboard's traffic view (the inspector) in headless Chromium."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        from tests.test_e2e_inspect import Recorder
+
+        self.recorder = Recorder()
+        from twisted.web import server as web
+
+        self.backend = reactor.listenTCP(0, web.Site(self.recorder), interface="127.0.0.1")
+        from autobahn.twisted.resource import WebSocketResource
+        from autobahn.twisted.websocket import WebSocketServerFactory
+
+        from tests.test_e2e_inspect import Echo
+
+        factory = WebSocketServerFactory()
+        factory.protocol = Echo
+        self.ws_backend = reactor.listenTCP(0, web.Site(WebSocketResource(factory)), interface="127.0.0.1")
+        self.stack = Stack(
+            [{"name": "api", "group": "default", "backend": f"http://127.0.0.1:{self.backend.getHost().port}",
+              "host": "api.example.com"},
+             {"name": "chat", "group": "default", "backend": f"http://127.0.0.1:{self.ws_backend.getHost().port}",
+              "path_prefix": "/room"}],
+            server={"admin_listen": "127.0.0.1:0", "admin_token": ADMIN_TOKEN, "inspect_body_bytes": 4096},
+        )
+        yield self.stack.start()
+        yield self.stack.add_client(client_id="edge-1")
+        self.browser = Browser(self)
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        yield self.stack.stop()
+        yield self.backend.stopListening()
+        yield self.ws_backend.stopListening()
+        yield wait_for(lambda: not any("_notify_bucket" in repr(c) for c in reactor.getDelayedCalls()),
+                       what="autobahn timers to expire")
+
+    @inlineCallbacks
+    def test_websocket_timeline(self) -> Any:
+        """A WebSocket exchange opens to its messages as a timeline, both directions, no console error."""
+        from twisted.internet.threads import deferToThreadPool
+        from twisted.python.threadpool import ThreadPool
+        from websockets.sync.client import connect
+
+        port = self.stack.http_port
+
+        def talk() -> None:
+            with connect(f"ws://127.0.0.1:{port}/room") as ws:
+                for text in ("first message", "second message"):
+                    ws.send(text)
+                    ws.recv(timeout=10)
+
+        pool = ThreadPool(minthreads=1, maxthreads=1, name="ws-caller")
+        pool.start()
+        self.addCleanup(pool.stop)
+        yield deferToThreadPool(reactor, pool, talk)
+        inspector = self.stack.server.hub.inspector
+        yield wait_for(lambda: any(e.protocol == "websocket" and e.done for e in inspector), what="the record")
+        [ws] = [e for e in inspector if e.protocol == "websocket"]
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        admin = self.stack.server.admin.port.getHost().port
+        yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}")
+        yield self.browser.run(page.wait_for_text, "MSGS")   # the traffic table (with its rows) is there
+        yield self.browser.run(page.evaluate, f"document.querySelector('tr[data-id=\"{ws.request_id}\"]').click()")
+        text = yield self.browser.run(page.wait_for_text, "echo:second message")
+        for expected in ("Messages", "first message", "echo:first message", "to backend", "to caller"):
+            self.assertIn(expected, text)
+        self.assertEqual(page.console_errors(), [])
+
+    @inlineCallbacks
+    def send(self, method: str, path: str, body: bytes = b"") -> Any:
+        resp = yield treq.request(method, self.stack.url(path), data=body or None, persistent=False,
+                                  headers={b"Host": [b"api.example.com"], b"Content-Type": [b"application/json"]})
+        yield treq.content(resp)
+        return resp.code
+
+    @inlineCallbacks
+    def test_traffic_list_detail_and_replay(self) -> Any:
+        """The list updates as traffic flows, opening an exchange shows its body, Replay makes a new exchange."""
+        self.assertEqual((yield self.send("POST", "/api/items", b'{"hello": "world", "n": 1}')), 200)
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        admin = self.stack.server.admin.port.getHost().port
+        yield self.browser.run(page.call, "Emulation.setDeviceMetricsOverride", width=1360, height=1000,
+                               deviceScaleFactor=1, mobile=False)
+        yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}")
+        text = yield self.browser.run(page.wait_for_text, "POST /api/items")
+        self.assertIn("Traffic", text)
+        # Live: a later request shows up without a reload.
+        yield self.browser.run(page.evaluate, "window.__marker = 'kept'")
+        self.assertEqual((yield self.send("GET", "/second?x=1")), 200)
+        yield self.browser.run(page.wait_for_text, "GET /second?x=1")
+        self.assertEqual((yield self.browser.run(page.evaluate, "window.__marker")), "kept")
+        # The per-route charts fill after two polls.
+        text = yield self.browser.run(page.wait_for_text, "req/s")
+        self.assertIn("Per route, last minutes", text)
+        self.assertGreaterEqual((yield self.browser.run(page.evaluate, "document.querySelectorAll('svg.spark').length")), 3)
+        inspector = self.stack.server.hub.inspector
+        [post] = [e for e in inspector if e.method == "POST"]
+        yield self.browser.run(page.evaluate, f"document.querySelector('tr[data-id=\"{post.request_id}\"]').click()")
+        text = yield self.browser.run(page.wait_for_text, '"hello": "world"')
+        self.assertIn("Request body", text)
+        self.assertIn("content-type", text.lower())
+        yield self.browser.run(page.evaluate, "document.getElementById('replay').click()")
+        text = yield self.browser.run(page.wait_for_text, "replayed as")
+        yield wait_for(lambda: len(self.recorder.seen) == 3, what="the replay at the backend")
+        self.assertEqual(self.recorder.seen[2][3], b'{"hello": "world", "n": 1}')
+        [replayed] = [e for e in inspector if e.replay_of == post.request_id]
+        self.assertIn(replayed.request_id, text)
+        yield self.browser.run(page.wait_for_text, "replay")
+        shot = yield self.browser.run(DashboardTests.screenshot, page)
+        self.assertTrue(shot.startswith(b"\x89PNG"))
+        if os.environ.get("TUNNELD_WRITE_SCREENSHOT") == "1":
+            with open(os.path.join(ROOT, "docs", "traffic.png"), "wb") as f:
+                f.write(shot)
+        # The filter hides what does not match.
+        yield self.browser.run(page.evaluate, "(() => { const i = document.getElementById('f-status'); i.value = '404';"
+                                              " i.dispatchEvent(new Event('input')); })()")
+        yield self.browser.run(page.wait_for_text, "Nothing matches the filters.")
+        self.assertEqual(page.console_errors(), [])

@@ -27,12 +27,11 @@ or put in a Referer) and sends it as that header when it polls ``/status``.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import json
 import time
 from collections import deque
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -43,6 +42,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from tunneld import __version__
+from tunneld.inspector import Exchange, Inspector
 
 if TYPE_CHECKING:
     from tunneld.client_hub import ClientHub
@@ -432,8 +432,11 @@ class AdminResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry, status: Callable[[], dict[str, object]],
-                 token: Callable[[], str] = lambda: "", health: Callable[[], tuple[int, str]] | None = None) -> None:
+                 token: Callable[[], str] = lambda: "", health: Callable[[], tuple[int, str]] | None = None,
+                 inspector: Inspector | None = None, replay: Callable[[Exchange], str] | None = None) -> None:
         super().__init__()
+        self.inspector = inspector   # None: the inspector is off (/inspect answers 404)
+        self.replay = replay
         self.registry = registry
         self.status = status
         self.health = health   # the server's /healthz (no token: load balancers probe it)
@@ -443,19 +446,22 @@ class AdminResource(Resource):
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
         path = request.path
-        if path in (b"/", b"/index.html"):
-            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        page = DASHBOARD_FILES.get(path)
+        if page is not None:
+            request.setHeader(b"content-type", page[1])
             request.setHeader(b"content-security-policy", DASHBOARD_CSP)
             request.setHeader(b"x-frame-options", b"DENY")
             request.setHeader(b"referrer-policy", b"no-referrer")
-            return DASHBOARD_HTML
+            return page[0]
         if path == b"/healthz" and self.health is not None:
             code, text = self.health()
             request.setResponseCode(code)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return text.encode() + b"\n"
+        if path == b"/inspect" or path.startswith(b"/inspect/"):
+            return self._inspect(request, path)
         if path not in (b"/metrics", b"/status"):
-            return self._plain(request, http.NOT_FOUND, "not found; try /, /metrics or /status")
+            return self._plain(request, http.NOT_FOUND, "not found; try /, /metrics, /status or /inspect")
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="tunneld admin"')
             return self._plain(request, http.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer ...)")
@@ -464,6 +470,51 @@ class AdminResource(Resource):
             return generate_latest(self.registry)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.status(), indent=1, sort_keys=True).encode() + b"\n"
+
+    def render_POST(self, request: server.Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        path = request.path
+        if path.startswith(b"/inspect/") and path.endswith(b"/replay"):
+            return self._inspect(request, path)
+        return self._plain(request, http.NOT_ALLOWED, "only POST /inspect/<request_id>/replay")
+
+    def _inspect(self, request: server.Request, path: bytes) -> bytes:
+        """``GET /inspect``, ``GET /inspect/<request_id>``, ``POST /inspect/<request_id>/replay`` (SPEC §7.3)."""
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="tunneld admin"')
+            return self._plain(request, http.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer ...)")
+        inspector = self.inspector
+        if inspector is None:
+            return self._plain(request, http.NOT_FOUND, "the inspector is off (inspect = 0)")
+        parts = [p for p in path.decode("latin-1", "replace").split("/")[2:] if p]   # after "/inspect"
+        post = request.method == b"POST"
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] != "replay"):
+            return self._plain(request, http.NOT_FOUND, "try GET /inspect, GET /inspect/<request_id> or "
+                                                        "POST /inspect/<request_id>/replay")
+        if post != (len(parts) == 2):
+            return self._plain(request, http.NOT_ALLOWED, "GET /inspect[/<request_id>]; "
+                                                          "POST /inspect/<request_id>/replay")
+        if not parts:
+            return self._json(request, inspector.listing())
+        rec = inspector.find(parts[0])
+        if rec is None:
+            return self._plain(request, http.NOT_FOUND, f"no exchange {parts[0]!r} in the inspector")
+        if not post:
+            return self._json(request, rec.to_json(bodies=True))
+        if self.replay is None:
+            return self._plain(request, http.CONFLICT, "replay is not available here")
+        from tunneld.protocols.replay import ReplayRefused
+        try:
+            new_id = self.replay(rec)
+        except ReplayRefused as e:
+            return self._plain(request, e.status, e.message)
+        return self._json(request, {"request_id": new_id})
+
+    @staticmethod
+    def _json(request: server.Request, value: object) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(value, sort_keys=True).encode() + b"\n"
 
     def _authorized(self, request: server.Request) -> bool:
         token = self.token().encode()
@@ -513,6 +564,16 @@ class AdminService(StreamServerEndpointService):
         return port
 
 
+def _replayer(hub: Any, reactor: Any) -> Callable[[Exchange], str] | None:
+    """Replay through ``hub``'s dispatcher into its inspector (None without an inspector)."""
+    inspector = hub.inspector
+    if inspector is None:
+        return None
+    from tunneld.protocols.replay import replay
+
+    return lambda rec: replay(rec, hub, inspector, reactor)
+
+
 def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
     """The server's admin port (token: the current config's ``admin_token``); feeds metrics from ``hub.finished``."""
     from tunneld.endpoints import server_endpoint
@@ -523,7 +584,8 @@ def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
     hub.metrics = metrics
     started = time.time()
     resource = AdminResource(registry, lambda: server_status(hub, metrics, started),
-                             lambda: hub.config.server.admin_token, health=hub.health)
+                             lambda: hub.config.server.admin_token, health=hub.health,
+                             inspector=hub.inspector, replay=_replayer(hub, reactor))
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 
@@ -536,217 +598,27 @@ def client_admin(hub: ClientHub, reactor: Any, listen: str, token: str = "") -> 
     registry.register(ClientCollector(hub))  # type: ignore[arg-type]
     hub.metrics = metrics
     started = time.time()
-    resource = AdminResource(registry, lambda: client_status(hub, metrics, started), lambda: token)
+    resource = AdminResource(registry, lambda: client_status(hub, metrics, started), lambda: token,
+                             inspector=hub.inspector, replay=_replayer(hub, reactor))
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 
 # -- the dashboard ------------------------------------------------------------------------------
+# The page is three package files (tunneld/dashboard/); no external assets, nothing inline, so the
+# CSP allows scripts and styles from this origin only.
 
-_STYLE = """
-:root { --bg:#f5f6f8; --card:#fff; --ink:#1d2330; --mute:#687085; --line:#e2e5eb; --ok:#1a7f37; --bad:#c62828;
-        --warn:#b26a00; --accent:#2457c5; }
-* { box-sizing: border-box; }
-body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; background:var(--bg);
-       color:var(--ink); }
-header { display:flex; align-items:baseline; gap:16px; padding:14px 24px; background:#1d2330; color:#fff; }
-header h1 { font-size:18px; margin:0; font-weight:600; }
-header .meta { color:#b8bfcc; font-size:13px; }
-header .live { margin-left:auto; font-size:13px; }
-.dot { display:inline-block; width:9px; height:9px; border-radius:50%; margin-right:6px; background:#888; }
-.dot.on { background:#3ccf5a; } .dot.off { background:#ff5252; }
-main { padding:16px 24px 32px; max-width:1400px; }
-.tiles { display:grid; grid-template-columns:repeat(auto-fill,minmax(150px,1fr)); gap:12px; margin-bottom:18px; }
-.tile { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:10px 14px; }
-.tile .n { font-size:26px; font-weight:600; } .tile .l { color:var(--mute); font-size:12px; text-transform:uppercase;
-       letter-spacing:.04em; }
-.tile.bad .n { color:var(--bad); } .tile.good .n { color:var(--ok); }
-section { background:var(--card); border:1px solid var(--line); border-radius:8px; margin-bottom:18px; }
-section h2 { font-size:14px; margin:0; padding:10px 14px; border-bottom:1px solid var(--line); }
-section h2 small { color:var(--mute); font-weight:400; margin-left:8px; }
-table { width:100%; border-collapse:collapse; }
-th, td { text-align:left; padding:6px 14px; border-bottom:1px solid var(--line); vertical-align:top; }
-th { color:var(--mute); font-weight:500; font-size:12px; text-transform:uppercase; letter-spacing:.03em; }
-tr:last-child td { border-bottom:0; }
-td.num { text-align:right; font-variant-numeric:tabular-nums; }
-.mono { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:12.5px; }
-.pill { display:inline-block; padding:1px 8px; border-radius:10px; font-size:12px; margin:1px 4px 1px 0;
-        background:#eef1f6; }
-.pill.ok { background:#e3f4e8; color:var(--ok); } .pill.bad { background:#fde8e8; color:var(--bad); }
-.pill.warn { background:#fff3df; color:var(--warn); }
-.empty { color:var(--mute); padding:10px 14px; }
-.arrow { color:var(--mute); }
-#auth { display:none; background:#fff3df; border:1px solid #f0d29a; border-radius:8px; padding:12px 14px;
-        margin-bottom:18px; }
-#auth.show { display:block; }
-"""
+def _dashboard_file(name: str) -> bytes:
+    return (resources.files("tunneld") / "dashboard" / name).read_bytes()
 
-_SCRIPT = r"""
-"use strict";
-const params = new URLSearchParams(location.hash.slice(1));
-let token = params.get("token") || "";
-const $ = (id) => document.getElementById(id);
 
-function el(tag, cls, ...kids) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  for (const k of kids.flat()) {
-    if (k === null || k === undefined) continue;
-    e.append(k instanceof Node ? k : String(k));
-  }
-  return e;
+DASHBOARD_FILES: dict[bytes, tuple[bytes, bytes]] = {
+    b"/": (_dashboard_file("index.html"), b"text/html; charset=utf-8"),
+    b"/dashboard.css": (_dashboard_file("dashboard.css"), b"text/css; charset=utf-8"),
+    b"/dashboard.js": (_dashboard_file("dashboard.js"), b"text/javascript; charset=utf-8"),
 }
-function pill(text, kind) { return el("span", "pill" + (kind ? " " + kind : ""), text); }
-function dur(s) {
-  if (s === null || s === undefined) return "-";
-  s = Math.max(0, s);
-  if (s < 60) return Math.floor(s) + "s";
-  if (s < 3600) return Math.floor(s / 60) + "m " + Math.floor(s % 60) + "s";
-  if (s < 86400) return Math.floor(s / 3600) + "h " + Math.floor(s % 3600 / 60) + "m";
-  return Math.floor(s / 86400) + "d " + Math.floor(s % 86400 / 3600) + "h";
-}
-function ms(s) { return s === null || s === undefined ? "-" : (s * 1000).toFixed(1) + " ms"; }
-function failed(k) { return !["1xx", "2xx", "3xx", "OK"].includes(k); }
-function classes(counts) {
-  const keys = Object.keys(counts || {}).sort();
-  if (!keys.length) return [el("span", "arrow", "none yet")];
-  return keys.map((k) => pill(k + " " + counts[k], failed(k) ? "bad" : "ok"));
-}
-function table(headers, rows, empty) {
-  if (!rows.length) return el("div", "empty", empty);
-  const head = el("tr", null, headers.map((h) => el("th", h.endsWith("#") ? "num" : null, h.replace(/#$/, ""))));
-  return el("table", null, el("thead", null, head), el("tbody", null, rows));
-}
-function td(v, cls) { return el("td", cls, v); }
-function tile(n, label, kind) { return el("div", "tile" + (kind ? " " + kind : ""), el("div", "n", n), el("div", "l", label)); }
-function section(title, note, body) { return el("section", null, el("h2", null, title, note ? el("small", null, note) : null), body); }
-
-function refusals(r) {
-  const counts = r.refusals || {};
-  const keys = Object.keys(counts).sort();
-  const guard = r.access ? [el("span", "mono", r.access), " "] : [el("span", "arrow", "open")];
-  return guard.concat(keys.map((k) => pill(k + " " + counts[k], "bad")));
-}
-
-function failures(d) {
-  const rows = d.recent_errors.map((e) => el("tr", null,
-    td(new Date(e.time * 1000).toLocaleTimeString(), "mono"), td(e.protocol), td(e.route, "mono"),
-    td(pill(String(e.status), "bad")), td(e.path || "", "mono"), td(ms(e.duration), "num"),
-    td(e.request_id, "mono"), td(e.trace_id, "mono")));
-  return section("Recent failures", "last " + d.recent_errors.length + ", newest first",
-    table(["time", "protocol", "route", "status", "path", "duration#", "request_id", "trace_id"], rows,
-          "No failed requests."));
-}
-
-function renderServer(d) {
-  $("title").textContent = "tunneld server";
-  $("meta").textContent = "v" + d.version + " \u00b7 config " + d.config.version + " \u00b7 up " + dur(d.now - d.started) +
-    (d.draining ? " \u00b7 DRAINING" : "");
-  const t = d.totals;
-  const tiles = [tile(t.clients, "clients", t.clients ? "good" : "bad"), tile(t.streams, "streams"),
-    tile(t.in_flight, "in flight"), tile(t.requests, "requests"), tile(t.errors, "failed", t.errors ? "bad" : ""),
-    tile(d.counters.messages_dropped, "dropped msgs", d.counters.messages_dropped ? "bad" : ""),
-    tile(d.counters.flow_stalls, "flow stalls"),
-    tile(d.counters.access_refusals || 0, "access refused", d.counters.access_refusals ? "bad" : "")];
-  const clients = d.clients.map((c) => el("tr", null,
-    td(el("b", null, c.client_id)), td(c.group), td(c.address, "mono"), td(c.version),
-    td(dur(d.now - c.connected_at), "num"), td(dur(d.now - c.last_heartbeat) + " ago", "num"), td(ms(c.rtt), "num"),
-    td(c.in_flight, "num"), td(pill(c.healthy ? "healthy" : "silent", c.healthy ? "ok" : "bad"))));
-  const routes = d.routes.map((r) => el("tr", null,
-    td(el("b", null, r.name)), td(r.match, "mono"),
-    td(r.kind === "forward" ? el("span", "arrow", "forward") : [el("span", "arrow", "\u2192 "), r.group]),
-    td(r.kind === "forward" ? "" : (r.clients.length ? r.clients.map((c) => pill(c, "ok"))
-                                                        : pill("no client", "bad"))),
-    td(r.backend, "mono"), td(classes(r.requests)), td(refusals(r))));
-  if (Object.keys(d.unrouted || {}).length) {
-    routes.push(el("tr", null, td(el("i", null, "no route")), td("-"), td(""), td(""), td(""), td(classes(d.unrouted)),
-      td("")));
-  }
-  const groups = d.groups.map((g) => el("tr", null, td(el("b", null, g.name)), td(g.clients, "num"),
-    td(g.streams, "num"), td(g.in_flight, "num"), td(g.routes.join(", ") || "-")));
-  $("body").replaceChildren(
-    el("div", "tiles", tiles),
-    section("Connected clients", d.clients.length + " streams",
-      table(["client", "group", "address", "version", "connected#", "heartbeat#", "rtt#", "in flight#", "health"],
-            clients, "No client is connected.")),
-    section("Routes", "what flows where: route \u2192 group \u2192 clients, and how it went",
-      table(["route", "match", "group", "clients", "backend", "requests by status", "access / refused"], routes,
-            "No routes configured.")),
-    section("Groups", null, table(["group", "clients#", "streams#", "in flight#", "routes"], groups, "No groups.")),
-    failures(d));
-}
-
-function renderClient(d) {
-  $("title").textContent = "tunneld client " + d.client_id;
-  $("meta").textContent = "v" + d.version + " \u00b7 group " + d.group + " \u00b7 server " + (d.servers || []).map((v) => v.address).join(", ") +
-    " \u00b7 up " + dur(d.now - d.started) + (d.draining ? " \u00b7 DRAINING" : "");
-  const tiles = [tile(d.connected ? "connected" : "down", "tunnel", d.connected ? "good" : "bad"),
-    tile(d.connected_since ? dur(d.now - d.connected_since) : "-", "connected for"), tile(ms(d.rtt), "rtt"),
-    tile(d.in_flight, "in flight"), tile(d.totals.requests, "requests"),
-    tile(d.totals.errors, "failed", d.totals.errors ? "bad" : ""), tile(d.reconnects, "reconnects")];
-  const routes = d.routes.map((r) => el("tr", null, td(el("b", null, r.name)), td(r.match, "mono"),
-    td([el("span", "arrow", "\u2192 "), r.backend], "mono"), td(classes(r.requests))));
-  const servers = (d.servers || []).map((v) => el("tr", null, td(el("b", null, v.address), "mono"),
-    td(pill(v.state, v.state === "connected" ? "ok" : (v.state === "draining" ? "warn" : "bad"))),
-    td(v.connected_since ? dur(d.now - v.connected_since) : "-", "num"), td(ms(v.rtt), "num"),
-    td(v.in_flight, "num"), td(v.reconnects, "num"), td(v.routes.length, "num")));
-  $("body").replaceChildren(el("div", "tiles", tiles),
-    section("Servers", "one tunnel stream to each",
-      table(["server", "state", "connected#", "rtt#", "in flight#", "reconnects#", "routes#"], servers,
-            "No servers.")),
-    section("Routes", "granted by the server, config " + (d.config_version || "-"),
-      table(["route", "match", "backend", "requests by status"], routes, "No routes (not connected yet?).")),
-    failures(d));
-}
-
-let timer = null;
-async function poll() {
-  clearTimeout(timer);
-  try {
-    const r = await fetch("status", {cache: "no-store", headers: token ? {"Authorization": "Bearer " + token} : {}});
-    if (r.status === 401) {
-      $("auth").className = "show";
-      $("live").replaceChildren(el("span", "dot off"), "token needed");
-    } else if (!r.ok) {
-      throw new Error("HTTP " + r.status);
-    } else {
-      const d = await r.json();
-      $("auth").className = "";
-      if (d.role === "client") renderClient(d); else renderServer(d);
-      $("live").replaceChildren(el("span", "dot on"), "live \u00b7 " + new Date().toLocaleTimeString());
-    }
-  } catch (e) {
-    $("live").replaceChildren(el("span", "dot off"), "unreachable (" + e.message + ")");
-  }
-  timer = setTimeout(poll, 2000);
-}
-$("authform").addEventListener("submit", (ev) => {
-  ev.preventDefault();
-  token = $("token").value;
-  history.replaceState(null, "", "#token=" + encodeURIComponent(token));
-  poll();
-});
-poll();
-"""
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>tunneld admin</title><link rel="icon" href="data:,">
-<style>{style}</style></head>
-<body><header><h1 id="title">tunneld</h1><span class="meta" id="meta"></span>
-<span class="live" id="live"><span class="dot"></span>loading</span></header>
-<main><div id="auth"><form id="authform">This admin port needs its <code>admin_token</code>:
-<input id="token" type="password" autocomplete="off" placeholder="admin_token"> <button>Show</button>
-(or open <code>/#token=&hellip;</code>)</form></div><div id="body"></div></main>
-<script>{script}</script></body></html>
-"""
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
-DASHBOARD_HTML = _PAGE.format(style=_STYLE, script=_SCRIPT).encode()
+DASHBOARD_FILES[b"/index.html"] = DASHBOARD_FILES[b"/"]
+DASHBOARD_HTML = DASHBOARD_FILES[b"/"][0]
 DASHBOARD_CSP = (
-    f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; connect-src 'self'; "
-    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-).encode()
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    b"img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)

@@ -15,11 +15,13 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.web.client import HTTPConnectionPool
 from twisted.python import usage
 
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
+from tunneld import inspector
 from tunneld.admin import AdminService, client_admin
 from tunneld.client_hub import ClientHub
 from tunneld.config import CLIENT_MAX_MESSAGE_SIZE, ClientConfig, ConfigError, load_client_config
@@ -54,9 +56,29 @@ class ClientApp:
     dials: tuple[TunnelClientService, ...] = ()   # one per server, in the order of `server`
 
 
+class ClientRoot(MultiService):
+    """The client's top service: on stop, every other child first (the drain included), then ``after``.
+
+    ``after``: the backend connection pool (the drained requests hand their
+    connections back to it) and the admin port (so /status and /metrics stay
+    up while in-flight requests finish)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after: list[Service] = []
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        others = [maybeDeferred(child.stopService) for child in reversed(list(self)) if child not in self.after]
+        done: Deferred[Any] = DeferredList(others)
+        for service in self.after:
+            done.addCallback(lambda _, service=service: maybeDeferred(service.stopService))
+        return done
+
+
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = CLIENT_MAX_MESSAGE_SIZE) -> ClientApp:
     cfg = config.client
-    top = MultiService()
+    top = ClientRoot()
     agent, pool = make_agent(reactor, ca=cfg.backend_ca)
     backend_trust = trust_root(cfg.backend_ca)
     hub: ClientHub
@@ -98,21 +120,26 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         dial.setServiceParent(bridge_service)
         dials.append(dial)
     GrpcChannelsService(bridge, channels, grace=cfg.drain_timeout).setServiceParent(bridge_service)
-    PoolCloser(pool).setServiceParent(top)
+    closer = PoolCloser(pool)
+    closer.setServiceParent(top)
+    top.after.append(closer)
     for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick),
                            (cfg.config_sync_interval, hub.config_sync_tick)):
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)
+    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:
-        entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry), EntrySite(hub, reactor))
+        entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry),
+                                            EntrySite(hub, reactor, inspector=hub.inspector))
         entry._raiseSynchronously = True
         entry.setServiceParent(top)
     admin = None
     if cfg.admin_listen:
         admin = client_admin(hub, reactor, cfg.admin_listen, cfg.admin_token)
         admin.setServiceParent(top)
+        top.after.append(admin)
     return ClientApp(top, hub, dials[0], entry, admin, tuple(dials))
 
 

@@ -122,6 +122,8 @@ class ServerSettings:
     ready_timeout: float = 10.0  # /healthz: "starting" until every group with routes has a client, at most this long
     drain_delay: float = 0.0  # SIGTERM: entries keep serving this long with /healthz 503, then the drain
     proxy_protocol: bool = False  # http_listen expects HAProxy's PROXY header (v1/v2) on every connection
+    inspect: int = 200  # inspector: the last N exchanges kept for the admin port's /inspect; 0 = off
+    inspect_body_bytes: int = 0  # inspector: bytes kept of each body / WebSocket or gRPC message; 0 = heads only
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,8 @@ class ClientSettings:
     max_frame_size: int = 1048576  # tunnel frames: messages packed per gRPC write (<= 64 MiB)
     max_window: int = 16777216  # receive windows of requests whose reader keeps up grow up to this
     window_budget: int = 67108864  # per stream: growth of all its receive windows together (>= max_window)
+    inspect: int = 200  # inspector on the client's admin port: the last N exchanges kept; 0 = off
+    inspect_body_bytes: int = 0  # inspector: bytes kept of each body / message; 0 = heads only
     servers: tuple[str, ...] = ()  # all servers when `server` lists several (the loader fills it); else ()
 
     @property
@@ -655,6 +659,8 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         ready_timeout=t.seconds("ready_timeout", d.ready_timeout, zero_ok=True),
         drain_delay=t.seconds("drain_delay", d.drain_delay, zero_ok=True),
         proxy_protocol=t.boolean("proxy_protocol", d.proxy_protocol),
+        inspect=t.integer("inspect", d.inspect, 0),
+        inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
     )
 
 
@@ -931,6 +937,8 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         max_frame_size=_frame_size(t, d.max_frame_size, CLIENT_MAX_MESSAGE_SIZE),
         max_window=max_window,
         window_budget=window_budget,
+        inspect=t.integer("inspect", d.inspect, 0),
+        inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
     )
     return ClientConfig(path=path, client=settings)
 

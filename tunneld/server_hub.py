@@ -21,6 +21,7 @@ from tunneld import __version__
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import ForwardRule, Route, ServerConfig
+from tunneld.inspector import Inspector
 from tunneld.grpc_bridge.entry import GrpcRefusal, GrpcTarget
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.headers import get_first
@@ -57,6 +58,8 @@ class ServerHub:
 
     log = Logger()
     metrics: Any = None   # admin.RequestMetrics when the admin port is on; fed by finished()
+    inspector: Inspector | None = None   # the inspector's ring (config inspect > 0), read by the admin port
+    chosen_client = ""
 
     def __init__(self, config: ServerConfig, clock: Any, *, upstream_factory: UpstreamFactory | None = None) -> None:
         self.clock = clock
@@ -279,6 +282,7 @@ class ServerHub:
         if chosen is None:
             return None
         tunnel: Tunnel = chosen.handle.tunnel  # type: ignore[attr-defined]
+        self.chosen_client = chosen.client_id   # for the Target (inspector)
         return tunnel if tunnel.is_open else None
 
     def dispatch(self, host: str, path: str, address: str = "",
@@ -300,7 +304,7 @@ class ServerHub:
             return Refusal(502, f"no client connected for group {route.group!r} (route {route.name})", route.name)
         self.counters["requests"] += 1
         return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size,
-                      strip_authorization=policy is not None and bool(policy.users))
+                      strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client)
 
     def dispatch_grpc(self, service: str, authority: str) -> GrpcTarget | GrpcRefusal:
         """The gRPC entry's question: which tunnel serves ``service`` (called at ``authority``)."""
@@ -311,9 +315,10 @@ class ServerHub:
             return GrpcRefusal("UNIMPLEMENTED", f"no route for gRPC service {service!r}")
         tunnel = self.choose(route.group)
         if tunnel is None:
-            return GrpcRefusal("UNAVAILABLE", f"no client connected for group {route.group!r} (route {route.name})")
+            return GrpcRefusal("UNAVAILABLE", f"no client connected for group {route.group!r} (route {route.name})",
+                               route.name)
         self.counters["requests"] += 1
-        return GrpcTarget(tunnel, route.name, route.max_message_size)
+        return GrpcTarget(tunnel, route.name, route.max_message_size, client_id=self.chosen_client)
 
     def finished(self, record: dict[str, object]) -> None:
         if self.metrics is not None:

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from tunneld import session as s
+from tunneld import inspector
 from tunneld.admin import AdminService, server_admin
 from tunneld.config import ConfigError, ForwardRule, ServerConfig, load_server_config
 from tunneld.endpoints import server_endpoint
@@ -110,6 +111,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
 
     hub = ServerHub(config, reactor, upstream_factory=upstream_backend)
     top.hub = hub
+    # The inspector is read on the admin port only: without one, nothing is recorded.
+    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
     PoolCloser(pool).setServiceParent(top)
     bridge = Bridge(reactor)
     bridge_service = BridgeService(bridge)
@@ -133,14 +136,17 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
                                       credentials=server_credentials(cfg.grpc_tls_cert, cfg.grpc_tls_key)
                                       if cfg.grpc_tls_cert else None,
                                       grace=cfg.drain_timeout, on_failure=listen_failed)
+        grpc_entry.inspector = hub.inspector
         grpc_entry.setServiceParent(bridge_service)
     http = None
     if cfg.http_listen:
         scheme = "https" if cfg.http_tls_cert else "http"
-        websocket = EntryWebSocketResource(EntryWebSocketFactory(hub, reactor, scheme=scheme,
-                                                                 ping_interval=cfg.websocket_ping_interval))
+        ws_factory = EntryWebSocketFactory(hub, reactor, scheme=scheme, ping_interval=cfg.websocket_ping_interval)
+        ws_factory.inspector = hub.inspector
+        websocket = EntryWebSocketResource(ws_factory)
         site = EntrySite(hub, reactor, scheme=scheme, max_header_size=cfg.max_header_size, websocket=websocket,
-                         header_timeout=cfg.header_timeout, max_connections=cfg.max_connections)
+                         header_timeout=cfg.header_timeout, max_connections=cfg.max_connections,
+                         inspector=hub.inspector)
         hub.entry = site
         endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key,
                                    proxy_protocol=cfg.proxy_protocol)

@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import grpc
@@ -58,6 +58,8 @@ from twisted.logger import Logger
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.grpc_bridge.stream import Bridge, ServerCredentialsFactory, start_server
+from tunneld.inspector import Exchange, Inspector
+from tunneld.protocols import headers as h
 from tunneld.protocols.headers import filter_grpc_metadata, grpc_metadata_from_pb
 from tunneld.tunnel import Tunnel
 
@@ -74,6 +76,7 @@ class GrpcTarget:
     tunnel: Tunnel
     route: str
     max_message_size: int
+    client_id: str = field(default="", compare=False)   # the client serving it (inspector)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class GrpcRefusal:
 
     code: str
     message: str
+    route: str = ""   # the route it matched, if any (logs and metrics count the refusal under it)
 
 
 class GrpcDispatcher(Protocol):
@@ -327,6 +331,7 @@ class _EntryExchange:
         self.started = time.monotonic()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.rec: Exchange | None = None   # the inspector's record (None: inspector off)
 
     # -- from the bridge ----------------------------------------------------------
 
@@ -336,7 +341,10 @@ class _EntryExchange:
             return
         call = self.call
         decision = self.entry.dispatcher.dispatch_grpc(call.service, call.authority)
+        if self.entry.inspector is not None:
+            self._record(msg, decision)
         if isinstance(decision, GrpcRefusal):
+            self.route = decision.route or "-"
             self._fail_caller(decision.code, decision.message)
             return
         self.tunnel = tunnel = decision.tunnel
@@ -354,6 +362,8 @@ class _EntryExchange:
         except s.SessionError as e:
             self._fail_caller("UNAVAILABLE", f"tunnel not available: {e}")
             return
+        if self.rec is not None:
+            self.rec.request_id = self.request_id
         self.bytes_in += len(req.body)
         for body in more:
             self.caller_message(body)
@@ -362,6 +372,8 @@ class _EntryExchange:
         if self.done or not self.request_id or not self._fits(len(body)):
             return
         self.bytes_in += len(body)
+        if self.rec is not None:
+            self.rec.message("in", body)
         assert self.tunnel is not None
         ok = self.tunnel.send(self.request_id, pb.TunnelMessage(grpc_request=pb.GrpcRequest(body=body, has_message=True)))
         if not ok and not self.done and not self.paused:
@@ -393,6 +405,8 @@ class _EntryExchange:
     def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
         resp = msg.grpc_response
         self.bytes_out += len(resp.body)
+        if self.rec is not None:
+            self._record_response(resp)
         if end:
             self.done = True
             code = STATUS_BY_VALUE.get(resp.status_code)
@@ -438,8 +452,38 @@ class _EntryExchange:
         self.bridge.call_soon(self.call.inbox.put_nowait, _Fail(grpc.StatusCode[code], message))
         self._log()
 
+    def _record(self, msg: pb.TunnelMessage, decision: GrpcTarget | GrpcRefusal) -> None:
+        assert self.entry.inspector is not None
+        call = self.call
+        rec = self.rec = self.entry.inspector.begin("grpc")
+        rec.trace_id = call.trace_id
+        rec.path = call.service
+        rec.method = call.method
+        rec.host = call.authority
+        rec.request_headers = call.metadata
+        rec.route = decision.route or "-"
+        if isinstance(decision, GrpcTarget):
+            rec.client_id = decision.client_id
+        req = msg.grpc_request
+        if req.has_message:
+            rec.message("in", req.body)
+
+    def _record_response(self, resp: pb.GrpcResponse) -> None:
+        rec = self.rec
+        assert rec is not None
+        if resp.is_first_chunk:
+            rec.response_headers = h.from_pb(resp.initial_metadata)
+        if resp.has_message:
+            rec.message("out", resp.body)
+        if resp.is_last_chunk:
+            rec.details = resp.details
+            rec.trailers = h.from_pb(resp.trailing_metadata)
+            rec.response_status = resp.status_code
+
     def _log(self) -> None:
         call = self.call
+        if self.rec is not None:
+            self.rec.end(self.status)
         self.entry.dispatcher.finished({
             "protocol": "grpc", "method": "POST", "path": f"/{call.service}/{call.method}", "route": self.route,
             "status": self.status, "duration": time.monotonic() - self.started, "bytes_in": self.bytes_in,
@@ -478,6 +522,7 @@ class GrpcEntryService(Service):
         self.grace = grace
         self.credentials = credentials
         self.on_failure = on_failure
+        self.inspector: Inspector | None = None   # set by the tap when the inspector is on
         self.port = 0
         self.ready: Deferred[int] = Deferred()
         self._server: grpc.aio.Server | None = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
+from tunneld.inspector import Exchange, Inspector
 from tunneld.protocols import headers as h
 from tunneld.tunnel import CreditGate, Tunnel
 
@@ -49,6 +50,7 @@ class Target:
     set_host: str = ""
     max_message_size: int = 0   # WebSocket / gRPC message limit of the route
     strip_authorization: bool = False   # basic auth was checked here: the credentials stay here
+    client_id: str = field(default="", compare=False)   # the client serving it (inspector)
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,10 @@ class HttpExchange:
 
     log = Logger()
 
-    def __init__(self, request: EntryRequest, dispatcher: Dispatcher, clock: IReactorTime, scheme: str) -> None:
+    def __init__(self, request: EntryRequest, dispatcher: Dispatcher, clock: IReactorTime, scheme: str,
+                 inspector: Inspector | None = None) -> None:
         self.request = request
+        self.inspector = inspector
         self.dispatcher = dispatcher
         self.clock = clock
         self.scheme = scheme
@@ -119,6 +123,7 @@ class HttpExchange:
         self.timer: IDelayedCall | None = None
         self.socket_paused = False
         self.request_ended = False
+        self.rec: Exchange | None = None   # the inspector's record (None: inspector off)
 
     # -- request side (called by EntryRequest) ---------------------------------
 
@@ -132,6 +137,8 @@ class HttpExchange:
         self.trace_id = trace_id_of(flat)
         client_ip = h.client_ip(req)
         decision = self.dispatcher.dispatch(host, path, client_ip, flat)
+        if self.inspector is not None:
+            self._record(req, flat, host, uri, client_ip, decision)
         if isinstance(decision, Refusal):
             self.refusal = decision
             return
@@ -177,11 +184,30 @@ class HttpExchange:
             self.tunnel = None
             return
         self.timer = self.clock.callLater(self.target.timeout, self._timed_out)
+        if self.rec is not None:
+            self.rec.request_id = self.request_id
+
+    def _record(self, req: EntryRequest, flat: list[tuple[bytes, bytes]], host: str, uri: str, client_ip: str,
+                decision: Target | Refusal) -> None:
+        assert self.inspector is not None
+        rec = self.rec = self.inspector.begin("http")
+        rec.trace_id = self.trace_id
+        rec.method = req.method.decode("latin-1")
+        rec.path = uri
+        rec.host = host
+        rec.scheme = self.scheme
+        rec.remote = client_ip
+        rec.request_headers = flat
+        rec.route = decision.route or "-"
+        if isinstance(decision, Target):
+            rec.client_id = decision.client_id
 
     def body(self, data: bytes) -> None:
         if self.refusal is not None or self.done:
             return
         self.body_in += len(data)
+        if self.rec is not None:
+            self.rec.request_chunk(data)
         assert self.target is not None
         if self.target.max_body_size and self.body_in > self.target.max_body_size:
             self._fail_request(413, f"request body exceeds {self.target.max_body_size} bytes")
@@ -245,13 +271,19 @@ class HttpExchange:
             self.status = resp.status_code
             req.setResponseCode(resp.status_code, resp.reason.encode("latin-1") if resp.reason else None)
             req.responseHeaders = http.Headers()
-            for name, value in h.response_headers_for_client(h.from_pb(resp.headers)):
+            pairs = h.from_pb(resp.headers)
+            for name, value in h.response_headers_for_client(pairs):
                 req.responseHeaders.addRawHeader(name, value)
+            if self.rec is not None:
+                self.rec.response_status = resp.status_code
+                self.rec.response_headers = pairs
             req.registerProducer(self, True)
             req.write(b"")  # the head goes out now, even before any body
         data = resp.body
         if data:
             self.body_out += len(data)
+            if self.rec is not None:
+                self.rec.response_chunk(data)
             req.write(data)
             self.gate.took(len(data))
         if end:
@@ -335,6 +367,10 @@ class HttpExchange:
         req.setHeader(b"content-length", str(len(body)).encode())
         for name, value in headers:
             req.setHeader(name, value)
+        if self.rec is not None:
+            self.rec.response_status = status
+            self.rec.response_headers = [(b"content-type", b"text/plain; charset=utf-8"), *headers]
+            self.rec.response_chunk(body)
         req.write(body)
         self._finish()
 
@@ -355,6 +391,8 @@ class HttpExchange:
                     req.channel.transport.abortConnection()
             else:
                 req.finish()
+        if self.rec is not None:
+            self.rec.end(self.status)
         client_ip = h.client_ip(req)
         self.dispatcher.finished({
             "protocol": "http", "route": self._route(), "status": self.status,
@@ -403,7 +441,7 @@ class EntryRequest(server.Request):
         if site.websocket is not None and is_websocket_upgrade(self):
             self.exchange = None
             return
-        self.exchange = HttpExchange(self, site.dispatcher, site.clock, site.scheme)
+        self.exchange = HttpExchange(self, site.dispatcher, site.clock, site.scheme, site.inspector)
         self.exchange.head(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -528,8 +566,9 @@ class EntrySite(server.Site):
 
     def __init__(self, dispatcher: Dispatcher, clock: IReactorTime, *, scheme: str = "http",
                  max_header_size: int = 16384, websocket: Any = None, header_timeout: float = 20.0,
-                 max_connections: int = 10000) -> None:
+                 max_connections: int = 10000, inspector: Inspector | None = None) -> None:
         super().__init__(EntryResource(), reactor=clock)   # twisted.web's own timers on the same clock
+        self.inspector = inspector   # None: the inspector is off, nothing recorded
         self.websocket = websocket  # renders upgrade requests (autobahn's WebSocketResource)
         self.dispatcher = dispatcher
         self.clock = clock

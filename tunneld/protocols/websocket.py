@@ -35,7 +35,8 @@ from twisted.logger import Logger
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import headers as h
-from tunneld.protocols.http_entry import Refusal, trace_id_of, without_authorization
+from tunneld.inspector import Exchange, Inspector
+from tunneld.protocols.http_entry import Refusal, Target, trace_id_of, without_authorization
 from tunneld.tunnel import CreditGate, Tunnel
 
 PIECE = 64 * 1024
@@ -61,6 +62,7 @@ class FrameRelay:
     request_id = ""
     trace_id = ""
     clock: Any = None
+    rec: Exchange | None = None   # the inspector's record (entry side only; None: inspector off)
 
     def _relay_init(self) -> None:
         self._opcode = 1
@@ -107,6 +109,11 @@ class FrameRelay:
 
     def _send_piece(self, piece: bytes, fin: bool) -> None:
         frame = pb.WebSocketFrame(opcode=self._opcode if self._first else 0, fin=fin, payload=piece)
+        if self.rec is not None:
+            if self._first:
+                self.rec.message("in", piece, self._opcode)
+            else:
+                self.rec.message_more("in", piece)
         self._first = False
         self.bytes_from_socket += len(piece)
         if self.tunnel is not None and not self.tunnel.send(self.request_id, pb.TunnelMessage(ws_frame=frame)):
@@ -138,6 +145,11 @@ class FrameRelay:
             return
         payload = frame.payload
         self.bytes_to_socket += len(payload)
+        if self.rec is not None:
+            if frame.opcode:
+                self.rec.message("out", payload, frame.opcode)
+            else:
+                self.rec.message_more("out", payload)
         if frame.opcode in (1, 2):
             if frame.fin:
                 proto.sendMessage(payload, isBinary=frame.opcode == 2)
@@ -240,6 +252,18 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self._path = path
         client_ip = h.client_ip(req)
         decision = factory.dispatcher.dispatch(host, path, client_ip, flat)
+        if factory.inspector is not None:
+            rec = self.rec = factory.inspector.begin("websocket")
+            rec.trace_id = self.trace_id
+            rec.method = "GET"
+            rec.path = uri
+            rec.host = host
+            rec.scheme = factory.scheme
+            rec.remote = client_ip
+            rec.request_headers = flat
+            rec.route = decision.route or "-"
+            if isinstance(decision, Target):
+                rec.client_id = decision.client_id
         if isinstance(decision, Refusal):
             self.status = decision.status
             self.route = decision.route or "-"
@@ -267,6 +291,8 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             self.status = 502
             raise ConnectionDeny(502, f"tunnel not available: {e}") from None
         self._timer = self.clock.callLater(decision.timeout, self._timed_out, decision.timeout)
+        if self.rec is not None:
+            self.rec.request_id = self.request_id
         return self._handshake
 
     def _timed_out(self, timeout: float) -> None:
@@ -292,6 +318,9 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         kind = msg.WhichOneof("payload")
         if kind == "ws_response":
             resp = msg.ws_response
+            if self.rec is not None:
+                self.rec.response_status = 101 if resp.accepted else (resp.status_code or 502)
+                self.rec.response_headers = h.from_pb(resp.headers)
             if not resp.accepted:
                 self._deny(resp.status_code or 502, resp.reason or "refused by the backend")
                 return
@@ -324,6 +353,11 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             self._handshake = None
             self.status = self.status or 499
         self.relay_close(wasClean, code, reason)
+        if self.rec is not None:
+            # A WebSocket's status is its close code; a refused handshake's, the HTTP status.
+            self.rec.end(((code or 1005) if wasClean else 1006) if self.status == 101 else (self.status or 502))
+            if self.rec.response_status == 0:
+                self.rec.response_status = self.status or 502
         self._report()
 
     def _report(self) -> None:
@@ -342,6 +376,8 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
 
 class EntryWebSocketFactory(WebSocketServerFactory):
     protocol = EntryWebSocket
+
+    inspector: Inspector | None = None   # set by the tap when the inspector is on
 
     def __init__(self, dispatcher: Any, clock: Any, *, scheme: str = "http", ping_interval: int = 0,
                  max_message_size: int = 16 * 1024 * 1024) -> None:

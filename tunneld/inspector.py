@@ -1,0 +1,243 @@
+"""The inspector: the last exchanges of every protocol, for the admin port (SPEC §7.3).
+
+Pure core (no reactor, no grpc): an ``Inspector`` is a bounded ring of
+``Exchange`` records, and the entries (HTTP, WebSocket, gRPC) fill one record
+per external exchange as it flows.  Recording must cost little on the hot
+path, so a record keeps references to what the entry already has (the header
+lists it parsed) and does all formatting, masking and base64 only when the
+admin port asks (``Exchange.to_json``).  With ``inspect = 0`` the entries hold
+no ``Inspector`` at all and do nothing per request.
+
+Memory is bounded: at most ``size`` records; each keeps at most
+``body_bytes`` of each body direction and of each of at most
+``MAX_MESSAGES`` WebSocket/gRPC messages (later messages are only counted).
+Raw header values (credentials included) stay in memory for replay; every
+output masks them (``mask_headers``).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+MAX_MESSAGES = 100   # messages kept per WebSocket / gRPC exchange; later ones are counted only
+MASK = "***"
+_SECRET_NAMES = frozenset({"authorization", "cookie", "proxy-authorization", "set-cookie"})
+_SECRET_WORDS = ("auth", "token", "secret", "password", "cookie", "credential", "session", "key")
+
+
+def is_secret(name: str) -> bool:
+    """Is a header / metadata key a credential? (``-bin`` gRPC metadata: authorization-like words.)"""
+    name = name.lower()
+    if name in _SECRET_NAMES:
+        return True
+    return name.endswith("-bin") and any(w in name for w in _SECRET_WORDS)
+
+
+def _text(value: bytes | str) -> str:
+    return value if isinstance(value, str) else value.decode("latin-1")
+
+
+def mask_headers(pairs: Iterable[tuple[bytes | str, bytes | str]]) -> list[list[str]]:
+    """Header or metadata pairs as ``[[name, value], ...]`` strings, credentials masked.
+
+    Binary (``-bin``) metadata values are shown as base64."""
+    out = []
+    for name, value in pairs:
+        n = _text(name)
+        if is_secret(n):
+            v = MASK
+        elif n.lower().endswith("-bin") and isinstance(value, bytes):
+            v = base64.b64encode(value).decode()
+        else:
+            v = _text(value)
+        out.append([n, v])
+    return out
+
+
+class Message:
+    """One WebSocket or gRPC message: direction ("in" = from the external client), size, time, first bytes."""
+
+    __slots__ = ("direction", "size", "time", "opcode", "data")
+
+    def __init__(self, direction: str, t: float, opcode: int, size: int, data: bytes) -> None:
+        self.direction = direction
+        self.time = t
+        self.opcode = opcode
+        self.size = size
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        return {"direction": self.direction, "size": self.size, "time": self.time, "opcode": self.opcode,
+                "data": base64.b64encode(self.data).decode()}
+
+
+class Exchange:
+    """One exchange as the inspector keeps it; filled by its entry, read by the admin port."""
+
+    __slots__ = ("inspector", "request_id", "trace_id", "protocol", "route", "client_id", "started", "duration",
+                 "status", "method", "path", "host", "scheme", "remote", "request_headers", "response_status",
+                 "response_headers", "bytes_in", "bytes_out", "request_body", "response_body", "messages",
+                 "messages_dropped", "details", "trailers", "done", "replay_of", "_t0")
+
+    def __init__(self, inspector: Inspector, protocol: str) -> None:
+        self.inspector = inspector
+        self.protocol = protocol
+        self.request_id = ""
+        self.trace_id = ""
+        self.route = "-"
+        self.client_id = ""
+        self.started = inspector.wall()
+        self._t0 = time.monotonic()
+        self.duration: float | None = None
+        self.status: object = None
+        self.method = ""     # HTTP method; gRPC: the method's name
+        self.path = ""       # HTTP: the URI; gRPC: the service
+        self.host = ""
+        self.scheme = ""
+        self.remote = ""
+        self.request_headers: Any = ()    # raw pairs (bytes, bytes) or gRPC (str, bytes)
+        self.response_status = 0
+        self.response_headers: Any = ()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.request_body = b""
+        self.response_body = b""
+        self.messages: list[Message] | None = None
+        self.messages_dropped = 0
+        self.details = ""
+        self.trailers: Any = ()
+        self.done = False
+        self.replay_of = ""
+
+    # -- filled by the entries ---------------------------------------------------------
+
+    def request_chunk(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        room = self.inspector.body_bytes - len(self.request_body)
+        if room > 0:
+            self.request_body += data[:room]
+
+    def response_chunk(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        room = self.inspector.body_bytes - len(self.response_body)
+        if room > 0:
+            self.response_body += data[:room]
+
+    def message(self, direction: str, data: bytes, opcode: int = 0) -> None:
+        """A new WebSocket / gRPC message (its first piece)."""
+        if direction == "in":
+            self.bytes_in += len(data)
+        else:
+            self.bytes_out += len(data)
+        if self.messages is None:
+            self.messages = []
+        if len(self.messages) >= MAX_MESSAGES:
+            self.messages_dropped += 1
+            return
+        self.messages.append(Message(direction, time.monotonic() - self._t0, opcode, len(data),
+                                     data[: self.inspector.body_bytes]))
+
+    def message_more(self, direction: str, data: bytes) -> None:
+        """A later piece of the last message in ``direction`` (big WebSocket messages)."""
+        if direction == "in":
+            self.bytes_in += len(data)
+        else:
+            self.bytes_out += len(data)
+        if not self.messages:
+            return
+        for m in reversed(self.messages):
+            if m.direction == direction:
+                m.size += len(data)
+                room = self.inspector.body_bytes - len(m.data)
+                if room > 0:
+                    m.data += data[:room]
+                return
+
+    def end(self, status: object) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        self.duration = time.monotonic() - self._t0
+        if not self.request_id:
+            self.request_id = f"local-{next(self.inspector.local_ids)}"   # refused before any tunnel
+
+    # -- read by the admin port ----------------------------------------------------------
+
+    @property
+    def request_complete(self) -> bool:
+        """Was the whole request body captured (replay needs it)?"""
+        return self.done and len(self.request_body) == self.bytes_in
+
+    def to_json(self, bodies: bool = False) -> dict[str, Any]:
+        if self.protocol == "grpc":
+            request: dict[str, Any] = {"service": self.path, "method": self.method,
+                                       "metadata": mask_headers(self.request_headers)}
+        else:
+            request = {"method": self.method, "path": self.path, "host": self.host,
+                       "headers": mask_headers(self.request_headers)}
+        response: dict[str, Any] = {"status": self.response_status, "headers": mask_headers(self.response_headers)}
+        if self.protocol == "grpc":
+            response["details"] = self.details
+            response["trailers"] = mask_headers(self.trailers)
+        out: dict[str, Any] = {
+            "request_id": self.request_id, "trace_id": self.trace_id, "protocol": self.protocol,
+            "route": self.route, "client_id": self.client_id, "started": self.started,
+            "duration": self.duration if self.duration is not None else time.monotonic() - self._t0,
+            "done": self.done, "status": self.status, "request": request, "response": response,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "messages": [m.to_json() for m in self.messages or ()],
+            "messages_dropped": self.messages_dropped,
+            "replayable": self.protocol == "http" and self.request_complete,
+        }
+        if self.replay_of:
+            out["replay_of"] = self.replay_of
+        if bodies:
+            out["request"]["body"] = base64.b64encode(self.request_body).decode()
+            out["request"]["body_complete"] = self.request_complete
+            out["response"]["body"] = base64.b64encode(self.response_body).decode()
+            out["response"]["body_complete"] = self.done and len(self.response_body) == self.bytes_out
+        return out
+
+
+class Inspector:
+    """The ring: the last ``size`` exchanges (``size`` > 0), newest last."""
+
+    def __init__(self, size: int, body_bytes: int = 0, wall: Callable[[], float] = time.time) -> None:
+        assert size > 0
+        self.size = size
+        self.body_bytes = body_bytes
+        self.wall = wall
+        self.ring: deque[Exchange] = deque(maxlen=size)
+        self.local_ids = itertools.count(1)
+        self.replayer: Callable[[Exchange], str] | None = None   # set by the tap: HTTP replay
+
+    def begin(self, protocol: str) -> Exchange:
+        rec = Exchange(self, protocol)
+        self.ring.append(rec)   # deque(maxlen) drops the oldest
+        return rec
+
+    def __iter__(self) -> Iterator[Exchange]:
+        return reversed(self.ring)   # newest first
+
+    def __len__(self) -> int:
+        return len(self.ring)
+
+    def find(self, request_id: str) -> Exchange | None:
+        for rec in reversed(self.ring):
+            if rec.request_id == request_id:
+                return rec
+        return None
+
+    def listing(self) -> dict[str, Any]:
+        return {"exchanges": [rec.to_json() for rec in self], "inspect": self.size,
+                "inspect_body_bytes": self.body_bytes}
+
+
+def make(size: int, body_bytes: int) -> Inspector | None:
+    """The inspector for ``inspect`` / ``inspect_body_bytes``; None when off."""
+    return Inspector(size, body_bytes) if size > 0 else None
