@@ -147,7 +147,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         http = StreamServerEndpointService(endpoint, site)
         http._raiseSynchronously = True
         http.setServiceParent(top)
-    for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick), (cfg.cleanup_interval, hub.cleanup_tick)):
+    # Heartbeats go out spread over the interval, one slice per tick, only to quiet streams.
+    for interval, tick in ((hub.heartbeats.tick, hub.heartbeat_schedule_tick), (cfg.cleanup_interval, hub.cleanup_tick)):
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)
