@@ -111,6 +111,8 @@ class ServerSettings:
     max_header_size: int = 16384  # HTTP entry: total request header bytes
     header_timeout: float = 20.0  # HTTP entry: seconds for a complete request head (each request), else closed
     max_connections: int = 10000  # HTTP entry: open connections; beyond, new ones get 503 and are closed
+    open_rate: int = 500  # tunnel port: new streams accepted per second on average (0 = no limit)
+    open_burst: int = 200  # tunnel port: ... and at most this many at once
     tls_cert: str = ""  # tunnel port: PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: str = ""
     tls_client_ca: str = ""  # tunnel port: PEM CA bundle; set = clients must present a certificate (mTLS)
@@ -645,6 +647,8 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         max_header_size=t.integer("max_header_size", d.max_header_size, 1),
         header_timeout=t.seconds("header_timeout", d.header_timeout),
         max_connections=t.integer("max_connections", d.max_connections, 1),
+        open_rate=t.integer("open_rate", d.open_rate, 0),
+        open_burst=t.integer("open_burst", d.open_burst, 1),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
         access_log=t.boolean("access_log", d.access_log),
         admin_token=t.text("admin_token", d.admin_token),

@@ -38,6 +38,7 @@ from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_age
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
 from tunneld.logs import with_log_format
+from tunneld.registry.admission import OpenRateLimiter
 from tunneld.server_hub import ServerHub
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -118,6 +119,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         bridge, cfg.tunnel_listen, hub.authenticate, hub.stream_connected,
         max_message_size=cfg.max_message_size, max_frame_size=cfg.max_frame_size,
         credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None, before_stop=lambda: hub.drain(cfg.drain_timeout),
+        limiter=OpenRateLimiter(cfg.open_rate, cfg.open_burst) if cfg.open_rate else None,
     )
     tunnel.setServiceParent(bridge_service)
     grpc_entry = None
