@@ -71,6 +71,8 @@ async def _sim(spec: dict[str, Any]) -> None:
 
     n, per_channel, target = spec["n"], spec["per_channel"], spec["target"]
     jitter = spec.get("first_dial_jitter", 0.0)
+    hb_interval = spec.get("client_heartbeat", 30.0)
+    token, group = spec.get("token", TOKEN), spec.get("group", GROUP)
     stats = {"connected": 0, "redials": 0, "requests": 0, "heartbeats": 0, "refused": 0}
     first_in = time.monotonic()
     channels: dict[int, Any] = {}
@@ -96,8 +98,8 @@ async def _sim(spec: dict[str, Any]) -> None:
                 async with sem:
                     call = channel(i).stream_stream(PROXY_METHOD, request_serializer=lambda b: b,
                                                     response_deserializer=pb.TunnelFrame.FromString)(
-                        metadata=(("authorization", f"Bearer {TOKEN}"),))
-                    so = pb.StreamOpenRequest(client_id=f"sim-{i}", group=GROUP, version="sim",
+                        metadata=(("authorization", f"Bearer {token}"),))
+                    so = pb.StreamOpenRequest(client_id=f"sim-{i}", group=group, version="sim",
                                               stream_id=f"{i}-{random.getrandbits(32):x}")
                     await call.write(frames.frame_of([pb.TunnelMessage(
                         client_id=so.client_id, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
@@ -110,6 +112,7 @@ async def _sim(spec: dict[str, Any]) -> None:
                 up[i] = True
                 stats["connected"] += 1
                 delay = 0.5
+                next_heartbeat = time.monotonic() + random.uniform(0, hb_interval or 1)
                 msgs = list(frame.messages)[1:]
                 while True:
                     replies = []
@@ -131,7 +134,19 @@ async def _sim(spec: dict[str, Any]) -> None:
                                     headers=[pb.Header(name="content-type", value=b"text/plain")])))
                     if replies:
                         await call.write(frames.frame_of(replies))
-                    frame = await call.read()
+                    # Like the real client: a heartbeat of our own every client_heartbeat s (the
+                    # first one at a random point of the interval), while a read is pending.
+                    reading = asyncio.ensure_future(call.read())
+                    while True:
+                        wait = next_heartbeat - time.monotonic() if hb_interval else None
+                        done, _ = await asyncio.wait({reading}, timeout=None if wait is None else max(0.0, wait))
+                        if done:
+                            break
+                        next_heartbeat += hb_interval
+                        await call.write(frames.frame_of([pb.TunnelMessage(
+                            client_id=so.client_id, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
+                            heartbeat=pb.Heartbeat(sent_at_ms=int(time.time() * 1000)))]))
+                    frame = reading.result()
                     if frame is grpc.aio.EOF:
                         raise ConnectionError("closed")
                     msgs = list(frame.messages)
@@ -263,6 +278,9 @@ http_listen = "127.0.0.1:{http_port}"
 grpc_listen = ""
 admin_listen = "127.0.0.1:{admin_port}"
 drain_timeout = 1
+heartbeat_interval = {args.heartbeat_interval}
+heartbeat_timeout = {args.heartbeat_timeout}
+open_rate = {args.open_rate}
 [[groups]]
 name = "{GROUP}"
 tokens = ["{TOKEN}"]
@@ -284,7 +302,9 @@ drain_timeout = 1
     twistd = hb.find_twistd()
     procs = hb.Procs(tmp)
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
-    result: dict[str, Any] = {"clients": n, "per_channel": args.per_channel}
+    result: dict[str, Any] = {"clients": n, "per_channel": args.per_channel,
+                              "heartbeats": f"server {args.heartbeat_interval:g} s, clients {args.client_heartbeat:g} s",
+                              "open_rate": args.open_rate}
     sim: Sim | None = None
     server_argv = [twistd, "-n", "--pidfile=", "tunneld-server", "-c", str(server_toml)]
     try:
@@ -302,7 +322,8 @@ drain_timeout = 1
         time.sleep(1.0)  # settle (a measurement pause, not a test assertion)
         base = hb.proc_status(server.pid).get("VmRSS", 0)
         sim = Sim({"n": n, "per_channel": args.per_channel, "target": f"127.0.0.1:{tunnel_port}",
-                   "concurrency": args.concurrency}, tmp)
+                   "concurrency": args.concurrency, "client_heartbeat": args.client_heartbeat,
+                   "first_dial_jitter": args.first_dial_jitter}, tmp)
         start = time.monotonic()
         wait_for(lambda: sim.last.get("connected") == n or sim.proc.poll() is not None, f"{n} clients in",
                  procs, args.connect_limit)
@@ -325,12 +346,14 @@ drain_timeout = 1
         if args.restart:
             procs.stop("server")
             t = time.monotonic()
+            wait_for(lambda: sim.last.get("connected", n) < n // 2, "the simulated clients noticing the restart",
+                     procs, 30)
             server = procs.start("server", server_argv, env)
             lat_storm: list[float] = []
             failed_storm = 0
             deadline = t + args.connect_limit
             while time.monotonic() < deadline:
-                if sim.last.get("connected") == n and sim.last.get("elapsed", 0) > 0:
+                if sim.last.get("connected") == n:
                     break
                 got, f = latencies(http_port, 5, 2)
                 lat_storm += got
@@ -354,6 +377,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1000, 5000, 10000])
     parser.add_argument("--per-channel", type=int, default=1, help="streams per grpc channel (TCP connection)")
     parser.add_argument("--concurrency", type=int, default=500, help="opens in progress at once in the simulator")
+    parser.add_argument("--client-heartbeat", type=float, default=30.0,
+                        help="each simulated client sends a heartbeat this often, like tunneld-client (0 = never)")
+    parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="the server's heartbeat_interval")
+    parser.add_argument("--heartbeat-timeout", type=float, default=60.0, help="the server's heartbeat_timeout")
+    parser.add_argument("--open-rate", type=int, default=500, help="the server's open_rate (0 = no limit)")
+    parser.add_argument("--first-dial-jitter", type=float, default=0.0, help="spread the first dials over this many s")
     parser.add_argument("--connect-limit", type=float, default=180)
     parser.add_argument("--settle", type=float, default=5)
     parser.add_argument("--idle", type=float, default=20)
