@@ -251,7 +251,7 @@ def status_clients(admin_port: int) -> int | None:
         conn.request("GET", "/status?limit=0")
         body = json.loads(conn.getresponse().read())
         conn.close()
-        return int(body.get("summary", {}).get("streams", len(body.get("clients", []))))
+        return int(body["totals"]["streams"])
     except (OSError, ValueError, AttributeError):
         return None
 
