@@ -281,6 +281,7 @@ drain_timeout = 1
 heartbeat_interval = {args.heartbeat_interval}
 heartbeat_timeout = {args.heartbeat_timeout}
 open_rate = {args.open_rate}
+keepalive_interval = {args.keepalive_interval}
 [[groups]]
 name = "{GROUP}"
 tokens = ["{TOKEN}"]
@@ -304,7 +305,7 @@ drain_timeout = 1
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
     result: dict[str, Any] = {"clients": n, "per_channel": args.per_channel,
                               "heartbeats": f"server {args.heartbeat_interval:g} s, clients {args.client_heartbeat:g} s",
-                              "open_rate": args.open_rate}
+                              "open_rate": args.open_rate, "keepalive_interval": args.keepalive_interval}
     sim: Sim | None = None
     server_argv = [twistd, "-n", "--pidfile=", "tunneld-server", "-c", str(server_toml)]
     try:
@@ -381,6 +382,8 @@ def main() -> int:
                         help="each simulated client sends a heartbeat this often, like tunneld-client (0 = never)")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="the server's heartbeat_interval")
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0, help="the server's heartbeat_timeout")
+    parser.add_argument("--keepalive-interval", type=float, default=10.0,
+                        help="the server's keepalive_interval (the simulated clients ping every 60 s)")
     parser.add_argument("--open-rate", type=int, default=500, help="the server's open_rate (0 = no limit)")
     parser.add_argument("--first-dial-jitter", type=float, default=0.0, help="spread the first dials over this many s")
     parser.add_argument("--connect-limit", type=float, default=180)

@@ -120,6 +120,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         max_message_size=cfg.max_message_size, max_frame_size=cfg.max_frame_size,
         credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None, before_stop=lambda: hub.drain(cfg.drain_timeout),
         limiter=OpenRateLimiter(cfg.open_rate, cfg.open_burst) if cfg.open_rate else None,
+        keepalive=cfg.keepalive_interval,
     )
     tunnel.setServiceParent(bridge_service)
     grpc_entry = None

@@ -179,9 +179,10 @@ class TunnelServerService(Service):
     def __init__(self, bridge: Bridge, listen: str, authenticate: Authenticate, on_stream: OnStream,
                  *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, credentials: ServerCredentialsFactory | None = None,
                  before_stop: Callable[[], Deferred[None]] | None = None,
-                 limiter: OpenRateLimiter | None = None) -> None:
+                 limiter: OpenRateLimiter | None = None, keepalive: float = 10.0) -> None:
         self.bridge = bridge
         self.limiter = limiter
+        self.keepalive = keepalive
         self.listen = listen
         self.authenticate = authenticate
         self.on_stream = on_stream
@@ -219,7 +220,8 @@ class TunnelServerService(Service):
                                        self.limiter)
             server.add_generic_rpc_handlers(self._servicer.handlers())
 
-        self._server, port = await start_server(self.listen, self.max_message_size, register, self.credentials)
+        self._server, port = await start_server(self.listen, self.max_message_size, register, self.credentials,
+                                                keepalive=self.keepalive)
         return port
 
     def stopService(self) -> Deferred[None]:
