@@ -1191,3 +1191,16 @@ class AccessConfigTests(ConfigTestCase):
                                   'backend = "http://127.0.0.1:3000"\n'))
         self.assertIn("2 protected: 1 basic_auth, 1 IP rules", text)
         self.assertNotIn("$2y$", text)
+
+
+class FleetSettingsTests(SynchronousTestCase):
+    def test_open_rate_and_keepalive(self) -> None:
+        """open_rate, open_burst and keepalive_interval parse; a keepalive under 5 s is refused on both sides."""
+        cfg = parse_server_config({"server": {"open_rate": 0, "open_burst": 10, "keepalive_interval": 60}}, "s.toml")
+        self.assertEqual((cfg.server.open_rate, cfg.server.open_burst, cfg.server.keepalive_interval), (0, 10, 60))
+        self.assertEqual(parse_server_config({}, "s.toml").server.keepalive_interval, 10)
+        error = self.assertRaises(ConfigError, parse_server_config, {"server": {"keepalive_interval": 1}}, "s.toml")
+        self.assertIn("keepalive_interval", str(error))
+        self.assertRaises(ConfigError, parse_client_config,
+                          {"client": {"client_id": "c", "keepalive_interval": 2}}, "c.toml")
+        self.assertRaises(ConfigError, parse_server_config, {"server": {"open_burst": 0}}, "s.toml")

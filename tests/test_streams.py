@@ -194,3 +194,87 @@ class ChooseTests(SynchronousTestCase):
         b = entry("b", group="g2")
         self.registry.add(b)
         self.assertIs(self.registry.choose("g2", 0.0), b)
+
+
+class _CountingDict(dict):  # type: ignore[type-arg]
+    """A dict that counts lookups (how many streams a choice looked at)."""
+
+    lookups = 0
+
+    def __getitem__(self, key: object) -> object:
+        self.lookups += 1
+        return super().__getitem__(key)
+
+
+class FleetScaleTests(SynchronousTestCase):
+    """The registry with 10,000 streams in one group: choice, expiry, paging."""
+
+    N = 10_000
+
+    def setUp(self) -> None:
+        self.registry = StreamRegistry(heartbeat_timeout=60)
+        self.streams = [entry(f"c{i}") for i in range(self.N)]
+        for e in self.streams:
+            self.registry.add(e)
+
+    def counting(self) -> _CountingDict:
+        counting = _CountingDict(self.registry._by_order)
+        self.registry._by_order = counting
+        return counting
+
+    def test_round_robin_over_all(self) -> None:
+        """Idle streams are chosen in turn, each once per N choices, in connection order."""
+        chosen = [self.registry.choose("g", 0.0) for _ in range(self.N)]
+        self.assertEqual(chosen, self.streams)
+        self.assertIs(self.registry.choose("g", 0.0), self.streams[0])
+
+    def test_choice_looks_at_one_stream(self) -> None:
+        """With healthy streams a choice looks up one entry, not the group."""
+        counting = self.counting()
+        for _ in range(1000):
+            e = self.registry.choose("g", 0.0)
+            assert e is not None
+            self.registry.acquire(e)
+        self.assertEqual(counting.lookups, 1000)
+
+    def test_least_loaded_after_load_changes(self) -> None:
+        """After every stream but one got a request, the idle one is chosen; released ones come back."""
+        for e in self.streams:
+            e.in_flight = 1
+        idle = self.streams[7777]
+        idle.in_flight = 0
+        counting = self.counting()
+        self.assertIs(self.registry.choose("g", 0.0), idle)
+        self.assertEqual(counting.lookups, 1)
+        self.registry.acquire(idle)
+        self.registry.acquire(idle)
+        self.registry.release(self.streams[3])
+        self.assertIs(self.registry.choose("g", 0.0), self.streams[3])
+        # Ties at load 1 then rotate after the last chosen number, wrapping.
+        self.registry.acquire(self.streams[3])
+        self.assertIs(self.registry.choose("g", 0.0), self.streams[4])
+
+    def test_expire_half(self) -> None:
+        """expire drops the silent half; the rest are still chosen in turn."""
+        for e in self.streams[::2]:
+            self.registry.touch(e.key, 100.0)
+        dead = self.registry.expire(100.0)
+        self.assertEqual(len(dead), self.N // 2)
+        self.assertEqual(len(self.registry), self.N // 2)
+        chosen = [self.registry.choose("g", 100.0) for _ in range(self.N // 2)]
+        self.assertEqual(chosen, self.streams[::2])
+        for e in self.streams[::2]:
+            self.registry.remove(e.key)
+        self.assertEqual(len(self.registry), 0)
+        self.assertEqual(self.registry._loads, {})
+        self.assertEqual(self.registry._by_order, {})
+        self.assertIsNone(self.registry.choose("g", 100.0))
+
+    def test_paging(self) -> None:
+        """page returns the total and a window of streams in connection order."""
+        total, page = self.registry.page("g", offset=9_990, limit=50)
+        self.assertEqual(total, self.N)
+        self.assertEqual(page, self.streams[9_990:])
+        self.assertEqual(self.registry.page("g", 0, 3), (self.N, self.streams[:3]))
+        self.assertEqual(self.registry.page("other", 0, 3), (0, []))
+        self.assertEqual(self.registry.page(None, 20_000, 3), (self.N, []))

@@ -212,15 +212,15 @@ class ServerCollector:
         yield clients
         yield streams
         yield in_flight
-        rtt = GaugeMetricFamily("tunneld_heartbeat_rtt_seconds", "Last heartbeat round trip, by client.",
-                                labels=["group", "client_id"])
-        seen: dict[tuple[str, str], float] = {}
+        # By group, never by client: a fleet of 10,000 clients would be 10,000 series.
+        rtt = GaugeMetricFamily("tunneld_heartbeat_rtt_seconds",
+                                "Slowest last heartbeat round trip among the group's streams.", labels=["group"])
+        seen: dict[str, float] = {}
         for e in hub.registry.streams():
             if e.rtt is not None:
-                key = (e.group, e.client_id)
-                seen[key] = max(seen.get(key, 0.0), e.rtt)
-        for (group, client_id), value in sorted(seen.items()):
-            rtt.add_metric([group, client_id], value)
+                seen[e.group] = max(seen.get(e.group, 0.0), e.rtt)
+        for group, value in sorted(seen.items()):
+            rtt.add_metric([group], value)
         yield rtt
         counters = hub.counters
         dropped, stalls = _tunnels_dropped_and_stalled(stream.tunnel for stream in hub.streams.values())
@@ -259,13 +259,47 @@ def _access_summary(route: Any) -> str:
     return ", ".join(k for k in ("basic_auth", "allow_ips", "deny_ips") if getattr(route, k, ()))
 
 
+#: ``/status`` lists at most this many clients unless ``?limit=`` says otherwise (max MAX_STATUS_LIMIT).
+STATUS_LIMIT = 100
+MAX_STATUS_LIMIT = 1000
+#: A route lists at most this many of its group's client ids (``clients_total`` counts them all).
+ROUTE_CLIENTS = 20
+
+
+def _query(args: dict[bytes, list[bytes]] | None) -> dict[str, str]:
+    return {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace") for k, v in (args or {}).items() if v}
+
+
+def _int(value: str | None, default: int, low: int, high: int) -> int:
+    try:
+        return max(low, min(high, int(value))) if value not in (None, "") else default
+    except ValueError:
+        return default
+
+
 def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float,
-                  clock: Callable[[], float] = time.time) -> dict[str, object]:
-    """The server's ``/status`` document (see README, "Operating")."""
+                  clock: Callable[[], float] = time.time, query: dict[str, str] | None = None) -> dict[str, object]:
+    """The server's ``/status`` document (see README, "Operating").
+
+    With thousands of clients it stays small: per-group counts always, and one
+    page of the client list, chosen by ``query`` (the URL's ``group``, ``q``: a
+    substring of client_id or address, ``offset``, ``limit``; default the first
+    ``STATUS_LIMIT`` clients of every group).
+    """
     config: ServerConfig = hub.config
+    query = query or {}
     now = clock()
     offset = now - hub.clock.seconds()   # registry times are reactor seconds; report wall-clock times
-    entries = hub.registry.streams()
+    want_group = query.get("group") or None
+    search = (query.get("q") or "").strip().lower()
+    page_offset = _int(query.get("offset"), 0, 0, 1 << 31)
+    page_limit = _int(query.get("limit"), STATUS_LIMIT, 0, MAX_STATUS_LIMIT)
+    if search:
+        matching = [e for e in hub.registry.streams(want_group)
+                    if search in e.client_id.lower() or search in e.address.lower()]
+        total, entries = len(matching), matching[page_offset:page_offset + page_limit]
+    else:
+        total, entries = hub.registry.page(want_group, page_offset, page_limit)
     clients = []
     for e in entries:
         clients.append({
@@ -277,11 +311,18 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
     group_names = [g.name for g in config.groups]
     group_names += [g for g in hub.registry.groups() if g not in group_names]
     groups = []
+    ids: dict[str, list[str]] = {}
+    healthy_now = hub.clock.seconds()
+    all_ids: set[str] = set()
     for name in group_names:
-        members = [c for c in clients if c["group"] == name]
+        members = hub.registry.streams(name)
+        names = sorted({e.client_id for e in members})
+        ids[name] = names
+        all_ids.update(names)
         groups.append({
-            "name": name, "clients": len({c["client_id"] for c in members}), "streams": len(members),
-            "in_flight": sum(int(c["in_flight"]) for c in members),  # type: ignore[call-overload]
+            "name": name, "clients": len(names), "streams": len(members),
+            "in_flight": sum(_stream_in_flight(e) for e in members),
+            "healthy": sum(1 for e in members if hub.registry.is_healthy(e, healthy_now)),
             "routes": [r.name for r in config.routes if r.group == name],
         })
     tally = metrics.by_route() if metrics is not None else {}
@@ -291,7 +332,7 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
         routes.append({
             "name": r.name, "kind": "grpc" if r.grpc_service else "http", "match": _route_match(r),
             "group": r.group, "backend": r.backend,
-            "clients": sorted({str(c["client_id"]) for c in clients if c["group"] == r.group}),
+            "clients": ids.get(r.group, [])[:ROUTE_CLIENTS], "clients_total": len(ids.get(r.group, [])),
             "requests": tally.get(r.name, {}),
             "access": _access_summary(r), "refusals": refused.get(r.name, {}),
         })
@@ -319,10 +360,12 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
         "config": {"path": config.path, "version": config.version()},
         "listen": {"tunnel": s.tunnel_listen, "http": s.http_listen, "grpc": s.grpc_listen, "admin": s.admin_listen},
         "totals": {
-            "clients": len({c["client_id"] for c in clients}), "streams": len(clients),
+            "clients": len(all_ids), "streams": len(hub.registry),
             "in_flight": hub.in_flight(), "requests": summary["requests"], "errors": summary["errors"],
         },
-        "groups": groups, "clients": clients, "routes": routes, "unrouted": unrouted or {},
+        "groups": groups, "clients": clients, "routes": routes,
+        "clients_page": {"total": total, "offset": page_offset, "limit": page_limit, "group": want_group or "",
+                         "q": search}, "unrouted": unrouted or {},
         "requests": summary["by_class"], "recent_errors": summary["recent_errors"], "counters": counters,
     }
 
@@ -431,7 +474,7 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry, status: Callable[[], dict[str, object]],
+    def __init__(self, registry: CollectorRegistry, status: Callable[[dict[str, str]], dict[str, object]],
                  token: Callable[[], str] = lambda: "", health: Callable[[], tuple[int, str]] | None = None,
                  inspector: Inspector | None = None, replay: Callable[[Exchange], str] | None = None) -> None:
         super().__init__()
@@ -469,7 +512,7 @@ class AdminResource(Resource):
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return generate_latest(self.registry)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self.status(), indent=1, sort_keys=True).encode() + b"\n"
+        return json.dumps(self.status(_query(request.args)), indent=1, sort_keys=True).encode() + b"\n"
 
     def render_POST(self, request: server.Request) -> bytes:
         request.setHeader(b"cache-control", b"no-store")
@@ -583,7 +626,7 @@ def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
     registry.register(ServerCollector(hub))  # type: ignore[arg-type]
     hub.metrics = metrics
     started = time.time()
-    resource = AdminResource(registry, lambda: server_status(hub, metrics, started),
+    resource = AdminResource(registry, lambda query: server_status(hub, metrics, started, query=query),
                              lambda: hub.config.server.admin_token, health=hub.health,
                              inspector=hub.inspector, replay=_replayer(hub, reactor))
     return AdminService(server_endpoint(reactor, listen), resource, registry)
@@ -598,7 +641,7 @@ def client_admin(hub: ClientHub, reactor: Any, listen: str, token: str = "") -> 
     registry.register(ClientCollector(hub))  # type: ignore[arg-type]
     hub.metrics = metrics
     started = time.time()
-    resource = AdminResource(registry, lambda: client_status(hub, metrics, started), lambda: token,
+    resource = AdminResource(registry, lambda query: client_status(hub, metrics, started), lambda: token,
                              inspector=hub.inspector, replay=_replayer(hub, reactor))
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 

@@ -113,7 +113,7 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
             max_message_size=max_message_size, max_frame_size=min(cfg.max_frame_size, max_message_size),
             before_stop=lambda link=link: link.drain(cfg.drain_timeout),   # type: ignore[misc]
             credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None,
-            server_name=cfg.tls_server_name,
+            server_name=cfg.tls_server_name, keepalive=cfg.keepalive_interval,
         )
         link.on_ready = dial.reset
         link.dial = dial

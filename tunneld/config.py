@@ -111,6 +111,9 @@ class ServerSettings:
     max_header_size: int = 16384  # HTTP entry: total request header bytes
     header_timeout: float = 20.0  # HTTP entry: seconds for a complete request head (each request), else closed
     max_connections: int = 10000  # HTTP entry: open connections; beyond, new ones get 503 and are closed
+    open_rate: int = 500  # tunnel port: new streams accepted per second on average (0 = no limit)
+    open_burst: int = 200  # tunnel port: ... and at most this many at once
+    keepalive_interval: float = 10.0  # tunnel port: gRPC keepalive ping every this many seconds per connection
     tls_cert: str = ""  # tunnel port: PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: str = ""
     tls_client_ca: str = ""  # tunnel port: PEM CA bundle; set = clients must present a certificate (mTLS)
@@ -235,6 +238,7 @@ class ClientSettings:
     http_entry: str = ""  # "" disables the forward direction
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 90.0
+    keepalive_interval: float = 10.0  # gRPC keepalive ping to each server every this many seconds
     config_sync_interval: float = 30.0
     max_concurrency: int = 1000
     allow_backends: tuple[str, ...] = ()  # "host:port" entries; () allows every route backend
@@ -649,6 +653,9 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         max_header_size=t.integer("max_header_size", d.max_header_size, 1),
         header_timeout=t.seconds("header_timeout", d.header_timeout),
         max_connections=t.integer("max_connections", d.max_connections, 1),
+        open_rate=t.integer("open_rate", d.open_rate, 0),
+        open_burst=t.integer("open_burst", d.open_burst, 1),
+        keepalive_interval=_keepalive(t, d.keepalive_interval),
         websocket_ping_interval=t.integer("websocket_ping_interval", d.websocket_ping_interval, 0),
         access_log=t.boolean("access_log", d.access_log),
         admin_token=t.text("admin_token", d.admin_token),
@@ -692,6 +699,14 @@ def _frame_size(t: _Table, default: int, max_message_size: int) -> int:
     if value > max_message_size:
         raise t.error("max_frame_size", f"{value} exceeds max_message_size ({max_message_size}): "
                                         "a frame is one gRPC message")
+    return value
+
+
+def _keepalive(t: _Table, default: float) -> float:
+    """``keepalive_interval``: seconds, at least 5 (the tunnel port refuses pings more often than that)."""
+    value = t.seconds("keepalive_interval", default)
+    if value < 5:
+        raise t.error("keepalive_interval", f"must be at least 5 seconds, got {value:g}")
     return value
 
 
@@ -922,6 +937,7 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         http_entry=t.listen("http_entry", d.http_entry, optional=True),
         heartbeat_interval=t.seconds("heartbeat_interval", d.heartbeat_interval),
         heartbeat_timeout=t.seconds("heartbeat_timeout", d.heartbeat_timeout),
+        keepalive_interval=_keepalive(t, d.keepalive_interval),
         config_sync_interval=t.seconds("config_sync_interval", d.config_sync_interval),
         max_concurrency=t.integer("max_concurrency", d.max_concurrency, 1),
         allow_backends=tuple(allowed),

@@ -27,6 +27,7 @@ from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.headers import get_first
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.registry.access import AccessControl
+from tunneld.registry.heartbeats import HeartbeatSchedule
 from tunneld.registry.routes import RouteTable
 from tunneld.registry.streams import DuplicateStream, StreamEntry, StreamRegistry
 from tunneld.registry.upstreams import UpstreamPool
@@ -71,6 +72,7 @@ class ServerHub:
         self.upstreams = {u.name: UpstreamPool(u.name, u.backends, u.cooldown) for u in config.upstreams}
         self.upstream_factory = upstream_factory
         self.registry = StreamRegistry(config.server.heartbeat_timeout)
+        self.heartbeats = HeartbeatSchedule(config.server.heartbeat_interval)
         self.streams: dict[Tunnel, ServerStream] = {}
         self.draining = False
         self.stopping = False   # SIGTERM arrived (/healthz says "draining"); the drain may start later (drain_delay)
@@ -149,6 +151,9 @@ class ServerHub:
             return
         stream.entry = entry
         stream.token = req.token
+        # The registry orders streams by load: the session reports every change.
+        entry.in_flight = len(session)
+        session.on_load = lambda n: setattr(entry, "in_flight", n)
         self.counters["streams_opened"] += 1
         response = pb.StreamOpenResponse(message=f"tunneld {__version__}", config=self._config_for(req.group))
         stream.tunnel.control(lambda: session.accept(response))
@@ -199,6 +204,7 @@ class ServerHub:
         self.counters["messages_dropped"] += stream.tunnel.session.dropped
         self.counters["flow_stalls"] += stream.tunnel.stalls
         if stream.entry is not None:
+            stream.tunnel.session.on_load = None
             self.registry.remove(stream.entry.key)
             self.log.info("client {client_id} disconnected: {reason}", client_id=stream.entry.client_id, reason=reason)
         if abort:
@@ -232,6 +238,8 @@ class ServerHub:
             pools[u.name] = pool
         self.upstreams = pools
         self.registry.heartbeat_timeout = config.server.heartbeat_timeout
+        if config.server.heartbeat_interval != self.heartbeats.interval:
+            self.heartbeats = HeartbeatSchedule(config.server.heartbeat_interval)
         listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size",
                      "header_timeout", "max_connections")
         changed = [k for k in listeners if getattr(old.server, k) != getattr(config.server, k)]
@@ -265,6 +273,16 @@ class ServerHub:
                 session = stream.tunnel.session
                 stream.tunnel.control(lambda: session.heartbeat(now_ms))
 
+    def heartbeat_schedule_tick(self) -> None:
+        """Every ``heartbeats.tick`` s: heartbeats for this tick's slice of quiet streams (registry/heartbeats.py)."""
+        now = self.clock.seconds()
+        now_ms = int(now * 1000)
+        for entry in self.heartbeats.due(self.registry.streams(), now):
+            stream = entry.handle
+            assert isinstance(stream, ServerStream)
+            session = stream.tunnel.session
+            stream.tunnel.control(lambda: session.heartbeat(now_ms))
+
     def cleanup_tick(self) -> None:
         for entry in self.registry.expire(self.clock.seconds()):
             stream = entry.handle
@@ -276,8 +294,6 @@ class ServerHub:
     # -- the HTTP entry's Dispatcher -------------------------------------------------
 
     def choose(self, group: str) -> Tunnel | None:
-        for e in self.registry.members(group):
-            e.in_flight = len(e.handle.tunnel.session)  # type: ignore[attr-defined]
         chosen = self.registry.choose(group, self.clock.seconds())
         if chosen is None:
             return None

@@ -39,6 +39,7 @@ from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_age
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
 from tunneld.logs import with_log_format
+from tunneld.registry.admission import OpenRateLimiter
 from tunneld.server_hub import ServerHub
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -121,6 +122,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         bridge, cfg.tunnel_listen, hub.authenticate, hub.stream_connected,
         max_message_size=cfg.max_message_size, max_frame_size=cfg.max_frame_size,
         credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None, before_stop=lambda: hub.drain(cfg.drain_timeout),
+        limiter=OpenRateLimiter(cfg.open_rate, cfg.open_burst) if cfg.open_rate else None,
+        keepalive=cfg.keepalive_interval,
     )
     tunnel.setServiceParent(bridge_service)
     grpc_entry = None
@@ -153,7 +156,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         http = StreamServerEndpointService(endpoint, site)
         http._raiseSynchronously = True
         http.setServiceParent(top)
-    for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick), (cfg.cleanup_interval, hub.cleanup_tick)):
+    # Heartbeats go out spread over the interval, one slice per tick, only to quiet streams.
+    for interval, tick in ((hub.heartbeats.tick, hub.heartbeat_schedule_tick), (cfg.cleanup_interval, hub.cleanup_tick)):
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)

@@ -43,7 +43,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final
+from typing import Callable, Final
 
 from tunneld import tunnel_pb2 as pb
 from tunneld.window import DEFAULT_WINDOW, FlowControlError, ReceiveWindow, SendWindow
@@ -306,6 +306,9 @@ class Session:
         self.my_direction = pb.CLIENT_TO_SERVER if role is Role.CLIENT else pb.SERVER_TO_CLIENT
         self.peer_direction = pb.SERVER_TO_CLIENT if role is Role.CLIENT else pb.CLIENT_TO_SERVER
         self._exchanges: dict[str, Exchange] = {}
+        # Told the table's size whenever it changes (the server's registry keeps
+        # its streams ordered by load this way instead of asking every stream).
+        self.on_load: Callable[[int], None] | None = None
         self._remote_count = 0
         self._recent: deque[str] = deque(maxlen=_RECENT_LIMIT)
         self._recent_set: set[str] = set()
@@ -421,6 +424,8 @@ class Session:
         protocol = _REQUEST_KINDS[kind]
         ex = Exchange(msg.request_id, protocol, True, SendWindow(self.window), ReceiveWindow(self.window))
         self._exchanges[msg.request_id] = ex
+        if self.on_load is not None:
+            self.on_load(len(self._exchanges))
         msg.protocol_type = protocol  # type: ignore[assignment]
         msg.client_id = self.client_id
         self._queue(ex, msg)
@@ -710,6 +715,8 @@ class Session:
         ex.recv_window.received(_cost(kind, msg, size))
         ex.remote_ended = _ends_direction(kind, msg)
         self._exchanges[rid] = ex
+        if self.on_load is not None:
+            self.on_load(len(self._exchanges))
         self._remote_count += 1
         self._events.append(RequestReceived(rid, protocol, msg))
 
@@ -723,6 +730,8 @@ class Session:
     def _release(self, ex: Exchange) -> None:
         if self._exchanges.pop(ex.request_id, None) is None:
             return
+        if self.on_load is not None:
+            self.on_load(len(self._exchanges))
         if not ex.initiated_here:
             self._remote_count -= 1
         self.grown -= ex.recv_window.grown   # the stream's budget gets it back

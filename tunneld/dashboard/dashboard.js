@@ -79,17 +79,24 @@ function renderServer(d) {
       td("")));
   }
   const groups = d.groups.map((g) => el("tr", null, td(el("b", null, g.name)), td(g.clients, "num"),
-    td(g.streams, "num"), td(g.in_flight, "num"), td(g.routes.join(", ") || "-")));
+    td(g.streams, "num"), td(g.healthy === undefined ? "-" : g.healthy, "num"), td(g.in_flight, "num"),
+    td(g.routes.join(", ") || "-")));
+  const page = d.clients_page || {total: d.clients.length, offset: 0};
+  const focused = document.activeElement === search;
   $("body").replaceChildren(
     el("div", "tiles", tiles),
-    section("Connected clients", d.clients.length + " streams",
-      table(["client", "group", "address", "version", "connected#", "heartbeat#", "rtt#", "in flight#", "health"],
-            clients, "No client is connected.")),
+    section("Groups", null, table(["group", "clients#", "streams#", "healthy#", "in flight#", "routes"], groups,
+                                  "No groups.")),
+    section("Connected clients", (page.total > d.clients.length ? "showing " + d.clients.length + " of " : "") +
+        page.total + " streams" + (search.value ? " matching \u201c" + search.value + "\u201d" : ""),
+      [el("div", "search", search),
+       table(["client", "group", "address", "version", "connected#", "heartbeat#", "rtt#", "in flight#", "health"],
+             clients, search.value ? "No client matches." : "No client is connected.")]),
     section("Routes", "what flows where: route \u2192 group \u2192 clients, and how it went",
       table(["route", "match", "group", "clients", "backend", "requests by status", "access / refused"], routes,
             "No routes configured.")),
-    section("Groups", null, table(["group", "clients#", "streams#", "in flight#", "routes"], groups, "No groups.")),
     failures(d));
+  if (focused) search.focus();
 }
 
 function renderClient(d) {
@@ -319,11 +326,21 @@ function updateCharts(d, exchanges) {
     table(["route", "requests", "failures", "latency"], rows, "Collecting (two polls needed)...")));
 }
 
+// The client list is one page of /status: at most CLIENT_ROWS rows, filtered by the search box
+// (a substring of client id or address), so 10,000 clients never become 10,000 rows.
+const CLIENT_ROWS = 50;
+const search = el("input", "mono");
+search.type = "search";
+search.id = "clientsearch";
+search.placeholder = "search client id or address";
+search.addEventListener("input", () => poll());
+
 let timer = null;
 async function poll() {
   clearTimeout(timer);
   try {
-    const r = await fetch("status", {cache: "no-store", headers: token ? {"Authorization": "Bearer " + token} : {}});
+    const r = await fetch("status?limit=" + CLIENT_ROWS + (search.value ? "&q=" + encodeURIComponent(search.value) : ""),
+                          {cache: "no-store", headers: token ? {"Authorization": "Bearer " + token} : {}});
     if (r.status === 401) {
       $("auth").className = "show";
       $("live").replaceChildren(el("span", "dot off"), "token needed");

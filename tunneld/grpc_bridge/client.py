@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from tunneld import tunnel_pb2 as pb
 from tunneld.frames import DEFAULT_MAX_FRAME_SIZE
-from tunneld.grpc_bridge.stream import KEEPALIVE_OPTIONS, Bridge, StreamHandle, message_size_options
+from tunneld.grpc_bridge.stream import Bridge, StreamHandle, keepalive_options, message_size_options
 from tunneld.grpc_bridge.stream import ChannelCredentialsFactory
 
 
@@ -64,8 +64,9 @@ class TunnelClientService(Service):
                  lost: Callable[[StreamHandle, str], None],
                  clock: Any, *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, backoff: Backoff | None = None,
                  credentials: ChannelCredentialsFactory | None = None, server_name: str = "",
-                 before_stop: Callable[[], Deferred[None]] | None = None) -> None:
+                 before_stop: Callable[[], Deferred[None]] | None = None, keepalive: float = 10.0) -> None:
         self.bridge = bridge
+        self.keepalive = keepalive
         self.target = target
         self.token = token
         self.connected = connected
@@ -146,7 +147,7 @@ class TunnelClientService(Service):
         self._retry = self.clock.callLater(delay, self.dial)
 
     async def _run(self, handle: StreamHandle) -> None:
-        options: list[tuple[str, Any]] = KEEPALIVE_OPTIONS + message_size_options(self.max_message_size)
+        options: list[tuple[str, Any]] = keepalive_options(self.keepalive) + message_size_options(self.max_message_size)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         if self.credentials is not None:

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from tunneld import tunnel_pb2 as pb
 from tunneld.frames import DEFAULT_MAX_FRAME_SIZE
 from tunneld.grpc_bridge.stream import Bridge, ServerCredentialsFactory, StreamHandle, start_server
+from tunneld.registry.admission import OpenRateLimiter
 
 #: An accepted Proxy call must send ``stream_open`` within this many seconds.
 OPEN_TIMEOUT = 10.0
@@ -57,8 +58,9 @@ class _Servicer:
     log = Logger()
 
     def __init__(self, bridge: Bridge, authenticate: Authenticate, on_stream: OnStream,
-                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, limiter: OpenRateLimiter | None = None) -> None:
         self.bridge = bridge
+        self.limiter = limiter   # touched on the bridge thread only
         self.authenticate = authenticate
         self.on_stream = on_stream
         self.max_frame_size = max_frame_size
@@ -100,6 +102,10 @@ class _Servicer:
                 return msgs[0], msgs[1:]
 
     async def _proxy(self, context: grpc.aio.ServicerContext) -> None:
+        if self.limiter is not None and not self.limiter.allow(asyncio.get_running_loop().time()):
+            # Before anything is read or allocated: the client retries after its backoff.
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many new tunnel streams (open_rate {self.limiter.rate:g}/s): retry later")
         try:
             first, rest = await asyncio.wait_for(self._first_message(context), OPEN_TIMEOUT)
         except asyncio.TimeoutError:
@@ -172,8 +178,11 @@ class TunnelServerService(Service):
 
     def __init__(self, bridge: Bridge, listen: str, authenticate: Authenticate, on_stream: OnStream,
                  *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, credentials: ServerCredentialsFactory | None = None,
-                 before_stop: Callable[[], Deferred[None]] | None = None) -> None:
+                 before_stop: Callable[[], Deferred[None]] | None = None,
+                 limiter: OpenRateLimiter | None = None, keepalive: float = 10.0) -> None:
         self.bridge = bridge
+        self.limiter = limiter
+        self.keepalive = keepalive
         self.listen = listen
         self.authenticate = authenticate
         self.on_stream = on_stream
@@ -207,10 +216,12 @@ class TunnelServerService(Service):
 
     async def _start(self) -> int:
         def register(server: grpc.aio.Server) -> None:
-            self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream, self.max_frame_size)
+            self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream, self.max_frame_size,
+                                       self.limiter)
             server.add_generic_rpc_handlers(self._servicer.handlers())
 
-        self._server, port = await start_server(self.listen, self.max_message_size, register, self.credentials)
+        self._server, port = await start_server(self.listen, self.max_message_size, register, self.credentials,
+                                                keepalive=self.keepalive)
         return port
 
     def stopService(self) -> Deferred[None]:

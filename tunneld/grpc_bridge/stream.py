@@ -90,15 +90,22 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> ChannelC
 HANDSHAKE_TIMEOUT_MS = 10_000
 
 
+def keepalive_options(interval: float = 10.0) -> list[tuple[str, int]]:
+    """KEEPALIVE_OPTIONS with a ping every ``interval`` seconds instead of 10."""
+    ms = int(interval * 1000)
+    return [(k, ms if k == "grpc.keepalive_time_ms" else v) for k, v in KEEPALIVE_OPTIONS]
+
+
 async def start_server(listen: str, max_message_size: int, register: Callable[[grpc.aio.Server], None],
-                       credentials: ServerCredentialsFactory | None = None) -> tuple[grpc.aio.Server, int]:
+                       credentials: ServerCredentialsFactory | None = None,
+                       keepalive: float = 10.0) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server (bridge thread) with the options every tunneld port uses.
 
     Keepalive as for the tunnel, client pings allowed every 5 s, no port
     sharing, a handshake deadline, and TLS when ``credentials`` is given.
     ``register`` adds the handlers.  Returns the server and its bound port.
     """
-    options = KEEPALIVE_OPTIONS + message_size_options(max_message_size) + [
+    options = keepalive_options(keepalive) + message_size_options(max_message_size) + [
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.so_reuseport", 0),
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),

@@ -6,12 +6,21 @@ is not cancelled and its last heartbeat is at most ``heartbeat_timeout`` old.
 fewest in-flight requests, rotating among equally loaded ones so that idle
 load spreads; :meth:`StreamRegistry.expire` removes the unhealthy ones, and the
 caller fails their in-flight requests through each entry's ``handle``.
+
+The choice costs O(distinct loads + log n), not O(n): each group keeps its
+streams in buckets by in-flight count, each bucket a sorted list of the
+streams' connection numbers.  Setting ``entry.in_flight`` (the owner does it
+whenever a stream's request table grows or shrinks) moves the entry between
+buckets; :meth:`choose` looks at the least loaded bucket only, and finds the
+next stream after the last chosen one by bisection.  Unhealthy streams in that
+bucket are skipped (a scan, but :meth:`expire` removes them regularly).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
 from typing import Iterable
 
 
@@ -27,9 +36,24 @@ class StreamEntry:
     last_heartbeat: float
     address: str = ""
     version: str = ""
-    in_flight: int = 0
     cancelled: bool = False
     rtt: float | None = None  # last heartbeat round trip, seconds
+    _in_flight: int = field(default=0, repr=False)
+    _order: int = field(default=-1, repr=False)                           # connection number, set by add
+    _registry: StreamRegistry | None = field(default=None, repr=False)   # while registered
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight on this stream; setting it keeps the registry's load order."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, n: int) -> None:
+        if n == self._in_flight:
+            return
+        if self._registry is not None:
+            self._registry._move(self, n)
+        self._in_flight = n
 
     @property
     def key(self) -> tuple[str, str]:
@@ -50,9 +74,11 @@ class StreamRegistry:
         self._groups: dict[str, dict[tuple[str, str], StreamEntry]] = {}
         # Round robin: each entry gets a rising number when added; a group
         # remembers the number of the stream it chose last.
-        self._order: dict[tuple[str, str], int] = {}
         self._counter = itertools.count()
         self._last_chosen: dict[str, int] = {}
+        # group -> in-flight count -> sorted connection numbers; number -> entry
+        self._loads: dict[str, dict[int, list[int]]] = {}
+        self._by_order: dict[int, StreamEntry] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -64,20 +90,41 @@ class StreamRegistry:
             raise DuplicateStream(key)
         self._entries[key] = entry
         self._groups.setdefault(entry.group, {})[key] = entry
-        self._order[key] = next(self._counter)
+        order = entry._order = next(self._counter)
+        self._by_order[order] = entry
+        # The newest number is the largest: appending keeps the bucket sorted.
+        self._loads.setdefault(entry.group, {}).setdefault(entry._in_flight, []).append(order)
+        entry._registry = self
 
     def remove(self, key: tuple[str, str]) -> StreamEntry | None:
         """Unregister and return the entry for ``key``; None if it is not there."""
         entry = self._entries.pop(key, None)
         if entry is None:
             return None
-        del self._order[key]
+        del self._by_order[entry._order]
+        self._unbucket(entry)
+        entry._registry = None
         members = self._groups[entry.group]
         del members[key]
         if not members:
             del self._groups[entry.group]
+            del self._loads[entry.group]
             self._last_chosen.pop(entry.group, None)
         return entry
+
+    def _unbucket(self, entry: StreamEntry) -> None:
+        loads = self._loads[entry.group]
+        bucket = loads[entry._in_flight]
+        del bucket[bisect_left(bucket, entry._order)]
+        if not bucket:
+            del loads[entry._in_flight]
+
+    def _move(self, entry: StreamEntry, n: int) -> None:
+        """``entry``'s in-flight count becomes ``n``: move it to that bucket."""
+        self._unbucket(entry)
+        bucket = self._loads[entry.group].setdefault(n, [])
+        i = bisect_left(bucket, entry._order)
+        bucket.insert(i, entry._order)
 
     def get(self, key: tuple[str, str]) -> StreamEntry | None:
         return self._entries.get(key)
@@ -101,30 +148,23 @@ class StreamRegistry:
         chosen last time, wrapping around. None if the group has no healthy
         stream.
         """
-        members = self._groups.get(group)
-        if not members:
+        loads = self._loads.get(group)
+        if not loads:
             return None
-        # One pass, no lists: this runs for every request.
-        order = self._order
         last = self._last_chosen.get(group, -1)
         timeout = self.heartbeat_timeout
-        fewest = -1
-        first: StreamEntry | None = None   # first tied entry in connection order (wrap-around)
-        after: StreamEntry | None = None   # first tied entry after the last chosen
-        for entry in members.values():
-            if entry.cancelled or now - entry.last_heartbeat > timeout:
-                continue
-            load = entry.in_flight
-            if fewest < 0 or load < fewest:
-                fewest, first, after = load, entry, None
-            elif load > fewest:
-                continue
-            if after is None and order[entry.key] > last:
-                after = entry
-        chosen = after or first
-        if chosen is not None:
-            self._last_chosen[group] = order[chosen.key]
-        return chosen
+        by_order = self._by_order
+        for load in (loads if len(loads) == 1 else sorted(loads)):
+            bucket = loads[load]
+            n = len(bucket)
+            start = bisect_right(bucket, last)
+            for i in range(start, start + n):
+                order = bucket[i - n] if i >= n else bucket[i]
+                entry = by_order[order]
+                if not entry.cancelled and now - entry.last_heartbeat <= timeout:
+                    self._last_chosen[group] = order
+                    return entry
+        return None
 
     def acquire(self, entry: StreamEntry) -> None:
         """A request was sent on ``entry``."""
@@ -151,6 +191,15 @@ class StreamRegistry:
         if group is None:
             return list(self._entries.values())
         return list(self._groups.get(group, {}).values())
+
+    def page(self, group: str | None = None, offset: int = 0, limit: int = 100) -> tuple[int, list[StreamEntry]]:
+        """``(total, streams)``: ``limit`` streams from ``offset``, in connection order (all, or ``group``'s)."""
+        source = self._entries if group is None else self._groups.get(group, {})
+        offset = max(0, offset)
+        return len(source), list(itertools.islice(source.values(), offset, offset + max(0, limit)))
+
+    def group_size(self, group: str) -> int:
+        return len(self._groups.get(group, ()))
 
     def groups(self) -> list[str]:
         """Groups with at least one stream, sorted by name."""
