@@ -576,6 +576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before each idle RSS sample (default 2)")
     parser.add_argument("--no-ssh", action="store_true", help="leave out the ssh -R path")
     parser.add_argument("--no-wrk", action="store_true", help="small GETs with the built-in Python load generator")
+    parser.add_argument("--grpc-peers", choices=("auto", "grpc-js", "python"), default="auto",
+                        help="gRPC origin and load generator: grpc-js (Node.js; npm installs @grpc/grpc-js into "
+                             "bench/grpc_js once), python (grpc.aio), or auto = grpc-js when node and npm are there")
     parser.add_argument("--output", default=str(HERE / "results" / "latest.json"), help="JSON result file")
     args = parser.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -609,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="tunneld-bench-"))
     run = Run(args, tmp)
+    if "grpc" in args.only:
+        grpc_bench.Peers.choose(args.grpc_peers)
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {
@@ -626,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             "transfers: " + tool_version(["curl", "--version"]).split(" (")[0],
             f"WebSocket: Python websockets {websockets.__version__} (asyncio) against an autobahn "
             f"{autobahn.__version__} echo",
-            f"gRPC: grpcio {grpc.__version__} grpc.aio (Python) both ends",
+            f"gRPC: {grpc_bench.Peers.version()}",
             f"{platform.python_implementation()} {platform.python_version()}"]),
     }
     log(f"load average before the run: {meta['loadavg_before']}")

@@ -1,11 +1,16 @@
 """gRPC steps of the benchmark (driven by ``compare.py``).
 
-* the origin (role ``backend``, a pinned child): a ``grpc.aio`` server of the
-  generic service ``bench.Raw`` with raw-bytes methods ``Echo`` (unary, answers
-  its request) and ``Count`` (server-streaming: N messages of S bytes),
-* the load generator (role ``loadgen``, a pinned child): grpcio's asyncio API
-  (``grpc.aio``) in Python, one channel:
-  - unary ``Echo`` of 64-byte messages, N asyncio tasks calling in a loop for
+The peers are grpc-js (Node.js, ``bench/grpc_js/``) when ``node`` and ``npm``
+are there -- the origin and load generator the issue's figures were measured
+with, cheap enough per call and per message that they measure the path and
+not themselves -- else grpcio's asyncio API in Python (``--grpc-peers``):
+
+* the origin (``grpc_js/server.js``, or role ``backend`` here): a server of
+  the generic service ``bench.Raw`` with raw-bytes methods ``Echo`` (unary,
+  answers its request) and ``Count`` (server-streaming: N messages of S bytes),
+* the load generator (``grpc_js/loadgen.js``, or role ``loadgen`` here), one
+  channel:
+  - unary ``Echo`` of 64-byte messages, N callers calling in a loop for
     the step's duration (after 20 warm-up calls): calls/s, p50/p99 latency,
   - server streaming: one ``Count`` call of 1 KiB messages read as fast as
     they come for the step's duration: messages/s.
@@ -14,8 +19,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +32,7 @@ from typing import Any
 from common import BenchError, Procs, child_argv, child_main, latency_summary, log, poll, run_child
 
 SCRIPT = Path(__file__).resolve()
+JS_DIR = SCRIPT.parent / "grpc_js"
 SERVICE = "bench.Raw"
 UNARY_SIZE = 64
 STREAM_SIZE = 1024
@@ -63,7 +72,54 @@ def _backend_role(spec: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
+class Peers:
+    """Which gRPC origin and load generator this run uses: ``grpc-js`` or ``python``."""
+
+    kind = "python"
+    why = ""
+
+    @classmethod
+    def choose(cls, wanted: str) -> str:
+        """``auto``: grpc-js when node and npm can install it (once, into bench/grpc_js), else Python."""
+        if wanted == "python":
+            cls.kind, cls.why = "python", "--grpc-peers python"
+            return cls.kind
+        problem = cls._install_js()
+        if problem is None:
+            cls.kind, cls.why = "grpc-js", ""
+        elif wanted == "grpc-js":
+            raise BenchError(f"--grpc-peers grpc-js: {problem}")
+        else:
+            cls.kind, cls.why = "python", problem
+            log(f"gRPC peers: Python grpc.aio ({problem})")
+        return cls.kind
+
+    @staticmethod
+    def _install_js() -> str | None:
+        node, npm = shutil.which("node"), shutil.which("npm")
+        if node is None or npm is None:
+            return "node/npm not installed (apt-get install nodejs npm)"
+        if not (JS_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+            log("gRPC peers: npm ci in bench/grpc_js (@grpc/grpc-js)")
+            out = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True,
+                                 timeout=300)
+            if out.returncode != 0:
+                return f"npm ci failed: {(out.stderr or out.stdout).strip()[-300:]}"
+        return None
+
+    @classmethod
+    def version(cls) -> str:
+        if cls.kind == "grpc-js":
+            meta = json.loads((JS_DIR / "node_modules" / "@grpc" / "grpc-js" / "package.json").read_text())
+            node = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+            return f"grpc-js {meta['version']} (Node.js {node}) both ends"
+        import grpc
+        return f"grpcio {grpc.__version__} grpc.aio (Python) both ends" + (f" ({cls.why})" if cls.why else "")
+
+
 def backend_argv(pin: list[str], port: int) -> list[str]:
+    if Peers.kind == "grpc-js":
+        return pin + ["node", str(JS_DIR / "server.js"), str(port)]
     return child_argv(pin, SCRIPT, "backend", {"port": port})
 
 
@@ -135,16 +191,26 @@ def _checked(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _load(pin: list[str], spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    if Peers.kind != "grpc-js":
+        return _checked(run_child(pin, SCRIPT, "loadgen", spec, timeout))
+    out = subprocess.run(pin + ["node", str(JS_DIR / "loadgen.js"), json.dumps(spec)], capture_output=True,
+                         text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise BenchError(f"grpc-js load generator exited {out.returncode}: {out.stderr.strip()[-400:]}")
+    return _checked(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def run_unary(pin: list[str], target: str, callers: int, duration: int) -> dict[str, Any]:
     log(f"gRPC unary {UNARY_SIZE} B: {callers} caller(s), {duration} s, {target}")
     spec = {"kind": "unary", "target": target, "callers": callers, "duration": duration, "size": UNARY_SIZE}
-    return _checked(run_child(pin, SCRIPT, "loadgen", spec, duration + 120))
+    return _load(pin, spec, duration + 120)
 
 
 def run_stream(pin: list[str], target: str, duration: int) -> dict[str, Any]:
     log(f"gRPC server streaming {STREAM_SIZE} B messages: {duration} s, {target}")
     spec = {"kind": "stream", "target": target, "duration": duration, "size": STREAM_SIZE}
-    return _checked(run_child(pin, SCRIPT, "loadgen", spec, duration + 120))
+    return _load(pin, spec, duration + 120)
 
 
 def echo_once(target: str) -> None:

@@ -2,7 +2,7 @@
 # Run the tunneld benchmark (bench/compare.py): `make bench` or `bash bench/run.sh [--quick] [--duration N] ...`.
 # Installs what the comparison needs when it is missing and this runs as root with apt-get: wrk (else
 # compare.py falls back to its Python load generator for the small GETs) and openssh-server/openssh-client
-# (else the ssh -R column is skipped, with the reason in the output). Then runs compare.py with the dev
+# (else the ssh -R column is skipped, with the reason in the output), nodejs and npm (the gRPC peers). Then runs compare.py with the dev
 # venv's python ($VENV, default .venv) when it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,9 @@ missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 { command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; } || missing+=(openssh-server)
 { command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; } || missing+=(openssh-client)
+# node + npm for the gRPC peers (grpc-js); without them the gRPC rows use Python's grpc.aio, said in the output.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bench: installing ${missing[*]} with apt-get" >&2
