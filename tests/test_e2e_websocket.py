@@ -420,3 +420,54 @@ class WebSocketLimitsTests(TestCase):
         self.assertEqual(status, 503)
         yield wait_for(lambda: self.stack.server_in_flight() == 0 and self.stack.client_in_flight() == 0,
                        what="request tables to empty")
+
+
+class HostRecorder(WebSocketServerProtocol):
+    """Records the raw Host lines of each opening handshake it accepts."""
+
+    def onConnect(self, request: Any) -> None:
+        raw = self.http_request_data.split(b"\r\n")
+        self.factory.hosts.append([line.split(b":", 1)[1].strip().decode() for line in raw[1:]
+                                   if line.lower().startswith(b"host:")])
+
+
+class WebSocketHostTests(TestCase):
+    """WebSocket backends see the external Host, or the route's set_host, as HTTP backends do."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.factory = WebSocketServerFactory()
+        self.factory.protocol = HostRecorder
+        self.factory.hosts = []
+        self.backend = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.backend.stopListening)
+        backend = f"http://127.0.0.1:{self.backend.getHost().port}"
+        self.stack = Stack([
+            {"name": "plain", "group": "default", "backend": backend},
+            {"name": "renamed", "group": "default", "backend": backend, "path_prefix": "/renamed",
+             "set_host": "internal.example"},
+        ])
+        yield self.stack.start()
+        self.addCleanup(self.stack.stop)
+        yield self.stack.add_client()
+
+    def handshake(self, path: str) -> Any:
+        def run() -> None:
+            with connect(f"ws://127.0.0.1:{self.stack.http_port}{path}") as ws:
+                ws.send("x")   # the backend answers nothing; the handshake is what counts
+
+        return deferToThread(run)
+
+    @inlineCallbacks
+    def test_backend_sees_external_host(self) -> Any:
+        """Without set_host the backend gets the Host the external client sent, once, not its own address."""
+        yield self.handshake("/ws")
+        self.assertEqual(self.factory.hosts, [[f"127.0.0.1:{self.stack.http_port}"]])
+
+    @inlineCallbacks
+    def test_backend_sees_set_host(self) -> Any:
+        """With set_host the backend gets exactly that Host (no port added), once."""
+        yield self.handshake("/renamed/ws")
+        self.assertEqual(self.factory.hosts, [["internal.example"]])

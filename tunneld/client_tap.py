@@ -94,7 +94,8 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     def websocket_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
         return BackendWebSocketExchange(tunnel, event.request_id, event.message, route.backend, reactor,
                                         max_message_size=route.max_message_size or 16 * 1024 * 1024,
-                                        ping_interval=cfg.websocket_ping_interval, trust_root=backend_trust)
+                                        ping_interval=cfg.websocket_ping_interval, trust_root=backend_trust,
+                                        set_host=route.set_host)
 
     channels = GrpcChannels(channel_credentials(cfg.backend_ca))  # backend channels, closed on stop (after the drain)
 
