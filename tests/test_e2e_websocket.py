@@ -15,13 +15,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.backends import test_site
 from tests.harness import Stack, rss_bytes, wait_for
+from tunneld.protocols.websocket import _header_safe, replace_host_line
 
 MiB = 1024 * 1024
 
@@ -471,3 +472,18 @@ class WebSocketHostTests(TestCase):
         """With set_host the backend gets exactly that Host (no port added), once."""
         yield self.handshake("/renamed/ws")
         self.assertEqual(self.factory.hosts, [["internal.example"]])
+
+
+class HostLineTests(SynchronousTestCase):
+    """The handshake's Host line rewrite (pure)."""
+
+    def test_only_the_host_line_changes(self) -> None:
+        """replace_host_line rewrites the one Host line (any case) and nothing else."""
+        request = b"GET /x HTTP/1.1\r\nUser-Agent: a\r\nhost: 127.0.0.1:9\r\nX-Host: keep\r\n\r\n"
+        self.assertEqual(replace_host_line(request, "app.example.com"),
+                         b"GET /x HTTP/1.1\r\nUser-Agent: a\r\nHost: app.example.com\r\nX-Host: keep\r\n\r\n")
+
+    def test_unsafe_host_falls_back(self) -> None:
+        """A Host value that could split the handshake is not used (autobahn's own Host stays)."""
+        self.assertEqual(_header_safe("a.example\r\nX-Evil: 1"), "")
+        self.assertEqual(_header_safe("a.example:8080"), "a.example:8080")
