@@ -99,8 +99,8 @@ upstream = "api"
 
 
 def field_names(cls: type) -> list[str]:
-    """The keys of a config table: its dataclass's field names (bar ``servers``, filled from ``server``)."""
-    return [f.name for f in dataclasses.fields(cls) if f.name != "servers"]
+    """The keys of a config table: its dataclass's field names (bar those the loader fills in)."""
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ("servers", "client_id_generated")]
 
 
 def uncomment_examples(text: str) -> str:
@@ -919,6 +919,11 @@ class ClientIdTests(ConfigTestCase):
             self.load_client("[client]\nclient_id = ''\n").client.client_id, "box-ababab"
         )
         self.assertEqual(load_client_config(None).client.client_id, "box-ababab")
+
+    def test_generated_is_marked(self) -> None:
+        """A made-up client_id is marked as such (a SIGHUP reload keeps the running one); a set one is not."""
+        self.assertTrue(self.load_client("[client]\nclient_id = ''\n").client.client_id_generated)
+        self.assertFalse(self.load_client("[client]\nclient_id = 'c'\n").client.client_id_generated)
 
     def test_generated_really(self) -> None:
         """Without patching, the generated id starts with the hostname and differs per load."""

@@ -50,10 +50,14 @@ class InitScriptTests(TestCase):
         self.routes = [{"name": "web", "group": "default", "backend": origin, "host": "one.test"}]
         self.write_server_config()
         self.client_toml = os.path.join(self.tmp, "client.toml")
+        self.write_client_config()
+
+    def write_client_config(self, **extra: Any) -> None:
         with open(self.client_toml, "w") as f:
             f.write(toml_table("client", {
                 "server": f"127.0.0.1:{self.ports['tunnel']}", "token": TOKEN, "client_id": "init-client",
                 "drain_timeout": 1, "heartbeat_interval": 1, "admin_listen": f"127.0.0.1:{self.ports['client_admin']}",
+                **extra,
             }))
 
     def write_server_config(self) -> None:
@@ -178,11 +182,32 @@ class InitScriptTests(TestCase):
         self.assertEqual((code, out.strip()), (0, f"tunneld-server reloading its config (pid {server_pid})"))
         yield self.wait_get(http, 200, headers={b"Host": [b"two.test"]})
         self.assertEqual(self.pid("server"), server_pid)
-        # The client does not handle SIGHUP: reload is refused rather than killing it.
+        # The client reloads on SIGHUP too: its allow_backends now leaves out the route's backend
+        # (502 from the next request) and its admin port wants a token; same process.
+        client_pid = self.pid("client")
+        self.write_client_config(allow_backends=["127.0.0.1:1"], admin_token=ADMIN_TOKEN)
         code, out = yield self.script("client", "reload")
-        self.assertEqual(code, 3, out)
-        code, _ = yield self.script("client", "status")
-        self.assertEqual(code, 0)
+        self.assertEqual((code, out.strip()), (0, f"tunneld-client reloading its config (pid {client_pid})"))
+        yield self.wait_get(http, 502, headers={b"Host": [b"one.test"]})
+        code, _ = yield self.get(f"http://127.0.0.1:{self.ports['client_admin']}/status")
+        self.assertEqual(code, 401)
+        yield wait_for(lambda: f"config reloaded from {self.client_toml}: changed allow_backends, admin_token"
+                       in self.log("client"), what="the client's reload log line")
+        # A broken file is refused, named in the log, and the running config stays.
+        with open(self.client_toml, "a") as f:
+            f.write("max_concurrency = \"lots\"\n")
+        code, out = yield self.script("client", "reload")
+        self.assertEqual(code, 0, out)
+        yield wait_for(lambda: "config reload refused, keeping the running config" in self.log("client"),
+                       what="the client's refusal logged")
+        self.assertIn("max_concurrency", self.log("client"))
+        code, _ = yield self.get(http, headers={b"Host": [b"one.test"]})
+        self.assertEqual(code, 502)
+        self.write_client_config()
+        code, out = yield self.script("client", "reload")
+        self.assertEqual(code, 0, out)
+        yield self.wait_get(http, 200, headers={b"Host": [b"one.test"]})
+        self.assertEqual(self.pid("client"), client_pid)
 
         for kind in ("client", "server"):
             pid = self.pid(kind)
@@ -258,7 +283,7 @@ class DeploymentFileTests(SynchronousTestCase):
         return parser
 
     def test_systemd_units(self) -> None:
-        """The units run twistd in the foreground with no pid file; the server reloads with SIGHUP."""
+        """The units run twistd in the foreground with no pid file; both reload with SIGHUP."""
         for kind in ("server", "client"):
             unit = self.unit(f"tunneld-{kind}.service")
             self.assertEqual(unit["Service"]["Type"], "simple")
@@ -267,8 +292,8 @@ class DeploymentFileTests(SynchronousTestCase):
             self.assertEqual(unit["Service"]["ExecStartPre"],
                              f"/opt/tunneld/bin/python -m tunneld check /etc/tunneld/{kind}.toml")
             self.assertEqual(unit["Install"]["WantedBy"], "multi-user.target")
-        self.assertEqual(self.unit("tunneld-server.service")["Service"]["ExecReload"], "/bin/kill -HUP $MAINPID")
-        self.assertNotIn("ExecReload", self.unit("tunneld-client.service")["Service"])
+        for kind in ("server", "client"):
+            self.assertEqual(self.unit(f"tunneld-{kind}.service")["Service"]["ExecReload"], "/bin/kill -HUP $MAINPID")
 
     def test_systemd_analyze_verify(self) -> None:
         """systemd-analyze verify accepts both units (with this venv's paths in place of /opt/tunneld)."""

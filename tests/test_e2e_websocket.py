@@ -15,13 +15,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.backends import test_site
 from tests.harness import Stack, rss_bytes, wait_for
+from tunneld.protocols.websocket import _header_safe, replace_host_line
 
 MiB = 1024 * 1024
 
@@ -420,3 +421,69 @@ class WebSocketLimitsTests(TestCase):
         self.assertEqual(status, 503)
         yield wait_for(lambda: self.stack.server_in_flight() == 0 and self.stack.client_in_flight() == 0,
                        what="request tables to empty")
+
+
+class HostRecorder(WebSocketServerProtocol):
+    """Records the raw Host lines of each opening handshake it accepts."""
+
+    def onConnect(self, request: Any) -> None:
+        raw = self.http_request_data.split(b"\r\n")
+        self.factory.hosts.append([line.split(b":", 1)[1].strip().decode() for line in raw[1:]
+                                   if line.lower().startswith(b"host:")])
+
+
+class WebSocketHostTests(TestCase):
+    """WebSocket backends see the external Host, or the route's set_host, as HTTP backends do."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.factory = WebSocketServerFactory()
+        self.factory.protocol = HostRecorder
+        self.factory.hosts = []
+        self.backend = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.backend.stopListening)
+        backend = f"http://127.0.0.1:{self.backend.getHost().port}"
+        self.stack = Stack([
+            {"name": "plain", "group": "default", "backend": backend},
+            {"name": "renamed", "group": "default", "backend": backend, "path_prefix": "/renamed",
+             "set_host": "internal.example"},
+        ])
+        yield self.stack.start()
+        self.addCleanup(self.stack.stop)
+        yield self.stack.add_client()
+
+    def handshake(self, path: str) -> Any:
+        def run() -> None:
+            with connect(f"ws://127.0.0.1:{self.stack.http_port}{path}") as ws:
+                ws.send("x")   # the backend answers nothing; the handshake is what counts
+
+        return deferToThread(run)
+
+    @inlineCallbacks
+    def test_backend_sees_external_host(self) -> Any:
+        """Without set_host the backend gets the Host the external client sent, once, not its own address."""
+        yield self.handshake("/ws")
+        self.assertEqual(self.factory.hosts, [[f"127.0.0.1:{self.stack.http_port}"]])
+
+    @inlineCallbacks
+    def test_backend_sees_set_host(self) -> Any:
+        """With set_host the backend gets exactly that Host (no port added), once."""
+        yield self.handshake("/renamed/ws")
+        self.assertEqual(self.factory.hosts, [["internal.example"]])
+
+
+class HostLineTests(SynchronousTestCase):
+    """The handshake's Host line rewrite (pure)."""
+
+    def test_only_the_host_line_changes(self) -> None:
+        """replace_host_line rewrites the one Host line (any case) and nothing else."""
+        request = b"GET /x HTTP/1.1\r\nUser-Agent: a\r\nhost: 127.0.0.1:9\r\nX-Host: keep\r\n\r\n"
+        self.assertEqual(replace_host_line(request, "app.example.com"),
+                         b"GET /x HTTP/1.1\r\nUser-Agent: a\r\nHost: app.example.com\r\nX-Host: keep\r\n\r\n")
+
+    def test_unsafe_host_falls_back(self) -> None:
+        """A Host value that could split the handshake is not used (autobahn's own Host stays)."""
+        self.assertEqual(_header_safe("a.example\r\nX-Evil: 1"), "")
+        self.assertEqual(_header_safe("a.example:8080"), "a.example:8080")

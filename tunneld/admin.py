@@ -632,8 +632,10 @@ def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 
-def client_admin(hub: ClientHub, reactor: Any, listen: str, token: str = "") -> AdminService:
-    """The client's admin port; also makes ``hub.finished`` feed the request metrics (labelled by server)."""
+def client_admin(hub: ClientHub, reactor: Any, listen: str) -> AdminService:
+    """The client's admin port; also makes ``hub.finished`` feed the request metrics (labelled by server).
+
+    Token: the hub's current ``admin_token`` (a SIGHUP reload changes it)."""
     from tunneld.endpoints import server_endpoint
 
     registry = CollectorRegistry(auto_describe=False)
@@ -641,7 +643,8 @@ def client_admin(hub: ClientHub, reactor: Any, listen: str, token: str = "") -> 
     registry.register(ClientCollector(hub))  # type: ignore[arg-type]
     hub.metrics = metrics
     started = time.time()
-    resource = AdminResource(registry, lambda query: client_status(hub, metrics, started), lambda: token,
+    resource = AdminResource(registry, lambda query: client_status(hub, metrics, started),
+                             lambda: hub.settings.admin_token,
                              inspector=hub.inspector, replay=_replayer(hub, reactor))
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 

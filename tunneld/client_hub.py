@@ -15,21 +15,30 @@ reconnects.  SIGTERM lets in-flight requests finish, then closes cleanly.
 
 The forward direction (``http_entry``) goes to the connected link with the
 fewest requests in flight (ties rotate).
+
+SIGHUP (``ClientHub.reload``): links read the settings through the hub, so a
+reloaded file applies to the next request (allow_backends, timeouts,
+access_log, admin_token, ...) and to the next dial (token, group, window
+sizes); a request already started keeps the backend exchange it began with.
+Servers added to ``server`` get a link and a dial service, removed ones are
+drained and closed.  Keys that shaped listeners or channels at start change
+only on restart, as on the server.
 """
 
 from __future__ import annotations
 
 import socket
 import uuid
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tunneld import __version__
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
-from tunneld.config import ClientSettings
+from tunneld.config import ClientConfig, ClientSettings
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.tunnel import ResponderHandler, Tunnel
@@ -59,10 +68,9 @@ class ServerLink:
     def __init__(self, hub: ClientHub, server: str) -> None:
         self.hub = hub
         self.server = server
-        self.settings = hub.settings
         self.clock = hub.clock
-        self.backends = hub.backends
         self.client_id = hub.client_id
+        self.leaving = False   # removed from `server` by a reload: draining alone, the hub stays up
         self.tunnel: Tunnel | None = None
         self.handle: StreamHandle | None = None
         self.routes: dict[str, pb.Route] = {}
@@ -74,6 +82,15 @@ class ServerLink:
         self.draining = False
         self.counters: dict[str, int] = {"messages_dropped": 0, "flow_stalls": 0}  # of streams already lost
         self.dial: Any = None   # its TunnelClientService (reconnects, attempts), set by the tap
+
+    @property
+    def settings(self) -> ClientSettings:
+        """The hub's, read at each use: a reload reaches every link at once."""
+        return self.hub.settings
+
+    @property
+    def backends(self) -> dict[int, BackendFactory]:
+        return self.hub.backends
 
     @property
     def in_flight(self) -> int:
@@ -212,7 +229,8 @@ class ServerLink:
     def drain(self, timeout: float) -> Deferred[None]:
         """Let in-flight requests finish (up to ``timeout``), then close the stream cleanly."""
         self.draining = True
-        self.hub.draining = True
+        if not self.leaving:
+            self.hub.draining = True
         tunnel = self.tunnel
         if tunnel is None:
             return succeed(None)
@@ -233,6 +251,24 @@ class ServerLink:
         return done
 
 
+#: [client] keys that shaped listeners, the tunnel channels or the backend agent at start.
+RESTART_ONLY = ("client_id", "http_entry", "admin_listen", "tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name",
+                "backend_ca", "keepalive_interval", "max_frame_size", "log_format")
+#: Keys sent in (or fixed at) the stream open: they apply to each server's next dial.
+NEXT_DIAL = ("group", "token", "max_concurrency", "max_window", "window_budget")
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    """What a reload did with each changed key."""
+
+    live: tuple[str, ...] = ()        # in force for the next request
+    next_dial: tuple[str, ...] = ()   # in force from each server's next stream
+    restart: tuple[str, ...] = ()     # ignored until restart (the running value stays)
+    added: tuple[str, ...] = ()       # servers dialled from now on
+    removed: tuple[str, ...] = ()     # servers drained and closed
+
+
 class ClientHub:
     """The client's links, one per server, and the forward direction's choice among them."""
 
@@ -247,7 +283,12 @@ class ClientHub:
         self.client_id = settings.client_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.draining = False
         self.links = [ServerLink(self, server) for server in settings.server_list]
+        self.leaving: list[ServerLink] = []   # removed by a reload, still draining
         self._turn = 0
+        # Set by the tap: builds and starts a new link's dial service (None: `server` changes need a restart).
+        self.make_dial: Callable[[ServerLink], None] | None = None
+        # Set by the tap: the TimerServices of heartbeat_interval / config_sync_interval, retimed by a reload.
+        self.timers: dict[str, Any] = {}
 
     # -- the whole client ---------------------------------------------------------------
 
@@ -258,10 +299,10 @@ class ClientHub:
 
     @property
     def in_flight(self) -> int:
-        return sum(link.in_flight for link in self.links)
+        return sum(link.in_flight for link in (*self.links, *self.leaving))
 
     def link_of(self, tunnel: Tunnel) -> ServerLink | None:
-        for link in self.links:
+        for link in (*self.links, *self.leaving):
             if link.tunnel is tunnel:
                 return link
         return None
@@ -313,3 +354,99 @@ class ClientHub:
         """Drain every link at once (each dial service also drains its own link before stopping)."""
         self.draining = True
         return DeferredList([link.drain(timeout) for link in self.links]).addCallback(lambda _: None)
+
+    # -- SIGHUP -------------------------------------------------------------------------
+
+    def reload(self, config: ClientConfig) -> ReloadReport:
+        """Adopt a new (already validated) client config; see the module docstring.
+
+        Restart-only keys keep their running value, so ``self.settings`` is
+        always what is in force.
+        """
+        old, new = self.settings, config.client
+        restart: list[str] = []
+        # An unset client_id is made up anew by every load: keep the running one.
+        if new.client_id_generated != old.client_id_generated or (
+                not new.client_id_generated and new.client_id != old.client_id):
+            restart.append("client_id")
+        new = replace(new, client_id=old.client_id, client_id_generated=old.client_id_generated)
+        skip = {"server", "servers", "client_id", "client_id_generated"}
+        changed = [f.name for f in fields(ClientSettings)
+                   if f.name not in skip and getattr(old, f.name) != getattr(new, f.name)]
+        restart += [k for k in changed if k in RESTART_ONLY]
+        if any(k in changed for k in ("inspect", "inspect_body_bytes")):
+            if self.inspector is not None and new.inspect > 0:
+                self.inspector.resize(new.inspect, new.inspect_body_bytes)
+            elif old.admin_listen:   # turning the inspector on or off: the admin port and entry hold it
+                restart += [k for k in ("inspect", "inspect_body_bytes") if k in changed]
+        servers_changed = old.server_list != new.server_list
+        if servers_changed and self.make_dial is None:
+            restart.append("server")
+        keep = {k: getattr(old, k) for k in restart if k != "server"}
+        if "server" in restart:
+            keep.update(server=old.server, servers=old.servers)
+        new = replace(new, **keep)
+        self.settings = new
+        for link in self.links:
+            if link.dial is not None:
+                link.dial.token = new.token   # the next dial's `authorization` metadata
+        for key, timer in self.timers.items():
+            step = getattr(new, key)
+            if step != getattr(old, key):
+                running = timer.running
+                if running:
+                    timer.stopService()
+                timer.step = step
+                if running:
+                    timer.startService()
+        added: list[str] = []
+        removed: list[str] = []
+        if servers_changed and "server" not in restart:
+            added, removed = self._relink(new.server_list)
+        report = ReloadReport(
+            live=tuple(k for k in changed if k not in restart and k not in NEXT_DIAL),
+            next_dial=tuple(k for k in changed if k in NEXT_DIAL),
+            restart=tuple(restart), added=tuple(added), removed=tuple(removed),
+        )
+        self._log_reload(config.path, report)
+        return report
+
+    def _relink(self, servers: tuple[str, ...]) -> tuple[list[str], list[str]]:
+        """Links for exactly ``servers`` (in that order): new ones dial, dropped ones drain and close."""
+        existing = {link.server: link for link in self.links}
+        removed = [link for link in self.links if link.server not in servers]
+        self.links = [existing.get(server) or ServerLink(self, server) for server in servers]
+        added = [link for link in self.links if link.server not in existing]
+        for link in removed:
+            self._retire(link)
+        assert self.make_dial is not None
+        for link in added:
+            self.make_dial(link)
+        return [link.server for link in added], [link.server for link in removed]
+
+    def _retire(self, link: ServerLink) -> None:
+        """Drain a link whose server left the list (its in-flight requests finish), then forget it."""
+        link.leaving = True
+        self.leaving.append(link)
+        dial = link.dial
+        if dial is not None and dial.parent is not None:
+            done = maybeDeferred(dial.disownServiceParent)   # stopService drains the link first
+        else:
+            done = link.drain(self.settings.drain_timeout)
+        done.addBoth(lambda _: self.leaving.remove(link) if link in self.leaving else None)
+
+    def _log_reload(self, path: str, report: ReloadReport) -> None:
+        if report.restart:
+            self.log.warn("config reload: {keys} change only on restart", keys=", ".join(report.restart))
+        if report.next_dial:
+            self.log.info("config reload: {keys} apply from each server's next connection (the current streams "
+                          "stay up)", keys=", ".join(report.next_dial))
+        parts = []
+        if report.live or report.next_dial:
+            parts.append("changed " + ", ".join((*report.live, *report.next_dial)))
+        if report.added:
+            parts.append("servers added " + ", ".join(report.added))
+        if report.removed:
+            parts.append("servers removed (draining) " + ", ".join(report.removed))
+        self.log.info("config reloaded from {path}: {changes}", path=path,
+                      changes="; ".join(parts) or "nothing changed that applies live")

@@ -4,6 +4,7 @@
                      drains its link before stopping)
                   -> gRPC backend channels (closed after in-flight calls end, drain_timeout at most)
   heartbeat and config-sync TimerServices
+  SIGHUP handler (``ReloadOnHangup``): re-reads the file, ``ClientHub.reload`` applies it
 Without ``-c`` the client runs on built-in defaults that match the shipped
 etc/client.toml, so it works against the shipped etc/server.toml.
 """
@@ -23,11 +24,12 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld import inspector
 from tunneld.admin import AdminService, client_admin
-from tunneld.client_hub import ClientHub
+from tunneld.client_hub import ClientHub, ServerLink
 from tunneld.config import CLIENT_MAX_MESSAGE_SIZE, ClientConfig, ConfigError, load_client_config
 from tunneld.grpc_bridge.backend import GrpcBackendExchange, GrpcChannels, GrpcChannelsService
 from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, channel_credentials
+from tunneld.hangup import HangupService
 from tunneld.logs import with_log_format
 from tunneld.endpoints import server_endpoint
 from tunneld.protocols.http_entry import EntrySite
@@ -94,7 +96,8 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     def websocket_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
         return BackendWebSocketExchange(tunnel, event.request_id, event.message, route.backend, reactor,
                                         max_message_size=route.max_message_size or 16 * 1024 * 1024,
-                                        ping_interval=cfg.websocket_ping_interval, trust_root=backend_trust)
+                                        ping_interval=hub.settings.websocket_ping_interval, trust_root=backend_trust,
+                                        set_host=route.set_host)
 
     channels = GrpcChannels(channel_credentials(cfg.backend_ca))  # backend channels, closed on stop (after the drain)
 
@@ -107,27 +110,36 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     bridge_service = BridgeService(bridge)
     bridge_service.setServiceParent(top)
     dials = []
-    for link in hub.links:
+
+    def make_dial(link: ServerLink) -> None:
+        """The dial service of ``link``, started at once when the client runs (a server added by SIGHUP).
+
+        TLS and channel options are the start's (they change only on restart);
+        the token and drain_timeout are read from the hub's current settings."""
         dial = TunnelClientService(
-            bridge, link.server, cfg.token, link.connected, link.lost, reactor,
+            bridge, link.server, hub.settings.token, link.connected, link.lost, reactor,
             max_message_size=max_message_size, max_frame_size=min(cfg.max_frame_size, max_message_size),
-            before_stop=lambda link=link: link.drain(cfg.drain_timeout),   # type: ignore[misc]
+            before_stop=lambda: link.drain(hub.settings.drain_timeout),
             credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None,
             server_name=cfg.tls_server_name, keepalive=cfg.keepalive_interval,
         )
         link.on_ready = dial.reset
         link.dial = dial
         dial.setServiceParent(bridge_service)
-        dials.append(dial)
+
+    for link in hub.links:
+        make_dial(link)
+        dials.append(link.dial)
+    hub.make_dial = make_dial
     GrpcChannelsService(bridge, channels, grace=cfg.drain_timeout).setServiceParent(bridge_service)
     closer = PoolCloser(pool)
     closer.setServiceParent(top)
     top.after.append(closer)
-    for interval, tick in ((cfg.heartbeat_interval, hub.heartbeat_tick),
-                           (cfg.config_sync_interval, hub.config_sync_tick)):
-        timer = TimerService(interval, tick)
+    for key, tick in (("heartbeat_interval", hub.heartbeat_tick), ("config_sync_interval", hub.config_sync_tick)):
+        timer = TimerService(getattr(cfg, key), tick)
         timer.clock = reactor
         timer.setServiceParent(top)
+        hub.timers[key] = timer   # a reload retimes it
     hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:
@@ -137,15 +149,36 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         entry.setServiceParent(top)
     admin = None
     if cfg.admin_listen:
-        admin = client_admin(hub, reactor, cfg.admin_listen, cfg.admin_token)
+        admin = client_admin(hub, reactor, cfg.admin_listen)
         admin.setServiceParent(top)
         top.after.append(admin)
     return ClientApp(top, hub, dials[0], entry, admin, tuple(dials))
+
+
+class ReloadOnHangup(HangupService):
+    """SIGHUP: re-read the client's config file; a broken file is refused and the old config stays."""
+
+    def __init__(self, path: str, hub: ClientHub, reactor: Any) -> None:
+        super().__init__(reactor)
+        self.path = path
+        self.hub = hub
+
+    def reload(self) -> None:
+        if not self.path:
+            self.log.warn("config reload: the client runs on built-in defaults (no -c file); nothing to reload")
+            return
+        try:
+            config = load_client_config(self.path)
+        except ConfigError as e:
+            self.log.error("config reload refused, keeping the running config: {error}", error=str(e))
+            return
+        self.hub.reload(config)
 
 
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     config = options["loaded"]
-    service = build_client(config, reactor).service
-    return with_log_format(service, config.client.log_format, getattr(options, "parent", None))
+    app = build_client(config, reactor)
+    ReloadOnHangup(config.path, app.hub, reactor).setServiceParent(app.service)
+    return with_log_format(app.service, config.client.log_format, getattr(options, "parent", None))

@@ -261,6 +261,7 @@ class ClientSettings:
     inspect: int = 200  # inspector on the client's admin port: the last N exchanges kept; 0 = off
     inspect_body_bytes: int = 0  # inspector: bytes kept of each body / message; 0 = heads only
     servers: tuple[str, ...] = ()  # all servers when `server` lists several (the loader fills it); else ()
+    client_id_generated: bool = field(default=False, compare=False)  # the loader made client_id up (the file left it ""); SIGHUP keeps the running one
 
     @property
     def server_list(self) -> tuple[str, ...]:
@@ -269,7 +270,7 @@ class ClientSettings:
 
 
 #: Fields of a settings dataclass that the file does not set directly.
-_DERIVED_KEYS = frozenset({"servers"})
+_DERIVED_KEYS = frozenset({"servers", "client_id_generated"})
 
 
 @dataclass(frozen=True)
@@ -934,6 +935,7 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         group=t.name("group", d.group),
         token=token,
         client_id=client_id or f"{socket.gethostname()}-{secrets.token_hex(3)}",
+        client_id_generated=not client_id,
         http_entry=t.listen("http_entry", d.http_entry, optional=True),
         heartbeat_interval=t.seconds("heartbeat_interval", d.heartbeat_interval),
         heartbeat_timeout=t.seconds("heartbeat_timeout", d.heartbeat_timeout),

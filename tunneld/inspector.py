@@ -216,6 +216,13 @@ class Inspector:
         self.local_ids = itertools.count(1)
         self.replayer: Callable[[Exchange], str] | None = None   # set by the tap: HTTP replay
 
+    def resize(self, size: int, body_bytes: int) -> None:
+        """A config reload: keep the newest ``size`` exchanges; ``body_bytes`` for what is captured from now on."""
+        assert size > 0
+        self.size = size
+        self.body_bytes = body_bytes
+        self.ring = deque(self.ring, maxlen=size)
+
     def begin(self, protocol: str) -> Exchange:
         rec = Exchange(self, protocol)
         self.ring.append(rec)   # deque(maxlen) drops the oldest

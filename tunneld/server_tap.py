@@ -16,7 +16,6 @@ after twistd has forked.
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,6 +31,7 @@ from tunneld import inspector
 from tunneld.admin import AdminService, server_admin
 from tunneld.config import ConfigError, ForwardRule, ServerConfig, load_server_config
 from tunneld.endpoints import server_endpoint
+from tunneld.hangup import HangupService
 from tunneld.grpc_bridge.entry import GrpcEntryService
 from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, server_credentials
@@ -169,27 +169,13 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     return ServerApp(top, hub, tunnel, http, grpc_entry, admin)
 
 
-class ReloadOnHangup(Service):
+class ReloadOnHangup(HangupService):
     """SIGHUP: re-read the config file; a broken file is refused and the old config stays."""
 
-    log = Logger()
-
     def __init__(self, path: str, hub: ServerHub, reactor: Any) -> None:
+        super().__init__(reactor)
         self.path = path
         self.hub = hub
-        self.reactor = reactor
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
-
-    def stopService(self) -> None:
-        super().stopService()
-        signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
         try:

@@ -434,6 +434,17 @@ class BackendWebSocket(FrameRelay, WebSocketClientProtocol):
         self.clock = exchange.clock
         super().connectionMade()
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # autobahn writes ``Host: <host>:<port>`` (always with a port) from the
+        # dialled address.  The backend must see the external Host (or the
+        # route's set_host) exactly as an HTTP backend does: with a ``:80`` added,
+        # same-origin checks (Origin vs Host, e.g. gorilla/websocket) fail.  So
+        # the one Host line of the opening handshake is replaced, nothing else.
+        host = self.factory.host_header
+        if host and data is self.http_request_data and self.state == self.STATE_CONNECTING:
+            data = self.http_request_data = replace_host_line(data, host)
+        super().sendData(data, sync, chopsize)
+
     def onConnect(self, response: Any) -> None:
         self.subprotocol = response.protocol
         self.response_headers = dict(response.headers)
@@ -452,14 +463,33 @@ class BackendWebSocket(FrameRelay, WebSocketClientProtocol):
         self.relay_close(wasClean, code, reason)
 
 
+def _header_safe(value: str) -> str:
+    """``value`` if it can stand in a header line, else "" (never lets CR/LF split the handshake)."""
+    return "" if any(c in value for c in "\r\n\0") else value
+
+
+def replace_host_line(request: bytes, host: str) -> bytes:
+    """The handshake request ``request`` with its (first) ``Host:`` line saying ``host``."""
+    head, sep, rest = request.partition(b"\r\n")
+    lines = rest.split(b"\r\n")
+    for i, line in enumerate(lines):
+        if line[:5].lower() == b"host:":
+            lines[i] = b"Host: " + host.encode("latin-1")
+            break
+    return head + sep + b"\r\n".join(lines)
+
+
 class BackendWebSocketFactory(WebSocketClientFactory):
     protocol = BackendWebSocket
 
     noisy = False  # no "Starting factory" line per WebSocket
 
-    def __init__(self, exchange: BackendWebSocketExchange, url: str, **kwargs: Any) -> None:
+    def __init__(self, exchange: BackendWebSocketExchange, url: str, *, host_header: str = "",
+                 **kwargs: Any) -> None:
+        """``host_header``: the Host the backend sees ("" = autobahn's, the dialled address)."""
         super().__init__(url, **kwargs)
         self.exchange: BackendWebSocketExchange | None = exchange
+        self.host_header = host_header
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
         if self.exchange is not None:
@@ -473,8 +503,12 @@ class BackendWebSocketExchange:
 
     def __init__(self, tunnel: Tunnel, request_id: str, head: pb.TunnelMessage, backend: str, clock: Any,
                  *, max_message_size: int, ping_interval: int = 0, connect: Any = connectWS,
-                 trust_root: Any = None) -> None:
-        """``trust_root``: CA to verify wss:// backends (None = platform roots; never unverified)."""
+                 trust_root: Any = None, set_host: str = "") -> None:
+        """``trust_root``: CA to verify wss:// backends (None = platform roots; never unverified).
+
+        The backend sees ``Host: set_host`` when given (the route's), else the
+        external request's Host, as HTTP backends do."""
+        self.set_host = set_host
         self.tunnel = tunnel
         self.request_id = request_id
         self.head = head
@@ -506,7 +540,7 @@ class BackendWebSocketExchange:
         factory = BackendWebSocketFactory(
             self, url, origin=origin.decode("latin-1") if origin else None,
             protocols=list(req.subprotocols) or None, useragent=agent.decode("latin-1") if agent else "",
-            headers=extra,
+            headers=extra, host_header=_header_safe(self.set_host or req.host),
         )
         options: dict[str, Any] = {"maxMessagePayloadSize": self.max_message_size, "maxFramePayloadSize": 0,
                                    "failByDrop": False, "closeHandshakeTimeout": 5}
