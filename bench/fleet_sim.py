@@ -8,8 +8,11 @@ child process (``--role sim``) that opens N ``TunnelService.Proxy`` streams
 over grpc.aio channels (``--per-channel`` streams share one channel, i.e. one
 TCP connection; 1 = every client on its own connection), authenticates with
 ``stream_open``, answers heartbeats, ignores config pushes and answers any HTTP
-request with ``200 sim``.  A refused or broken open is redialled after a
-jittered 0.5–5 s backoff (counted as a redial).
+request with ``200 sim``.  Dials follow tunneld-client's rule
+(grpc_bridge/client.py): the first dial, and the first redial after an accepted
+stream was lost, wait a random 0..``--dial-jitter`` s; every redial waits the
+client's backoff (0.5 s, x2, 10 s cap, each jittered down to half); a refused
+or broken open counts as a redial.
 
 Reported per N: time for all N to be in (connect rate), redials, the server's
 RSS growth per client (RSS with N connected minus RSS with only the real client,
@@ -67,10 +70,10 @@ async def _sim(spec: dict[str, Any]) -> None:
 
     from tunneld import frames
     from tunneld import tunnel_pb2 as pb
-    from tunneld.grpc_bridge.client import PROXY_METHOD
+    from tunneld.grpc_bridge.client import PROXY_METHOD, Backoff, dial_spread
 
     n, per_channel, target = spec["n"], spec["per_channel"], spec["target"]
-    jitter = spec.get("first_dial_jitter", 0.0)
+    jitter = spec.get("dial_jitter", 0.0)
     hb_interval = spec.get("client_heartbeat", 30.0)
     token, group = spec.get("token", TOKEN), spec.get("group", GROUP)
     stats = {"connected": 0, "redials": 0, "requests": 0, "heartbeats": 0, "refused": 0}
@@ -89,9 +92,8 @@ async def _sim(spec: dict[str, Any]) -> None:
         return ch
 
     async def client(i: int) -> None:
-        if jitter:
-            await asyncio.sleep(random.uniform(0, jitter))
-        delay = 0.5
+        await asyncio.sleep(dial_spread(jitter))
+        backoff = Backoff()
         while True:
             opened = False
             try:
@@ -111,7 +113,7 @@ async def _sim(spec: dict[str, Any]) -> None:
                 opened = True
                 up[i] = True
                 stats["connected"] += 1
-                delay = 0.5
+                backoff.reset()
                 next_heartbeat = time.monotonic() + random.uniform(0, hb_interval or 1)
                 msgs = list(frame.messages)[1:]
                 while True:
@@ -161,8 +163,9 @@ async def _sim(spec: dict[str, Any]) -> None:
                 else:
                     stats["refused"] += 1
                 stats["redials"] += 1
-                await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
-                delay = min(5.0, delay * 2)
+                # The same rule as TunnelClientService._lost.
+                spread = dial_spread(jitter) if backoff.attempt == 0 else 0.0
+                await asyncio.sleep(backoff.next_delay() + spread)
 
     tasks = [asyncio.create_task(client(i)) for i in range(n)]
     loop = asyncio.get_running_loop()
@@ -305,7 +308,8 @@ drain_timeout = 1
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
     result: dict[str, Any] = {"clients": n, "per_channel": args.per_channel,
                               "heartbeats": f"server {args.heartbeat_interval:g} s, clients {args.client_heartbeat:g} s",
-                              "open_rate": args.open_rate, "keepalive_interval": args.keepalive_interval}
+                              "open_rate": args.open_rate, "keepalive_interval": args.keepalive_interval,
+                              "dial_jitter": args.dial_jitter}
     sim: Sim | None = None
     server_argv = [twistd, "-n", "--pidfile=", "tunneld-server", "-c", str(server_toml)]
     try:
@@ -324,7 +328,7 @@ drain_timeout = 1
         base = hb.proc_status(server.pid).get("VmRSS", 0)
         sim = Sim({"n": n, "per_channel": args.per_channel, "target": f"127.0.0.1:{tunnel_port}",
                    "concurrency": args.concurrency, "client_heartbeat": args.client_heartbeat,
-                   "first_dial_jitter": args.first_dial_jitter}, tmp)
+                   "dial_jitter": args.dial_jitter}, tmp)
         start = time.monotonic()
         wait_for(lambda: sim.last.get("connected") == n or sim.proc.poll() is not None, f"{n} clients in",
                  procs, args.connect_limit)
@@ -385,7 +389,8 @@ def main() -> int:
     parser.add_argument("--keepalive-interval", type=float, default=10.0,
                         help="the server's keepalive_interval (the simulated clients ping every 60 s)")
     parser.add_argument("--open-rate", type=int, default=500, help="the server's open_rate (0 = no limit)")
-    parser.add_argument("--first-dial-jitter", type=float, default=0.0, help="spread the first dials over this many s")
+    parser.add_argument("--dial-jitter", type=float, default=1.0,
+                        help="the clients' dial_jitter (s): first dials and first redials after a loss spread over it")
     parser.add_argument("--connect-limit", type=float, default=180)
     parser.add_argument("--settle", type=float, default=5)
     parser.add_argument("--idle", type=float, default=20)

@@ -1204,3 +1204,19 @@ class FleetSettingsTests(SynchronousTestCase):
         self.assertRaises(ConfigError, parse_client_config,
                           {"client": {"client_id": "c", "keepalive_interval": 2}}, "c.toml")
         self.assertRaises(ConfigError, parse_server_config, {"server": {"open_burst": 0}}, "s.toml")
+
+    def test_dial_jitter(self) -> None:
+        """dial_jitter: 1 s by default, 0 turns it off, negative is refused; the tap hands it to every dial."""
+        from twisted.internet import reactor
+
+        from tunneld.client_tap import build_client
+
+        self.assertEqual(parse_client_config({"client": {"client_id": "c"}}, "c.toml").client.dial_jitter, 1.0)
+        cfg = parse_client_config({"client": {"client_id": "c", "dial_jitter": 0}}, "c.toml")
+        self.assertEqual(cfg.client.dial_jitter, 0.0)
+        error = self.assertRaises(ConfigError, parse_client_config,
+                                  {"client": {"client_id": "c", "dial_jitter": -1}}, "c.toml")
+        self.assertIn("dial_jitter", str(error))
+        cfg = parse_client_config({"client": {"client_id": "c", "dial_jitter": 20,
+                                              "server": ["a:7000", "b:7000"]}}, "c.toml")
+        self.assertEqual([d.dial_jitter for d in build_client(cfg, reactor).dials], [20.0, 20.0])

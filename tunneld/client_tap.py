@@ -114,6 +114,7 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
             before_stop=lambda link=link: link.drain(cfg.drain_timeout),   # type: ignore[misc]
             credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None,
             server_name=cfg.tls_server_name, keepalive=cfg.keepalive_interval,
+            dial_jitter=cfg.dial_jitter,
         )
         link.on_ready = dial.reset
         link.dial = dial
