@@ -75,6 +75,8 @@ async def _sim(spec: dict[str, Any]) -> None:
     n, per_channel, target = spec["n"], spec["per_channel"], spec["target"]
     jitter = spec.get("dial_jitter", 0.0)
     hb_interval = spec.get("client_heartbeat", 30.0)
+    # Like tunneld-client's keepalive_interval (a fleet sets it alike on both ends).
+    keepalive_ms = int(spec.get("keepalive", 60.0) * 1000)
     token, group = spec.get("token", TOKEN), spec.get("group", GROUP)
     stats = {"connected": 0, "redials": 0, "requests": 0, "heartbeats": 0, "refused": 0}
     first_in = time.monotonic()
@@ -86,7 +88,7 @@ async def _sim(spec: dict[str, Any]) -> None:
         index = i // per_channel
         ch = channels.get(index)
         if ch is None:
-            options = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", 60_000),
+            options = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", keepalive_ms),
                        ("grpc.max_receive_message_length", 64 << 20)]
             ch = channels[index] = grpc.aio.insecure_channel(target, options=options)
         return ch
@@ -328,7 +330,8 @@ drain_timeout = 1
         base = hb.proc_status(server.pid).get("VmRSS", 0)
         sim = Sim({"n": n, "per_channel": args.per_channel, "target": f"127.0.0.1:{tunnel_port}",
                    "concurrency": args.concurrency, "client_heartbeat": args.client_heartbeat,
-                   "dial_jitter": args.dial_jitter}, tmp)
+                   "dial_jitter": args.dial_jitter,
+                   "keepalive": args.client_keepalive or args.keepalive_interval}, tmp)
         start = time.monotonic()
         wait_for(lambda: sim.last.get("connected") == n or sim.proc.poll() is not None, f"{n} clients in",
                  procs, args.connect_limit)
@@ -387,7 +390,9 @@ def main() -> int:
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="the server's heartbeat_interval")
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0, help="the server's heartbeat_timeout")
     parser.add_argument("--keepalive-interval", type=float, default=10.0,
-                        help="the server's keepalive_interval (the simulated clients ping every 60 s)")
+                        help="the server's keepalive_interval (and the simulated clients', unless --client-keepalive)")
+    parser.add_argument("--client-keepalive", type=float, default=0,
+                        help="the simulated clients' gRPC keepalive interval (default: --keepalive-interval)")
     parser.add_argument("--open-rate", type=int, default=500, help="the server's open_rate (0 = no limit)")
     parser.add_argument("--dial-jitter", type=float, default=1.0,
                         help="the clients' dial_jitter (s): first dials and first redials after a loss spread over it")

@@ -19,6 +19,15 @@ Reactor code never touches grpc objects; it holds ``StreamHandle``s:
 The outbound queue needs no bound of its own: every body byte in it is
 covered by a per-request flow-control window (window.py), and request heads
 are bounded by the peer's ``max_concurrency``.
+
+Heartbeats of an idle fleet: once the reactor sets ``answer_heartbeats``
+(the server does, after the stream was accepted), a frame that is nothing but
+the peer's heartbeat is answered here, in the bridge thread: the ack goes
+straight into the outbound deque and the reactor is only told "heard"
+(``on_heard``, so the registry sees the stream alive).  That skips the
+session and the reactor->bridge hop, about half the server CPU of a
+heartbeat exchange (bench/README.md, fleet simulator).  The ack is the one
+the session would send; a heartbeat never touches request state.
 """
 
 from __future__ import annotations
@@ -299,6 +308,24 @@ class _Lost:
         self.reason = reason
 
 
+#: In the inbound deque: a heartbeat arrived and was answered in the bridge thread.
+_HEARD = object()
+
+
+def _lone_heartbeat(msgs: Any) -> pb.TunnelMessage | None:
+    """The message if the frame is a single well-formed client heartbeat (not an ack), else None.
+
+    Anything else, a misdirected heartbeat included, goes to the session, which judges it.
+    """
+    if len(msgs) != 1:
+        return None
+    msg = msgs[0]
+    if (msg.WhichOneof("payload") != "heartbeat" or msg.heartbeat.ack or msg.request_id
+            or msg.direction != pb.CLIENT_TO_SERVER or msg.protocol_type != pb.CONTROL):
+        return None
+    return msg  # type: ignore[no-any-return]
+
+
 Write = Callable[[bytes], Awaitable[None]]
 
 
@@ -312,10 +339,20 @@ class StreamHandle:
     one frame (frames.py); it never waits for more.  Inbound, a frame's
     messages cross to the reactor as one item.
 
-    The outbound deque is shared by the two threads without a lock: only the
-    reactor appends and only the writer pops (CPython's deque makes each of
-    those atomic), and ``_wake_pending`` keeps it to one wake-up in flight.
+    The outbound deque is shared by the two threads without a lock: the
+    reactor appends, the bridge thread appends only heartbeat acks, and only
+    the writer pops (CPython's deque makes each of those atomic; an ack has no
+    order to keep with request messages); ``_wake_pending`` keeps the
+    reactor's wake-ups to one in flight.
     """
+
+    #: Server side, set on the reactor once the stream is open: lone client heartbeats are then
+    #: answered in the bridge thread.
+    answer_heartbeats = False
+    #: Reactor side: called for each heartbeat answered in the bridge thread.
+    on_heard: Callable[[], None] | None = None
+    #: Heartbeats answered in the bridge thread (read by tests and /status).
+    heartbeats_answered = 0
 
     def __init__(self, bridge: Bridge, peer: str = "", max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.bridge = bridge
@@ -362,7 +399,10 @@ class StreamHandle:
         self._in_scheduled = False
         while self._in:
             item = self._in.popleft()
-            if isinstance(item, _Lost):
+            if item is _HEARD:
+                if self.on_heard is not None and not self._lost:
+                    self.on_heard()
+            elif isinstance(item, _Lost):
                 self.deliver_lost(item.reason)
             else:
                 for msg in item:  # type: ignore[attr-defined]
@@ -426,8 +466,21 @@ class StreamHandle:
 
     def reader_delivered(self, msgs: Any) -> None:
         """A frame's messages (a sequence; an empty frame is ignored)."""
+        if self.answer_heartbeats:
+            beat = _lone_heartbeat(msgs)
+            if beat is not None:
+                self._answer(beat)
+                return
         if len(msgs):
             self._push_in(msgs)
+
+    def _answer(self, beat: pb.TunnelMessage) -> None:
+        # The same ack the server's Session._receive_control sends (the server's messages carry no client_id).
+        self._out.append(pb.TunnelMessage(direction=pb.SERVER_TO_CLIENT, protocol_type=pb.CONTROL,
+                                          heartbeat=pb.Heartbeat(sent_at_ms=beat.heartbeat.sent_at_ms, ack=True)))
+        self.heartbeats_answered += 1
+        self._event().set()   # we are on the writer's loop: wake it directly
+        self._push_in(_HEARD)
 
     def reader_lost(self, reason: str) -> None:
         self._push_in(_Lost(reason))
