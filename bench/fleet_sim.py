@@ -75,10 +75,11 @@ async def _sim(spec: dict[str, Any]) -> None:
     n, per_channel, target = spec["n"], spec["per_channel"], spec["target"]
     jitter = spec.get("dial_jitter", 0.0)
     hb_interval = spec.get("client_heartbeat", 30.0)
+    sync_interval = spec.get("client_config_sync", 0.0)
     # Like tunneld-client's keepalive_interval (a fleet sets it alike on both ends).
     keepalive_ms = int(spec.get("keepalive", 60.0) * 1000)
     token, group = spec.get("token", TOKEN), spec.get("group", GROUP)
-    stats = {"connected": 0, "redials": 0, "requests": 0, "heartbeats": 0, "refused": 0}
+    stats = {"connected": 0, "redials": 0, "requests": 0, "heartbeats": 0, "refused": 0, "config_syncs": 0}
     first_in = time.monotonic()
     channels: dict[int, Any] = {}
     sem = asyncio.Semaphore(spec.get("concurrency", 500))
@@ -116,7 +117,10 @@ async def _sim(spec: dict[str, Any]) -> None:
                 up[i] = True
                 stats["connected"] += 1
                 backoff.reset()
-                next_heartbeat = time.monotonic() + random.uniform(0, hb_interval or 1)
+                now = time.monotonic()
+                next_heartbeat = now + random.uniform(0, hb_interval) if hb_interval else float("inf")
+                next_sync = now + random.uniform(0, sync_interval) if sync_interval else float("inf")
+                version = frame.messages[0].stream_open_response.config.config_version
                 msgs = list(frame.messages)[1:]
                 while True:
                     replies = []
@@ -138,18 +142,28 @@ async def _sim(spec: dict[str, Any]) -> None:
                                     headers=[pb.Header(name="content-type", value=b"text/plain")])))
                     if replies:
                         await call.write(frames.frame_of(replies))
-                    # Like the real client: a heartbeat of our own every client_heartbeat s (the
-                    # first one at a random point of the interval), while a read is pending.
+                    # Like the real client: a heartbeat of our own every client_heartbeat s and a
+                    # config sync every client_config_sync s (the first ones at a random point of
+                    # their interval), while a read is pending.
                     reading = asyncio.ensure_future(call.read())
                     while True:
-                        wait = next_heartbeat - time.monotonic() if hb_interval else None
-                        done, _ = await asyncio.wait({reading}, timeout=None if wait is None else max(0.0, wait))
+                        due = min(next_heartbeat, next_sync)
+                        wait = None if due == float("inf") else max(0.0, due - time.monotonic())
+                        done, _ = await asyncio.wait({reading}, timeout=wait)
                         if done:
                             break
-                        next_heartbeat += hb_interval
-                        await call.write(frames.frame_of([pb.TunnelMessage(
-                            client_id=so.client_id, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
-                            heartbeat=pb.Heartbeat(sent_at_ms=int(time.time() * 1000)))]))
+                        if next_heartbeat <= next_sync:
+                            next_heartbeat += hb_interval
+                            control = pb.TunnelMessage(
+                                client_id=so.client_id, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
+                                heartbeat=pb.Heartbeat(sent_at_ms=int(time.time() * 1000)))
+                        else:
+                            next_sync += sync_interval
+                            stats["config_syncs"] += 1
+                            control = pb.TunnelMessage(
+                                client_id=so.client_id, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
+                                config_sync=pb.ConfigSyncRequest(config_version=version))
+                        await call.write(frames.frame_of([control]))
                     frame = reading.result()
                     if frame is grpc.aio.EOF:
                         raise ConnectionError("closed")
@@ -310,6 +324,7 @@ drain_timeout = 1
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
     result: dict[str, Any] = {"clients": n, "per_channel": args.per_channel,
                               "heartbeats": f"server {args.heartbeat_interval:g} s, clients {args.client_heartbeat:g} s",
+                              "client_config_sync": args.client_config_sync,
                               "open_rate": args.open_rate, "keepalive_interval": args.keepalive_interval,
                               "dial_jitter": args.dial_jitter}
     sim: Sim | None = None
@@ -330,6 +345,7 @@ drain_timeout = 1
         base = hb.proc_status(server.pid).get("VmRSS", 0)
         sim = Sim({"n": n, "per_channel": args.per_channel, "target": f"127.0.0.1:{tunnel_port}",
                    "concurrency": args.concurrency, "client_heartbeat": args.client_heartbeat,
+                   "client_config_sync": args.client_config_sync,
                    "dial_jitter": args.dial_jitter,
                    "keepalive": args.client_keepalive or args.keepalive_interval}, tmp)
         start = time.monotonic()
@@ -387,6 +403,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=500, help="opens in progress at once in the simulator")
     parser.add_argument("--client-heartbeat", type=float, default=30.0,
                         help="each simulated client sends a heartbeat this often, like tunneld-client (0 = never)")
+    parser.add_argument("--client-config-sync", type=float, default=30.0,
+                        help="each simulated client asks for its routes this often, like tunneld-client's "
+                             "config_sync_interval (30 s by default; 0 = never)")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="the server's heartbeat_interval")
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0, help="the server's heartbeat_timeout")
     parser.add_argument("--keepalive-interval", type=float, default=10.0,
