@@ -8,8 +8,11 @@ child process (``--role sim``) that opens N ``TunnelService.Proxy`` streams
 over grpc.aio channels (``--per-channel`` streams share one channel, i.e. one
 TCP connection; 1 = every client on its own connection), authenticates with
 ``stream_open``, answers heartbeats, ignores config pushes and answers any HTTP
-request with ``200 sim``.  A refused or broken open is redialled after a
-jittered 0.5–5 s backoff (counted as a redial).
+request with ``200 sim``.  Dials follow tunneld-client's rule
+(grpc_bridge/client.py): the first dial, and the first redial after an accepted
+stream was lost, wait a random 0..``--dial-jitter`` s; every redial waits the
+client's backoff (0.5 s, x2, 10 s cap, each jittered down to half); a refused
+or broken open counts as a redial.
 
 Reported per N: time for all N to be in (connect rate), redials, the server's
 RSS growth per client (RSS with N connected minus RSS with only the real client,
@@ -67,13 +70,16 @@ async def _sim(spec: dict[str, Any]) -> None:
 
     from tunneld import frames
     from tunneld import tunnel_pb2 as pb
-    from tunneld.grpc_bridge.client import PROXY_METHOD
+    from tunneld.grpc_bridge.client import PROXY_METHOD, Backoff, dial_spread
 
     n, per_channel, target = spec["n"], spec["per_channel"], spec["target"]
-    jitter = spec.get("first_dial_jitter", 0.0)
+    jitter = spec.get("dial_jitter", 0.0)
     hb_interval = spec.get("client_heartbeat", 30.0)
+    sync_interval = spec.get("client_config_sync", 0.0)
+    # Like tunneld-client's keepalive_interval (a fleet sets it alike on both ends).
+    keepalive_ms = int(spec.get("keepalive", 60.0) * 1000)
     token, group = spec.get("token", TOKEN), spec.get("group", GROUP)
-    stats = {"connected": 0, "redials": 0, "requests": 0, "heartbeats": 0, "refused": 0}
+    stats = {"connected": 0, "redials": 0, "requests": 0, "heartbeats": 0, "refused": 0, "config_syncs": 0}
     first_in = time.monotonic()
     channels: dict[int, Any] = {}
     sem = asyncio.Semaphore(spec.get("concurrency", 500))
@@ -83,15 +89,14 @@ async def _sim(spec: dict[str, Any]) -> None:
         index = i // per_channel
         ch = channels.get(index)
         if ch is None:
-            options = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", 60_000),
+            options = [("grpc.use_local_subchannel_pool", 1), ("grpc.keepalive_time_ms", keepalive_ms),
                        ("grpc.max_receive_message_length", 64 << 20)]
             ch = channels[index] = grpc.aio.insecure_channel(target, options=options)
         return ch
 
     async def client(i: int) -> None:
-        if jitter:
-            await asyncio.sleep(random.uniform(0, jitter))
-        delay = 0.5
+        await asyncio.sleep(dial_spread(jitter))
+        backoff = Backoff()
         while True:
             opened = False
             try:
@@ -111,8 +116,11 @@ async def _sim(spec: dict[str, Any]) -> None:
                 opened = True
                 up[i] = True
                 stats["connected"] += 1
-                delay = 0.5
-                next_heartbeat = time.monotonic() + random.uniform(0, hb_interval or 1)
+                backoff.reset()
+                now = time.monotonic()
+                next_heartbeat = now + random.uniform(0, hb_interval) if hb_interval else float("inf")
+                next_sync = now + random.uniform(0, sync_interval) if sync_interval else float("inf")
+                version = frame.messages[0].stream_open_response.config.config_version
                 msgs = list(frame.messages)[1:]
                 while True:
                     replies = []
@@ -134,18 +142,28 @@ async def _sim(spec: dict[str, Any]) -> None:
                                     headers=[pb.Header(name="content-type", value=b"text/plain")])))
                     if replies:
                         await call.write(frames.frame_of(replies))
-                    # Like the real client: a heartbeat of our own every client_heartbeat s (the
-                    # first one at a random point of the interval), while a read is pending.
+                    # Like the real client: a heartbeat of our own every client_heartbeat s and a
+                    # config sync every client_config_sync s (the first ones at a random point of
+                    # their interval), while a read is pending.
                     reading = asyncio.ensure_future(call.read())
                     while True:
-                        wait = next_heartbeat - time.monotonic() if hb_interval else None
-                        done, _ = await asyncio.wait({reading}, timeout=None if wait is None else max(0.0, wait))
+                        due = min(next_heartbeat, next_sync)
+                        wait = None if due == float("inf") else max(0.0, due - time.monotonic())
+                        done, _ = await asyncio.wait({reading}, timeout=wait)
                         if done:
                             break
-                        next_heartbeat += hb_interval
-                        await call.write(frames.frame_of([pb.TunnelMessage(
-                            client_id=so.client_id, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
-                            heartbeat=pb.Heartbeat(sent_at_ms=int(time.time() * 1000)))]))
+                        if next_heartbeat <= next_sync:
+                            next_heartbeat += hb_interval
+                            control = pb.TunnelMessage(
+                                client_id=so.client_id, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
+                                heartbeat=pb.Heartbeat(sent_at_ms=int(time.time() * 1000)))
+                        else:
+                            next_sync += sync_interval
+                            stats["config_syncs"] += 1
+                            control = pb.TunnelMessage(
+                                client_id=so.client_id, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
+                                config_sync=pb.ConfigSyncRequest(config_version=version))
+                        await call.write(frames.frame_of([control]))
                     frame = reading.result()
                     if frame is grpc.aio.EOF:
                         raise ConnectionError("closed")
@@ -161,8 +179,9 @@ async def _sim(spec: dict[str, Any]) -> None:
                 else:
                     stats["refused"] += 1
                 stats["redials"] += 1
-                await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
-                delay = min(5.0, delay * 2)
+                # The same rule as TunnelClientService._lost.
+                spread = dial_spread(jitter) if backoff.attempt == 0 else 0.0
+                await asyncio.sleep(backoff.next_delay() + spread)
 
     tasks = [asyncio.create_task(client(i)) for i in range(n)]
     loop = asyncio.get_running_loop()
@@ -305,7 +324,9 @@ drain_timeout = 1
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
     result: dict[str, Any] = {"clients": n, "per_channel": args.per_channel,
                               "heartbeats": f"server {args.heartbeat_interval:g} s, clients {args.client_heartbeat:g} s",
-                              "open_rate": args.open_rate, "keepalive_interval": args.keepalive_interval}
+                              "client_config_sync": args.client_config_sync,
+                              "open_rate": args.open_rate, "keepalive_interval": args.keepalive_interval,
+                              "dial_jitter": args.dial_jitter}
     sim: Sim | None = None
     server_argv = [twistd, "-n", "--pidfile=", "tunneld-server", "-c", str(server_toml)]
     try:
@@ -324,7 +345,9 @@ drain_timeout = 1
         base = hb.proc_status(server.pid).get("VmRSS", 0)
         sim = Sim({"n": n, "per_channel": args.per_channel, "target": f"127.0.0.1:{tunnel_port}",
                    "concurrency": args.concurrency, "client_heartbeat": args.client_heartbeat,
-                   "first_dial_jitter": args.first_dial_jitter}, tmp)
+                   "client_config_sync": args.client_config_sync,
+                   "dial_jitter": args.dial_jitter,
+                   "keepalive": args.client_keepalive or args.keepalive_interval}, tmp)
         start = time.monotonic()
         wait_for(lambda: sim.last.get("connected") == n or sim.proc.poll() is not None, f"{n} clients in",
                  procs, args.connect_limit)
@@ -380,12 +403,18 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=500, help="opens in progress at once in the simulator")
     parser.add_argument("--client-heartbeat", type=float, default=30.0,
                         help="each simulated client sends a heartbeat this often, like tunneld-client (0 = never)")
+    parser.add_argument("--client-config-sync", type=float, default=30.0,
+                        help="each simulated client asks for its routes this often, like tunneld-client's "
+                             "config_sync_interval (30 s by default; 0 = never)")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="the server's heartbeat_interval")
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0, help="the server's heartbeat_timeout")
     parser.add_argument("--keepalive-interval", type=float, default=10.0,
-                        help="the server's keepalive_interval (the simulated clients ping every 60 s)")
+                        help="the server's keepalive_interval (and the simulated clients', unless --client-keepalive)")
+    parser.add_argument("--client-keepalive", type=float, default=0,
+                        help="the simulated clients' gRPC keepalive interval (default: --keepalive-interval)")
     parser.add_argument("--open-rate", type=int, default=500, help="the server's open_rate (0 = no limit)")
-    parser.add_argument("--first-dial-jitter", type=float, default=0.0, help="spread the first dials over this many s")
+    parser.add_argument("--dial-jitter", type=float, default=1.0,
+                        help="the clients' dial_jitter (s): first dials and first redials after a loss spread over it")
     parser.add_argument("--connect-limit", type=float, default=180)
     parser.add_argument("--settle", type=float, default=5)
     parser.add_argument("--idle", type=float, default=20)

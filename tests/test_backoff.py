@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld import tunnel_pb2 as pb
-from tunneld.grpc_bridge.client import Backoff, TunnelClientService
+from tunneld.grpc_bridge.client import Backoff, TunnelClientService, dial_spread
 from tunneld.grpc_bridge.stream import StreamHandle
 
 
@@ -26,16 +26,28 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual([backoff.next_delay() for _ in range(7)], [0.5, 1, 2, 4, 8, 10, 10])
 
     def test_jitter_only_lowers(self) -> None:
-        """Jitter never raises a delay above its base and lowers it by at most 20%."""
+        """Jitter never raises a delay above its base and lowers it by at most half."""
         backoff = Backoff(rand=lambda: 1.0)
-        self.assertEqual([backoff.next_delay() for _ in range(7)], [0.4, 0.8, 1.6, 3.2, 6.4, 8.0, 8.0])
+        self.assertEqual([backoff.next_delay() for _ in range(7)], [0.25, 0.5, 1, 2, 4, 5, 5])
         bases = [0.5, 1, 2, 4, 8] + [10] * 45
         rng = random.Random(1234)
         backoff = Backoff(rand=rng.random)
         for base in bases:
             delay = backoff.next_delay()
             self.assertLessEqual(delay, base)
-            self.assertGreaterEqual(delay, base * 0.8)
+            self.assertGreaterEqual(delay, base * 0.5)
+
+    def test_jitter_spreads_a_fleet(self) -> None:
+        """1,000 clients failing together spread their first retry over 0.25-0.5 s, not a 20 % sliver."""
+        rng = random.Random(7)
+        delays = [Backoff(rand=rng.random).next_delay() for _ in range(1000)]
+        self.assertLess(min(delays), 0.27)
+        self.assertGreater(max(delays), 0.48)
+
+    def test_dial_spread(self) -> None:
+        """dial_spread is uniform over 0..dial_jitter; 0 turns it off."""
+        self.assertEqual(dial_spread(20.0, lambda: 0.25), 5.0)
+        self.assertEqual(dial_spread(0.0, lambda: 0.9), 0.0)
 
     def test_reset_starts_again(self) -> None:
         """reset() makes the next delay 0.5 s again."""
@@ -182,6 +194,44 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(len(self.dialled), 1101)
         self.lose()
         self.assert_redial_after(10)
+
+    def jittered(self, rand: float) -> TunnelClientService:
+        """A dial service with dial_jitter 10 s whose random source always returns ``rand``."""
+        return TunnelClientService(
+            self.bridge, "tunnel.example.com:7000", "secret",  # type: ignore[arg-type]
+            self.dialled.append, lambda handle, reason: self.lost.append((handle, reason)),
+            self.clock, max_message_size=1 << 20, backoff=Backoff(rand=lambda: rand), dial_jitter=10.0,
+        )
+
+    def test_dial_jitter_delays_first_dial(self) -> None:
+        """With dial_jitter the first dial after start waits dial_jitter * rand() (here 10 * 0.3 = 3 s)."""
+        self.service = self.jittered(0.3)
+        self.service.startService()
+        self.assertEqual(self.dialled, [])
+        self.assert_redial_after(3.0)
+
+    def test_dial_jitter_cancelled_by_stop(self) -> None:
+        """Stopping before the jittered first dial fires means no dial at all."""
+        self.service = self.jittered(0.3)
+        self.service.startService()
+        self.service.stopService()
+        self.clock.advance(100)
+        self.assertEqual(self.dialled, [])
+
+    def test_dial_jitter_after_accepted_stream_lost(self) -> None:
+        """After an accepted stream is lost (server restart) the redial waits the jitter plus the backoff.
+
+        rand() = 0.5: spread 5 s, backoff 0.5 * (1 - 0.5 * 0.5) = 0.375 s; the next failure is backoff only.
+        """
+        self.service = self.jittered(0.5)
+        self.service.startService()
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.dialled), 1)
+        self.service.reset()      # the server accepted the stream
+        self.lose("UNAVAILABLE: server restarted")
+        self.assert_redial_after(5.375)
+        self.lose()               # refused while the server comes back: no spread, backoff only
+        self.assert_redial_after(0.75)
 
     def test_retry_after_stop_does_not_dial(self) -> None:
         """A redial that fires after the service stopped does nothing."""

@@ -1209,3 +1209,39 @@ class FleetSettingsTests(SynchronousTestCase):
         self.assertRaises(ConfigError, parse_client_config,
                           {"client": {"client_id": "c", "keepalive_interval": 2}}, "c.toml")
         self.assertRaises(ConfigError, parse_server_config, {"server": {"open_burst": 0}}, "s.toml")
+
+    def test_config_version_hashed_once(self) -> None:
+        """version() hashes the routes once per config object (every config sync asks), and follows them."""
+        import dataclasses
+
+        import tunneld.config as config_module
+
+        cfg = parse_server_config({"groups": [{"name": "default", "tokens": ["t"]}],
+                                   "routes": [{"name": "r", "path_prefix": "/", "backend": "http://127.0.0.1:1"}]},
+                                  "s.toml")
+        first = cfg.version()
+        dumps = config_module.json.dumps
+
+        def no_hashing(*args: object, **kwargs: object) -> str:
+            raise AssertionError("hashed the routes again")
+
+        self.patch(config_module.json, "dumps", no_hashing)
+        self.assertEqual(cfg.version(), first)
+        self.patch(config_module.json, "dumps", dumps)
+        self.assertNotEqual(dataclasses.replace(cfg, routes=()).version(), first)
+
+    def test_dial_jitter(self) -> None:
+        """dial_jitter: 1 s by default, 0 turns it off, negative is refused; the tap hands it to every dial."""
+        from twisted.internet import reactor
+
+        from tunneld.client_tap import build_client
+
+        self.assertEqual(parse_client_config({"client": {"client_id": "c"}}, "c.toml").client.dial_jitter, 1.0)
+        cfg = parse_client_config({"client": {"client_id": "c", "dial_jitter": 0}}, "c.toml")
+        self.assertEqual(cfg.client.dial_jitter, 0.0)
+        error = self.assertRaises(ConfigError, parse_client_config,
+                                  {"client": {"client_id": "c", "dial_jitter": -1}}, "c.toml")
+        self.assertIn("dial_jitter", str(error))
+        cfg = parse_client_config({"client": {"client_id": "c", "dial_jitter": 20,
+                                              "server": ["a:7000", "b:7000"]}}, "c.toml")
+        self.assertEqual([d.dial_jitter for d in build_client(cfg, reactor).dials], [20.0, 20.0])

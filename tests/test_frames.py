@@ -121,3 +121,71 @@ class WriterTests(SynchronousTestCase):
         handle.reader_delivered(pb.TunnelFrame().messages)
         handle.reader_delivered(pb.TunnelFrame(messages=[body("x", 1), body("y", 1)]).messages)
         self.assertEqual(got, ["x", "y"])
+
+
+def client_heartbeat(sent_at_ms: int = 5, **fields: Any) -> pb.TunnelMessage:
+    return pb.TunnelMessage(**{"direction": pb.CLIENT_TO_SERVER, "protocol_type": pb.CONTROL,
+                               "heartbeat": pb.Heartbeat(sent_at_ms=sent_at_ms), **fields})
+
+
+class BridgeHeartbeatTests(SynchronousTestCase):
+    """Server side: lone client heartbeats are answered in the bridge thread once ``answer_heartbeats`` is set."""
+
+    def handle(self) -> tuple[StreamHandle, list[pb.TunnelMessage], list[str]]:
+        handle = StreamHandle(_LoopBridge(None))  # type: ignore[arg-type]
+        delivered: list[pb.TunnelMessage] = []
+        heard: list[str] = []
+        handle.on_message = delivered.append
+        handle.on_heard = lambda: heard.append("heard")
+        return handle, delivered, heard
+
+    def test_lone_heartbeat_answered_without_the_session(self) -> None:
+        """The ack is queued at once (what the session would send) and the reactor only hears of it."""
+
+        async def scenario() -> tuple[list[list[pb.TunnelMessage]], list[pb.TunnelMessage], list[str]]:
+            handle, delivered, heard = self.handle()
+            frames: list[list[pb.TunnelMessage]] = []
+
+            async def write(data: bytes) -> None:
+                frames.append(decode(data))
+
+            handle.answer_heartbeats = True
+            writer = asyncio.get_running_loop().create_task(handle.run_writer(write))
+            await asyncio.sleep(0)
+            handle.reader_delivered(pb.TunnelFrame(messages=[client_heartbeat(1234)]).messages)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            handle.stop_writer()
+            await asyncio.wait_for(writer, 5)
+            self.assertEqual(handle.heartbeats_answered, 1)
+            return frames, delivered, heard
+
+        frames, delivered, heard = asyncio.run(scenario())
+        self.assertEqual(frames, [[pb.TunnelMessage(direction=pb.SERVER_TO_CLIENT, protocol_type=pb.CONTROL,
+                                                    heartbeat=pb.Heartbeat(sent_at_ms=1234, ack=True))]])
+        self.assertEqual(delivered, [])
+        self.assertEqual(heard, ["heard"])
+
+    def test_everything_else_goes_to_the_session(self) -> None:
+        """Off by default; acks, misdirected heartbeats and heartbeats sharing a frame are delivered as usual."""
+        handle, delivered, heard = self.handle()
+        handle.reader_delivered([client_heartbeat(1)])            # not open yet: flag off
+        handle.answer_heartbeats = True
+        ack = client_heartbeat(2)
+        ack.heartbeat.ack = True
+        wrong = client_heartbeat(3, direction=pb.SERVER_TO_CLIENT)
+        for frame in ([ack], [wrong], [client_heartbeat(4), body("r", 1)]):
+            handle.reader_delivered(frame)
+        self.assertEqual([m.heartbeat.sent_at_ms for m in delivered if m.HasField("heartbeat")], [1, 2, 3, 4])
+        self.assertEqual(len(delivered), 5)
+        self.assertEqual(heard, [])
+        self.assertEqual(handle.heartbeats_answered, 0)
+        self.assertEqual(len(handle._out), 0)
+
+    def test_heard_after_loss_is_not_reported(self) -> None:
+        """A heartbeat answered just before the stream ended reports nothing after on_lost."""
+        handle, _, heard = self.handle()
+        handle.answer_heartbeats = True
+        handle.reader_lost("gone")
+        handle.reader_delivered([client_heartbeat()])
+        self.assertEqual(heard, [])

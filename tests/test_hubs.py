@@ -481,6 +481,26 @@ class HeartbeatTests(HubCase):
         self.assertEqual(link.server_handle.aborted, [])
         self.assertEqual(link.entry.last_heartbeat, 160)
 
+    def test_heartbeats_answered_in_the_bridge_keep_stream_alive(self) -> None:
+        """An accepted stream's handle answers heartbeats itself; each one it reports (on_heard) keeps the stream alive."""
+        link, _, _ = self.link()
+        handle = link.server_handle
+        self.assertTrue(handle.answer_heartbeats)
+        for _ in range(4):
+            self.clock.advance(40)
+            handle.on_heard()
+            self.hub.cleanup_tick()
+        self.assertEqual(len(self.hub.registry), 1)
+        self.assertEqual(link.entry.last_heartbeat, 160)
+        self.assertEqual(handle.aborted, [])
+
+    def test_heartbeats_not_answered_by_the_bridge_before_open(self) -> None:
+        """Until the server accepted the stream, every message (a heartbeat too) goes to the session."""
+        handle = FakeHandle("ipv4:10.0.0.9:4000")
+        self.hub.stream_connected(handle, pb.TunnelMessage(  # type: ignore[arg-type]
+            direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL, heartbeat=pb.Heartbeat(sent_at_ms=1)))
+        self.assertFalse(getattr(handle, "answer_heartbeats", False))
+
     def test_cleanup_keeps_stream_that_acks_server_heartbeats(self) -> None:
         """Acks of the server's own heartbeats keep a stream alive."""
         link, _, _ = self.link()

@@ -122,6 +122,7 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
             before_stop=lambda: link.drain(hub.settings.drain_timeout),
             credentials=channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) if cfg.tls else None,
             server_name=cfg.tls_server_name, keepalive=cfg.keepalive_interval,
+            dial_jitter=cfg.dial_jitter,
         )
         link.on_ready = dial.reset
         link.dial = dial

@@ -111,6 +111,9 @@ class ServerHub:
             return
         tunnel.receive(first)
 
+    def _heard(self, entry: StreamEntry) -> None:
+        entry.last_heartbeat = self.clock.seconds()
+
     def _received(self, stream: ServerStream, msg: pb.TunnelMessage) -> None:
         if stream.entry is not None:
             stream.entry.last_heartbeat = self.clock.seconds()
@@ -157,6 +160,10 @@ class ServerHub:
         self.counters["streams_opened"] += 1
         response = pb.StreamOpenResponse(message=f"tunneld {__version__}", config=self._config_for(req.group))
         stream.tunnel.control(lambda: session.accept(response))
+        # From now on the bridge thread answers the client's heartbeats itself
+        # (grpc_bridge/stream.py): a fleet's idle CPU is mostly heartbeats.
+        stream.handle.on_heard = lambda: self._heard(entry)
+        stream.handle.answer_heartbeats = True
         self.log.info("client {client_id} connected to group {group} from {address} (stream {stream_id})",
                       client_id=entry.client_id, group=entry.group, address=entry.address, stream_id=entry.stream_id)
 

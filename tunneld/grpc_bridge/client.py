@@ -1,11 +1,18 @@
 """The client's dial to the tunnel port, reconnecting forever, as a Service.
 
 The reactor side decides *when* to dial (``Backoff`` with an injected clock
-and random source: 0.5 s first, x2, 10 s cap, jitter); the bridge thread owns
+and random source: 0.5 s first, x2, 10 s cap, each delay jittered down to half
+of it); the bridge thread owns
 the grpc channel and call.  Each attempt is a fresh channel (grpc's own
 reconnect backoff would fight ours) and the reactor gets a fresh
 ``StreamHandle``; ``connected(handle)`` attaches the session and sends
 ``stream_open``.  ``reset()`` is called once the server accepted the stream.
+
+Fleets: when a server restarts, every client loses its stream at the same
+instant, and when a fleet boots, every client starts at once.  ``dial_jitter``
+spreads those dials: the first dial after start, and the first redial after
+an accepted stream was lost, wait an extra random 0..``dial_jitter`` seconds
+(uniform).  Later redials are already spread by the backoff's jitter.
 """
 
 from __future__ import annotations
@@ -34,9 +41,16 @@ def _raw(data: bytes) -> bytes:
 
 
 class Backoff:
-    """Reconnect delays: ``initial`` first, times ``factor``, capped, with jitter."""
+    """Reconnect delays: ``initial`` first, times ``factor``, capped, with jitter.
 
-    def __init__(self, initial: float = 0.5, factor: float = 2.0, cap: float = 10.0, jitter: float = 0.2,
+    Each delay is ``base * (1 - jitter * rand())``: with the default 0.5 a
+    delay lies anywhere between half its base and its base ("equal jitter"),
+    so clients that failed together spread over half a step instead of
+    retrying in lock-step, while the first wait stays <= 0.5 s and the cap
+    holds.
+    """
+
+    def __init__(self, initial: float = 0.5, factor: float = 2.0, cap: float = 10.0, jitter: float = 0.5,
                  rand: Callable[[], float] = random.random) -> None:
         self.initial = initial
         self.factor = factor
@@ -55,6 +69,11 @@ class Backoff:
         self.attempt = 0
 
 
+def dial_spread(dial_jitter: float, rand: Callable[[], float] = random.random) -> float:
+    """The extra wait before a first dial (start, or after an accepted stream was lost): 0..dial_jitter s."""
+    return dial_jitter * rand() if dial_jitter > 0 else 0.0
+
+
 class TunnelClientService(Service):
     """Keeps one tunnel stream to the server open."""
 
@@ -64,8 +83,10 @@ class TunnelClientService(Service):
                  lost: Callable[[StreamHandle, str], None],
                  clock: Any, *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, backoff: Backoff | None = None,
                  credentials: ChannelCredentialsFactory | None = None, server_name: str = "",
-                 before_stop: Callable[[], Deferred[None]] | None = None, keepalive: float = 10.0) -> None:
+                 before_stop: Callable[[], Deferred[None]] | None = None, keepalive: float = 10.0,
+                 dial_jitter: float = 0.0) -> None:
         self.bridge = bridge
+        self.dial_jitter = dial_jitter
         self.keepalive = keepalive
         self.target = target
         self.token = token
@@ -87,7 +108,12 @@ class TunnelClientService(Service):
     def startService(self) -> None:
         super().startService()
         self.bridge.start()
-        self.dial()
+        delay = dial_spread(self.dial_jitter, self.backoff.rand)
+        if delay > 0:
+            # A fleet that boots together would otherwise hit the server in one burst.
+            self._retry = self.clock.callLater(delay, self.dial)
+        else:
+            self.dial()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -140,7 +166,10 @@ class TunnelClientService(Service):
             if self._ended is not None and not self._ended.called:
                 self._ended.callback(None)
             return
-        delay = self.backoff.next_delay()
+        # attempt 0: the stream had been accepted (reset) or this is the first
+        # dial's failure; after a server restart the whole fleet is here at once.
+        spread = dial_spread(self.dial_jitter, self.backoff.rand) if self.backoff.attempt == 0 else 0.0
+        delay = self.backoff.next_delay() + spread
         self.reconnects += 1
         self.log.info("tunnel to {target} lost ({reason}); reconnecting in {delay:.2f} s",
                       target=self.target, reason=reason, delay=delay)

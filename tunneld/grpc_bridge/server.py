@@ -122,43 +122,52 @@ class _Servicer:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid token for group {so.group!r}")
         so.token = token  # the one that authenticated, so a reload can revoke it
         handle = StreamHandle(self.bridge, peer=context.peer(), max_frame_size=self.max_frame_size)
-        loop = asyncio.get_running_loop()
-        # The reactor ends a stream (violation, heartbeat timeout) through this
-        # future rather than by cancelling the handler task, so grpc always
-        # sees a clean abort with our reason.
-        aborting: asyncio.Future[str] = loop.create_future()
-        handle.attach(lambda reason: aborting.done() or aborting.set_result(reason))
-        writer = loop.create_task(handle.run_writer(context.write))
-        reader = loop.create_task(self._read(context, handle))
+        task = asyncio.current_task()
+        assert task is not None
+        call = _ProxyCall(task, handle)
+        # The reactor ends a stream (violation, heartbeat timeout) through
+        # call.end, which interrupts the read below; the abort itself happens
+        # in this task, so grpc always sees a clean abort with our reason.
+        handle.attach(call.end)
+        writer = asyncio.get_running_loop().create_task(handle.run_writer(context.write))
+        writer.add_done_callback(call.writer_done)
         self.bridge.to_reactor(self.on_stream, handle, first)
         handle.reader_delivered(rest)
         try:
-            done, _ = await asyncio.wait({reader, writer, aborting}, return_when=asyncio.FIRST_COMPLETED)
-            if aborting in done:
-                handle.reader_lost(aborting.result())
+            # This task reads (no reader task of its own: one task and one
+            # coroutine frame fewer per idle stream, bench/README.md).
+            ended = await self._read(context, handle, call)
+            if call.aborted is not None:
+                handle.reader_lost(call.aborted)
                 # Never cancel a write in progress: it breaks the call (UNKNOWN).
                 handle.stop_writer()
                 await asyncio.wait({writer}, timeout=5)
-                await context.abort(grpc.StatusCode.ABORTED, aborting.result())
-            elif reader in done:
-                # The reactor closes the handle once it has failed the stream's requests.
-                reason, broken = reader.result()
+                await context.abort(grpc.StatusCode.ABORTED, call.aborted)
+            elif ended is None:
+                # The writer finished: the reactor closed the stream (or a write failed).
+                handle.reader_lost("closed by the server")
+            else:
+                # The reactor closes the handle once it has failed the stream's requests
+                # (an abort meanwhile stops the writer, which ends this wait).
+                reason, broken = ended
                 handle.reader_lost(reason)
-                await asyncio.wait({writer, aborting}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({writer}, timeout=5)
                 if broken:
                     # Never end a call that failed (a malformed message) with OK.
                     await context.abort(grpc.StatusCode.ABORTED, reason)
-            else:
-                handle.reader_lost("closed by the server")
         except asyncio.CancelledError:
             handle.reader_lost("stream cancelled")
             raise
         finally:
-            reader.cancel()
             writer.cancel()
 
-    async def _read(self, context: grpc.aio.ServicerContext, handle: StreamHandle) -> tuple[str, bool]:
-        """Deliver the peer's messages; return why reading ended and whether it failed."""
+    async def _read(self, context: grpc.aio.ServicerContext, handle: StreamHandle,
+                    call: _ProxyCall) -> tuple[str, bool] | None:
+        """Deliver the peer's messages; return why reading ended and whether it failed.
+
+        None: ``call`` interrupted the read (an abort, or the writer ended).
+        """
+        call.reading = True
         try:
             while True:
                 frame = await context.read()
@@ -166,9 +175,45 @@ class _Servicer:
                     return "client closed the stream", False
                 handle.reader_delivered(frame.messages)
         except asyncio.CancelledError:
-            raise
+            if not call.interrupted:
+                raise  # grpc's own cancel (the peer went away, the server stops)
+            call.task.uncancel()
+            return None
         except Exception as e:  # a message that does not parse; grpc's errors on a vanished peer
             return f"stream broken: {e!r}", True
+        finally:
+            call.reading = False
+
+
+class _ProxyCall:
+    """What ends one Proxy call's read from outside it (bridge thread, loop callbacks only)."""
+
+    __slots__ = ("task", "handle", "reading", "interrupted", "aborted")
+
+    def __init__(self, task: asyncio.Task[Any], handle: StreamHandle) -> None:
+        self.task = task
+        self.handle = handle
+        self.reading = False
+        self.interrupted = False
+        self.aborted: str | None = None
+
+    def _interrupt(self) -> None:
+        if self.reading and not self.interrupted:
+            self.interrupted = True
+            self.task.cancel()   # lands in context.read(); _read turns it into a return
+
+    def end(self, reason: str) -> None:
+        """The reactor ends the stream with ``reason`` (StreamHandle.abort)."""
+        if self.aborted is not None:
+            return
+        self.aborted = reason
+        if self.reading:
+            self._interrupt()
+        else:
+            self.handle.stop_writer()   # cuts short the wait for the writer
+
+    def writer_done(self, _: object) -> None:
+        self._interrupt()
 
 
 class TunnelServerService(Service):
