@@ -378,6 +378,17 @@ class OriginPool:
         if self._sweep is None:
             self._sweep = self.reactor.callLater(self.idle_timeout, self._sweep_idle)
 
+    def check(self) -> None:
+        """Raise AssertionError when the bookkeeping is off (for tests): idle
+        connections are open, unique, request-less, reading heads, and at most
+        ``pool_size`` per origin."""
+        for origin in self.origins.values():
+            assert len(origin.idle) <= self.pool_size, (origin.url, len(origin.idle))
+            assert len(set(map(id, origin.idle))) == len(origin.idle), origin.url
+            for conn in origin.idle:
+                assert conn.request is None and conn.mode == 0 and not conn.lost and not conn.buffer, conn
+                assert not conn.reading_paused, conn
+
     def _sweep_idle(self) -> None:
         self._sweep = None
         now = self.reactor.seconds()
@@ -636,6 +647,7 @@ class OriginConnection(Protocol):
         self.writes_paused = False                 # the socket paused us (its send buffer is full)
         self.request_done = False
         self.lost = False
+        self.registered = False
         self.idle_since = 0.0
         self.waiting: list[Deferred[None]] = []
 
@@ -644,6 +656,7 @@ class OriginConnection(Protocol):
     def connectionMade(self) -> None:
         # Producer for the connection's whole life: pause/resume go to the current request's gate.
         self.transport.registerProducer(self, True)
+        self.registered = True
 
     def usable(self) -> bool:
         return not self.lost and not getattr(self.transport, "disconnecting", False)
@@ -672,7 +685,9 @@ class OriginConnection(Protocol):
     def _lose(self) -> None:
         # TLS holds its close_notify (and so the close) until the producer
         # is unregistered; TCP does not mind either way.
-        self.transport.unregisterProducer()
+        if self.registered:
+            self.registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def abort(self) -> None:
