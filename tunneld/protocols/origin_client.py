@@ -78,6 +78,9 @@ NO_LENGTH = -2   # OriginRequest length: no body at all
 CHUNKED = -1     # OriginRequest length: a body of unknown length, sent chunked
 
 _NO_BODY_STATUS = frozenset({204, 304})
+
+# What an OriginConnection is reading.
+_READ_HEAD, _READ_LENGTH, _READ_CHUNKED, _READ_TO_CLOSE, _READ_DONE = range(5)
 _VERSION = re.compile(rb"HTTP/\d\.\d\Z")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
@@ -410,7 +413,7 @@ class OriginPool:
             assert len(origin.idle) <= self.pool_size, (origin.url, len(origin.idle))
             assert len(set(map(id, origin.idle))) == len(origin.idle), origin.url
             for conn in origin.idle:
-                assert conn.request is None and conn.mode == 0 and not conn.lost and not conn.buffer, conn
+                assert conn.request is None and conn.mode == _READ_HEAD and not conn.lost and not conn.buffer, conn
                 assert not conn.reading_paused, conn
 
     def _sweep_idle(self) -> None:
@@ -445,7 +448,6 @@ class OriginRequest:
         self.gate = CreditGate(credit)
         self.pending: list[bytes] = []  # body before there is a connection (credit held)
         self.ended = False              # the caller ended the body
-        self.written = False            # a byte went to a socket: never dial elsewhere now
         self.conn: OriginConnection | None = None
         self.dialing: Deferred[Any] | None = None
         self.finished = False           # response complete, failed or cancelled: no more callbacks
@@ -576,7 +578,6 @@ class OriginRequest:
         host = b"" if self.has_host else b"Host: " + self.origin.host_value + b"\r\n"
         head = b"%s %s HTTP/1.1\r\n%s%s%s" % (self.method, self.target, host, self.block, framing)
         pending, self.pending = self.pending, []
-        self.written = True
         if conn.writes_paused:
             self.gate.pauseProducing()
         if not pending:
@@ -643,10 +644,7 @@ class OriginRequest:
             # say); its connection is closed.  The rest of the body is dropped
             # with credit returned, so the tunnel's request direction can end.
             self.dropping = True
-            if self.gate.owed:
-                self.gate.paused = False
-                n, self.gate.owed = self.gate.owed, 0
-                self.gate.credit(n)
+            self.gate.resumeProducing()
 
 
 @implementer(IPushProducer)
@@ -662,7 +660,7 @@ class OriginConnection(Protocol):
         self.buffer = b""
         self.head: ResponseHead | None = None      # the current response's head, once read
         self.remaining = 0                         # body bytes still due (Content-Length)
-        self.mode = 0                              # 0 head, 1 length, 2 chunked, 3 until close, 4 done
+        self.mode = _READ_HEAD                     # what is being read
         self.decoder: _ChunkedTransferDecoder | None = None
         self.collect: list[bytes] | None = None    # chunked body bytes of the read that carried the head
         self.chunks_done: bytes | None = None      # what followed the last chunk
@@ -688,7 +686,7 @@ class OriginConnection(Protocol):
     def attach(self, request: OriginRequest) -> None:
         self.request = request
         self.head = None
-        self.mode = 0
+        self.mode = _READ_HEAD
         self.request_done = False
         self.keep = False
         request.attached(self)
@@ -756,13 +754,13 @@ class OriginConnection(Protocol):
             self.transport.abortConnection()
             return
         mode = self.mode
-        if mode == 1:
+        if mode == _READ_LENGTH:
             self._body_length(request, data)
-        elif mode == 2:
+        elif mode == _READ_CHUNKED:
             self._body_chunked(request, data)
-        elif mode == 3:
+        elif mode == _READ_TO_CLOSE:
             request._data(data)
-        elif mode == 0:
+        elif mode == _READ_HEAD:
             self._head(request, data)
         else:
             # Bytes after a complete response, before the request was all sent.
@@ -793,12 +791,12 @@ class OriginConnection(Protocol):
         if code < 200 or code in _NO_BODY_STATUS or request.method == b"HEAD":
             # No body whatever the headers say; 101 (never asked for) is not reused.
             self.keep = head.keep_alive and code >= 200 and not data
-            self.mode = 4
+            self.mode = _READ_DONE
             request._response(head, b"", True)
             self._finish()
         elif head.chunked:
             self.keep = head.keep_alive
-            self.mode = 2
+            self.mode = _READ_CHUNKED
             self.collect = []
             self.chunks_done = None
             self.decoder = _ChunkedTransferDecoder(self._chunk, self._last_chunk)
@@ -812,7 +810,7 @@ class OriginConnection(Protocol):
             body = b"".join(collected)
             if self.chunks_done is not None:
                 self.keep = self.keep and not self.chunks_done
-                self.mode = 4
+                self.mode = _READ_DONE
                 request._response(head, body, True)
                 self._finish()
             else:
@@ -822,16 +820,16 @@ class OriginConnection(Protocol):
             length = head.length
             if len(data) >= length:
                 self.keep = self.keep and len(data) == length
-                self.mode = 4
+                self.mode = _READ_DONE
                 request._response(head, data[:length] if len(data) > length else data, True)
                 self._finish()
             else:
                 self.remaining = length - len(data)
-                self.mode = 1
+                self.mode = _READ_LENGTH
                 request._response(head, data, False)
         else:
             self.keep = False
-            self.mode = 3
+            self.mode = _READ_TO_CLOSE
             request._response(head, data, False)
 
     def _body_length(self, request: OriginRequest, data: bytes) -> None:
@@ -844,7 +842,7 @@ class OriginConnection(Protocol):
         if remaining < 0:
             self.keep = False
             data = data[:remaining]
-        self.mode = 4
+        self.mode = _READ_DONE
         if data:
             request._data(data)
         if self.request is request:
@@ -860,7 +858,7 @@ class OriginConnection(Protocol):
             return
         if self.chunks_done is not None and self.request is request:
             self.keep = self.keep and not self.chunks_done
-            self.mode = 4
+            self.mode = _READ_DONE
             request._done()
             self._finish()
 
@@ -881,7 +879,7 @@ class OriginConnection(Protocol):
         if request is None or self.lost:
             return
         if self.keep and self.request_done:
-            self.mode = 0
+            self.mode = _READ_HEAD
             self.resume_reading()
             self.origin.release(self)
         else:
@@ -908,11 +906,11 @@ class OriginConnection(Protocol):
             return
         request.conn = None
         mode = self.mode
-        if mode == 3:
+        if mode == _READ_TO_CLOSE:
             request._done()       # close-delimited: the close is the end
-        elif mode == 0:
+        elif mode == _READ_HEAD:
             request._failed(OriginError("failed", "connection closed before a response"
                                         f" ({reason.getErrorMessage()})"))
-        elif mode in (1, 2):
-            left = f"{self.remaining} bytes short" if mode == 1 else "in a chunked body"
+        elif mode in (_READ_LENGTH, _READ_CHUNKED):
+            left = f"{self.remaining} bytes short" if mode == _READ_LENGTH else "in a chunked body"
             request._failed(OriginError("broke_off", f"response broke off {left} ({reason.getErrorMessage()})"))
