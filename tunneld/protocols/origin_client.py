@@ -10,8 +10,11 @@ with their many Deferreds, and an epoll unregister/register pair per
 response (the parser pauses the socket after the head and ``deliverBody``
 resumes it).  A tunnelled request needs none of that generality: one origin
 per route, one request at a time per connection, the body streamed both
-ways.  Here a request costs one ``transport.write`` for its head, one
-``find`` and one ``split`` for the response head, and plain method calls.
+ways.  Here a request costs one ``send`` for its head, one ``find`` and
+one ``split`` for the response head, and plain method calls.  Measured
+(wrk -c64 GET /small, all processes on one CPU): the client reactor's CPU
+per request fell from ~200-240 µs to ~95-115 µs, from ~0.90 to ~0.43 of
+the (unchanged) server reactor's.
 
 Theory of operation
 -------------------
@@ -335,8 +338,6 @@ class _ConnectionFactory(Factory):
 
 class OriginPool:
     """Keep-alive connections to origins, per origin; see the module docstring."""
-
-    log = Logger()
 
     def __init__(self, reactor: Any, *, pool_size: int = 64, tls_policy: Any = None,
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
@@ -750,6 +751,8 @@ class OriginConnection(Protocol):
         if request is None:
             # An idle connection has nothing to say: an origin that talks
             # anyway is out of step with us, so it is not reused.
+            self.log.info("origin {origin} sent {n} bytes on an idle connection; closing it",
+                          origin=self.origin.url, n=len(data))
             self.origin.forget(self)
             self.transport.abortConnection()
             return
