@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate
 from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS
