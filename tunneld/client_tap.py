@@ -33,7 +33,7 @@ from tunneld.hangup import HangupService
 from tunneld.logs import with_log_format
 from tunneld.endpoints import server_endpoint
 from tunneld.protocols.http_entry import EntrySite
-from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent, trust_root
+from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool, trust_root
 from tunneld.protocols.websocket import BackendWebSocketExchange
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -81,7 +81,7 @@ class ClientRoot(MultiService):
 def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = CLIENT_MAX_MESSAGE_SIZE) -> ClientApp:
     cfg = config.client
     top = ClientRoot()
-    agent, pool = make_agent(reactor, ca=cfg.backend_ca)
+    pool = make_pool(reactor, ca=cfg.backend_ca)
     backend_trust = trust_root(cfg.backend_ca)
     hub: ClientHub
 
@@ -90,7 +90,7 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         return lambda record: hub.finished({**record, "server": tunnel.name})
 
     def http_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
-        return BackendExchange(tunnel, event.request_id, event.message, route.backend, agent,
+        return BackendExchange(tunnel, event.request_id, event.message, route.backend, pool,
                                finished=finished_on(tunnel))
 
     def websocket_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:

@@ -35,7 +35,7 @@ from tunneld.hangup import HangupService
 from tunneld.grpc_bridge.entry import GrpcEntryService
 from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, server_credentials
-from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_agent
+from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
 from tunneld.logs import with_log_format
@@ -102,11 +102,11 @@ class ServerApp:
 def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     cfg = config.server
     top = ServerRoot(reactor)
-    agent, pool = make_agent(reactor, ca=cfg.upstream_ca)
+    pool = make_pool(reactor, ca=cfg.upstream_ca)
 
     def upstream_backend(tunnel: Tunnel, event: s.RequestReceived, origin: str, rule: ForwardRule,
                          next_origin: Callable[[str], str | None]) -> ResponderHandler:
-        return BackendExchange(tunnel, event.request_id, event.message, origin, agent, set_host=rule.set_host,
+        return BackendExchange(tunnel, event.request_id, event.message, origin, pool, set_host=rule.set_host,
                                finished=hub.finished, route=rule.name, clock=reactor, timeout=rule.timeout,
                                next_origin=next_origin)
 
