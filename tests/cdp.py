@@ -102,6 +102,16 @@ class DevTools:
             time.sleep(interval)  # polling the page from the test's own thread, with a bound
         raise AssertionError(f"{text!r} did not appear within {timeout} s; the page shows:\n{body}")
 
+    def wait_for_js(self, expression: str, timeout: float = 20.0, interval: float = 0.1) -> Any:
+        """Poll ``expression`` until it is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(interval)  # polling the page from the test's own thread, with a bound
+        raise AssertionError(f"{expression!r} stayed falsy for {timeout} s")
+
     def console_errors(self) -> list[str]:
         """Console errors, uncaught exceptions and browser log errors (CSP, failed loads) so far."""
         with self._lock:

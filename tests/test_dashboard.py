@@ -239,8 +239,11 @@ class TrafficViewTests(TestCase):
         page: DevTools = yield self.browser.run(self.browser.attach)
         admin = self.stack.server.admin.port.getHost().port
         yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}")
-        yield self.browser.run(page.wait_for_text, "MSGS")   # the traffic table (with its rows) is there
-        yield self.browser.run(page.evaluate, f"document.querySelector('tr[data-id=\"{ws.request_id}\"]').click()")
+        # The summary renders before the traffic table (its "dropped msgs" tile also says MSGS):
+        # wait for the exchange's own row, then open it.
+        row = f"document.querySelector('tr[data-id=\"{ws.request_id}\"]')"
+        yield self.browser.run(page.wait_for_js, f"{row} !== null")
+        yield self.browser.run(page.evaluate, f"{row}.click()")
         text = yield self.browser.run(page.wait_for_text, "echo:second message")
         for expected in ("Messages", "first message", "echo:first message", "to backend", "to caller"):
             self.assertIn(expected, text)
