@@ -10,6 +10,8 @@ every ending (timeout, client gone before or during the upload).
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -121,6 +123,20 @@ class ResponseTests(EntryCase):
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % i for i in range(3)))
         self.assertEqual([r["path"] for r in self.records], ["/0", "/1", "/2"])
         self.assertEqual(transport.lookups, 1)
+
+    def test_finished_request_freed_by_refcounting(self) -> None:
+        """A finished request and its exchange are freed at once, not left as cycles for the garbage collector."""
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        proto, transport = self.connect()
+        self.send(proto, b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        [request] = proto._channel.requests
+        refs = [weakref.ref(request), weakref.ref(request.exchange), weakref.ref(request.exchange.gate)]
+        del request
+        self.answer(self.backends.created.pop(), b"ok", ("Content-Length", b"2"))
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual([ref() for ref in refs], [None, None, None])
 
     def test_streamed_response_chunked(self) -> None:
         """A response without Content-Length streams chunked: the head at once, each body message as it comes."""
