@@ -27,6 +27,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import http, server
+from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -81,16 +83,26 @@ def without_authorization(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes,
 
 def trace_id_of(pairs: list[tuple[bytes, bytes]]) -> str:
     """W3C traceparent's trace-id, else X-Request-Id, else a new id."""
-    tp = h.get_first(pairs, b"traceparent")
-    if tp:
-        parts = tp.split(b"-")
+    return trace_id_from(h.get_first(pairs, b"traceparent"), h.get_first(pairs, b"x-request-id"))
+
+
+def trace_id_from(traceparent: bytes | None, request_id: bytes | None) -> str:
+    """``trace_id_of`` given the first ``traceparent`` and ``X-Request-Id`` values (None: absent)."""
+    if traceparent:
+        parts = traceparent.split(b"-")
         if len(parts) >= 4 and len(parts[1]) == 32:
             return parts[1].decode("ascii", "replace")
-    rid = h.get_first(pairs, b"x-request-id")
-    if rid:
-        return rid.decode("latin-1")[:128]
+    if request_id:
+        return request_id.decode("latin-1")[:128]
     # Not a secret, only unique: much cheaper than uuid4 on every request.
     return f"{random.getrandbits(128):032x}"
+
+
+# Names never forwarded by the HTTP entry, beyond the hop-by-hop ones: Expect
+# was answered here (twisted sends 100 Continue itself); Authorization when
+# the route's basic auth checked it here.
+_NOT_FORWARDED = frozenset({b"expect"})
+_NOT_FORWARDED_AUTH = frozenset({b"expect", b"authorization"})
 
 
 @implementer(IPushProducer)
@@ -98,6 +110,26 @@ class HttpExchange:
     """One external HTTP request travelling through a tunnel."""
 
     log = Logger()
+
+    # Per-request state starts as these class-level defaults: __init__ runs
+    # for every request, so it stores only what differs per instance.
+    tunnel: Tunnel | None = None
+    target: Target | None = None
+    request_id = ""
+    trace_id = ""
+    refusal: Refusal | None = None
+    pending_head: pb.TunnelMessage | None = None
+    rendered = False
+    head_received = False
+    done = False
+    early: list[tuple[pb.TunnelMessage, bool]] | None = None   # messages that came before render
+    body_in = 0
+    body_out = 0
+    status = 0
+    timer: IDelayedCall | None = None
+    socket_paused = False
+    request_ended = False
+    rec: Exchange | None = None   # the inspector's record (None: inspector off)
 
     def __init__(self, request: EntryRequest, dispatcher: Dispatcher, clock: IReactorTime, scheme: str,
                  inspector: Inspector | None = None) -> None:
@@ -107,36 +139,23 @@ class HttpExchange:
         self.clock = clock
         self.scheme = scheme
         self.started = time.monotonic()
-        self.tunnel: Tunnel | None = None
-        self.target: Target | None = None
-        self.request_id = ""
-        self.trace_id = ""
-        self.refusal: Refusal | None = None
-        self.pending_head: pb.TunnelMessage | None = None
-        self.rendered = False
-        self.head_received = False
-        self.done = False
         self.gate = CreditGate(self._credit)
-        self.early: list[tuple[pb.TunnelMessage, bool]] = []
-        self.body_in = 0
-        self.body_out = 0
-        self.status = 0
-        self.timer: IDelayedCall | None = None
-        self.socket_paused = False
-        self.request_ended = False
-        self.rec: Exchange | None = None   # the inspector's record (None: inspector off)
 
     # -- request side (called by EntryRequest) ---------------------------------
 
     def head(self, length: int | None) -> None:
         req = self.request
-        pairs = list(req.requestHeaders.getAllRawHeaders())
-        flat = [(name, value) for name, values in pairs for value in values]
-        host = (h.get_first(flat, b"host") or b"").decode("latin-1")
+        headers = req.requestHeaders
+        flat = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+        # twisted's Headers finds a name in any case with one dict look-up.
+        hosts = headers.getRawHeaders(b"host")
+        host = hosts[0].decode("latin-1") if hosts else ""
         uri = req.uri.decode("latin-1")
         path, _, query = uri.partition("?")
-        self.trace_id = trace_id_of(flat)
-        client_ip = h.client_ip(req)
+        traceparent = headers.getRawHeaders(b"traceparent")
+        request_id = headers.getRawHeaders(b"x-request-id")
+        self.trace_id = trace_id_from(traceparent[0] if traceparent else None, request_id[0] if request_id else None)
+        client_ip = req.client_ip
         decision = self.dispatcher.dispatch(host, path, client_ip, flat)
         if self.inspector is not None:
             self._record(req, flat, host, uri, client_ip, decision)
@@ -147,12 +166,9 @@ class HttpExchange:
             self.refusal = Refusal(413, f"request body of {length} bytes exceeds {decision.max_body_size}")
             return
         self.target = decision
-        # Expect was answered here already (twisted sends 100 Continue itself).
-        flat_fwd = [(n, v) for n, v in flat if n.lower() != b"expect"]
-        if decision.strip_authorization:
-            flat_fwd = without_authorization(flat_fwd)
         fwd = h.request_headers_for_backend(
-            flat_fwd, client_ip=client_ip, proto=self.scheme, host=host, set_host=decision.set_host
+            flat, client_ip=client_ip, proto=self.scheme, host=host, set_host=decision.set_host,
+            drop=_NOT_FORWARDED_AUTH if decision.strip_authorization else _NOT_FORWARDED,
         )
         msg = pb.TunnelMessage(trace_id=self.trace_id)
         head = msg.http_request
@@ -160,19 +176,20 @@ class HttpExchange:
         head.url = uri
         head.host = host
         head.path = path
-        head.query = query
+        if query:
+            head.query = query
         h.fill_pb(head.headers, fwd)
         head.is_first_chunk = True
         head.route = decision.route
         head.scheme = self.scheme
         head.remote_addr = client_ip
-        head.content_length = -1 if length is None else length
         self.tunnel = decision.tunnel
         if length == 0:
-            msg.http_request.is_last_chunk = True
+            head.is_last_chunk = True
             self.request_ended = True
             self._start(msg)
         else:
+            head.content_length = -1 if length is None else length
             # Hold the head for the first body chunk: one message instead of two.
             self.pending_head = msg
 
@@ -253,39 +270,47 @@ class HttpExchange:
         if self.refusal is not None:
             self._answer_error(self.refusal.status, self.refusal.message, self.refusal.headers)
             return
-        early, self.early = self.early, []
-        for msg, end in early:
+        early, self.early = self.early, None
+        for msg, end in early or ():
             self.message_received(msg, end)
 
     # -- tunnel side (ExchangeHandler) -------------------------------------------
 
     def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
         if not self.rendered:
+            if self.early is None:
+                self.early = []
             self.early.append((msg, end))
             return
         resp = msg.http_response
         req = self.request
+        data = resp.body
         if not self.head_received:
             self.head_received = True
             self._cancel_timer()
             self.status = resp.status_code
             req.setResponseCode(resp.status_code, resp.reason.encode("latin-1") if resp.reason else None)
-            req.responseHeaders = http.Headers()
+            headers = req.responseHeaders = Headers()
+            add = headers.addRawHeader
             pairs = h.from_pb(resp.headers)
             for name, value in h.response_headers_for_client(pairs):
-                req.responseHeaders.addRawHeader(name, value)
+                add(name, value)
             if self.rec is not None:
                 self.rec.response_status = resp.status_code
                 self.rec.response_headers = pairs
-            req.registerProducer(self, True)
-            req.write(b"")  # the head goes out now, even before any body
-        data = resp.body
+            if not end:
+                # More is coming: from now on the socket's push-back holds the request's credit.
+                req.registerProducer(self, True)
+            if not data:
+                req.write(b"")  # the head goes out now, even before any body
         if data:
             self.body_out += len(data)
             if self.rec is not None:
                 self.rec.response_chunk(data)
             req.write(data)
-            self.gate.took(len(data))
+            if not end:
+                # (The last message's credit would go nowhere: the peer has ended.)
+                self.gate.took(len(data))
         if end:
             self._finish()
 
@@ -365,9 +390,9 @@ class HttpExchange:
             return
         req = self.request
         self.status = status
-        body = f"{status} {http.RESPONSES.get(status, b'').decode()}: {message}\n".encode()
+        body = f"{status} {RESPONSES.get(status, b'').decode()}: {message}\n".encode()
         req.setResponseCode(status)
-        req.responseHeaders = http.Headers()
+        req.responseHeaders = Headers()
         req.setHeader(b"content-type", b"text/plain; charset=utf-8")
         req.setHeader(b"content-length", str(len(body)).encode())
         for name, value in headers:
@@ -398,7 +423,7 @@ class HttpExchange:
                 req.finish()
         if self.rec is not None:
             self.rec.end(self.status)
-        client_ip = h.client_ip(req)
+        client_ip = req.client_ip
         self.dispatcher.finished({
             "protocol": "http", "route": self._route(), "status": self.status,
             "duration": time.monotonic() - self.started, "bytes_in": self.body_in, "bytes_out": self.body_out,
@@ -459,10 +484,10 @@ class EntryRequest(server.Request):
         # per-request address look-ups and anything only form parsing reads.
         self.notifications: list[Any] = []
         self.channel = channel
-        self.client, self.host = channel.addresses()
-        self.requestHeaders = http.Headers()
+        self.client, self.host, self.client_ip = channel.addresses()
+        self.requestHeaders = Headers()
         self.received_cookies: dict[bytes, bytes] = {}   # never filled: cookies travel as headers
-        self.responseHeaders = http.Headers()
+        self.responseHeaders = Headers()
         self.cookies: list[bytes] = []
         self.transport = channel.transport
         self.queued = False
@@ -562,12 +587,13 @@ class EntryChannel(http.HTTPChannel):
     site: EntrySite
     head_since: float | None = None
     counted = False
-    _addresses: tuple[Any, Any] | None = None
+    _addresses: tuple[Any, Any, str] | None = None
 
-    def addresses(self) -> tuple[Any, Any]:
-        """(peer, host) of this connection, asked of the transport once (not per request)."""
+    def addresses(self) -> tuple[Any, Any, str]:
+        """(peer, host, client IP) of this connection, asked of the transport once (not per request)."""
         if self._addresses is None:
-            self._addresses = (self.getPeer(), self.getHost())
+            peer = self.getPeer()
+            self._addresses = (peer, self.getHost(), h.address_ip(peer))
         return self._addresses
 
     def connectionMade(self) -> None:
