@@ -186,6 +186,55 @@ class EndingTests(EntryCase):
         self.assertEqual(transport.value(), before)
         self.assertEqual([r["status"] for r in self.records], [200])
 
+    def test_keep_alive_deadline_counts_from_each_request(self) -> None:
+        """On a keep-alive connection the second request's deadline runs from its own start."""
+        proto, transport = self.connect()
+        self.send(proto, b"GET /1 HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        self.clock.advance(5)
+        self.answer(self.backends.created[0], b"ok", ("Content-Length", b"2"))
+        self.send(proto, b"GET /2 HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        self.clock.advance(11.9)   # 16.9 s after the first request began: the first deadline is long past
+        self.assertEqual([r["status"] for r in self.records], [200])
+        self.clock.advance(0.1)
+        self.wire.flush()
+        self.assertEqual([r["status"] for r in self.records], [200, 504])
+        self.assertIn(b"HTTP/1.1 504 ", transport.value())
+
+    def test_shorter_deadline_after_a_longer_one(self) -> None:
+        """A route with a shorter timeout (web, 12 s) after one with a longer (api, the default): the shorter holds."""
+        proto, transport = self.connect()
+        self.send(proto, b"GET /api/1 HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        self.assertGreater(self.hub.dispatch(HOST, "/api/1").timeout, 12)
+        self.answer(self.backends.created[0], b"ok", ("Content-Length", b"2"))
+        self.send(proto, b"GET /2 HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        self.clock.advance(12)
+        self.wire.flush()
+        self.assertEqual([r["status"] for r in self.records], [200, 504])
+
+    def test_closed_connection_leaves_no_timer(self) -> None:
+        """A connection closed while its request waits leaves no DelayedCall behind (nothing keeps it alive)."""
+        proto, _ = self.connect()
+        self.send(proto, b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        self.assertTrue(self.clock.getDelayedCalls())
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.wire.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idle_timeout_between_requests_only(self) -> None:
+        """twisted's idle timeout closes a quiet connection, never one whose request is being handled."""
+        idle = self.site.timeOut
+        proto, transport = self.connect()
+        self.send(proto, b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        self.clock.advance(idle - 1)
+        self.answer(self.backends.created[0], b"ok", ("Content-Length", b"2"))
+        self.clock.advance(idle - 1)   # the old idle deadline has passed while the request was handled
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)          # idle for the whole period since the response
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.clock.advance(60)
+        self.assertEqual(len(self.records), 1)
+
     def test_client_gone_while_waiting_cancels(self) -> None:
         """The caller disconnects before the head: the backend request is cancelled, logged as 499."""
         proto, _ = self.connect()

@@ -126,7 +126,7 @@ class HttpExchange:
     body_in = 0
     body_out = 0
     status = 0
-    timer: IDelayedCall | None = None
+    timer = False   # the channel's head deadline is armed for this exchange
     socket_paused = False
     request_ended = False
     rec: Exchange | None = None   # the inspector's record (None: inspector off)
@@ -134,6 +134,7 @@ class HttpExchange:
     def __init__(self, request: EntryRequest, dispatcher: Dispatcher, clock: IReactorTime, scheme: str,
                  inspector: Inspector | None = None) -> None:
         self.request = request
+        self.channel: EntryChannel = request.channel   # kept: the request lets go of it when done
         self.inspector = inspector
         self.dispatcher = dispatcher
         self.clock = clock
@@ -201,7 +202,8 @@ class HttpExchange:
             self.refusal = Refusal(502, f"tunnel not available: {e}")
             self.tunnel = None
             return
-        self.timer = self.clock.callLater(self.target.timeout, self._timed_out)
+        self.timer = True
+        self.channel.await_head(self, self.target.timeout)
         if self.rec is not None:
             self.rec.request_id = self.request_id
 
@@ -358,7 +360,7 @@ class HttpExchange:
     # -- endings ---------------------------------------------------------------------
 
     def _timed_out(self) -> None:
-        self.timer = None
+        self.timer = False
         if self.head_received or self.done:
             return
         timeout = self.target.timeout if self.target else 0
@@ -440,9 +442,9 @@ class HttpExchange:
         self.gate.credit = _discard_credit
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        if self.timer:
+            self.timer = False
+            self.channel.head_came(self)
 
     def _route(self) -> str:
         if self.target is not None:
@@ -455,7 +457,9 @@ def _discard_credit(n: int) -> None:
 
 
 def is_websocket_upgrade(request: server.Request) -> bool:
-    upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or []
+    upgrade = request.requestHeaders.getRawHeaders(b"upgrade")
+    if upgrade is None:   # nearly every request: no generator built
+        return False
     return request.method == b"GET" and any(b"websocket" in v.lower() for v in upgrade)
 
 
@@ -566,7 +570,9 @@ class EntryResource(Resource):
             site: EntrySite = request.channel.site
             assert site.websocket is not None
             # The WebSocket protocol takes the transport over; the channel
-            # keeps counting until it ends (EntryWebSocket.connectionLost).
+            # keeps counting until it ends (EntryWebSocket.connectionLost),
+            # but its timers go now (its connectionLost never comes).
+            request.channel.stop_timers()
             return site.websocket.render(request)
         request.exchange.render()
         return server.NOT_DONE_YET
@@ -614,6 +620,77 @@ class EntryChannel(http.HTTPChannel):
     def connectionLost(self, reason: Any) -> None:
         self.release()
         super().connectionLost(reason)
+        self.stop_timers()
+
+    def stop_timers(self) -> None:
+        """The connection closed or was handed over (WebSocket): neither timer may keep it alive."""
+        self._idle_on = False
+        for call in (self._deadline_call, self._idle_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._deadline_call = self._idle_call = None
+        self._waiting = None
+
+    # -- timers --------------------------------------------------------------
+    #
+    # One request at a time waits for its response head on a channel (twisted
+    # reads a pipelined request only once the previous one is done), and the
+    # idle timeout of twisted's TimeoutMixin is off exactly while a request is
+    # handled.  Cancelling a DelayedCall and making a new one for every
+    # request is a heap insert plus a cancellation each; instead each timer
+    # is one DelayedCall per channel that is moved (``DelayedCall.reset``,
+    # cheap when later) and, when "off", left to fire into a flag.  A busy
+    # keep-alive connection makes one DelayedCall per period, not per request.
+
+    _deadline_call: IDelayedCall | None = None
+    _waiting: HttpExchange | None = None   # the exchange whose response head is due
+    _idle_call: IDelayedCall | None = None
+    _idle_on = False
+
+    def await_head(self, exchange: HttpExchange, timeout: float) -> None:
+        """``exchange`` times out unless ``head_came(exchange)`` within ``timeout`` seconds."""
+        self._waiting = exchange
+        call = self._deadline_call
+        if call is not None and call.active():
+            call.reset(timeout)
+        else:
+            self._deadline_call = self.site.clock.callLater(timeout, self._deadline_passed)
+
+    def head_came(self, exchange: HttpExchange) -> None:
+        if self._waiting is exchange:
+            self._waiting = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline_call = None
+        exchange, self._waiting = self._waiting, None
+        if exchange is not None:
+            exchange._timed_out()
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """TimeoutMixin.setTimeout, keeping its DelayedCall when turned off (see above)."""
+        previous = self.timeOut
+        self.timeOut = period
+        if period is None:
+            self._idle_on = False
+            return previous
+        self._idle_on = True
+        call = self._idle_call
+        if call is not None and call.active():
+            call.reset(period)
+        else:
+            self._idle_call = self.callLater(period, self._idle_passed)
+        return previous
+
+    def resetTimeout(self) -> None:
+        call = self._idle_call
+        if self._idle_on and call is not None and self.timeOut is not None and call.active():
+            call.reset(self.timeOut)
+
+    def _idle_passed(self) -> None:
+        self._idle_call = None
+        if self._idle_on:
+            self._idle_on = False
+            self.timeoutConnection()
 
     def release(self) -> None:
         """This connection no longer counts (closed, or handed to a WebSocket that ended)."""
