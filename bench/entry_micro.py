@@ -110,9 +110,11 @@ def build(admin: bool) -> tuple[EntrySite, Handle, Handle, ServerHub]:
     }, "micro.toml")
     hub = ServerHub(config, reactor)
     if admin:
+        from prometheus_client import CollectorRegistry
+
         from tunneld import inspector
         from tunneld.admin import RequestMetrics
-        hub.metrics = RequestMetrics()
+        hub.metrics = RequestMetrics(CollectorRegistry())
         hub.inspector = inspector.make(config.server.inspect, config.server.inspect_body_bytes)
     settings = parse_client_config({"client": {"token": "t", "client_id": "micro"}}, "micro.toml").client
     client = ClientHub(settings, reactor, {pb.HTTP: Answer}).links[0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import random
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as Protocol_
@@ -134,7 +134,7 @@ class HttpExchange:
     def __init__(self, request: EntryRequest, dispatcher: Dispatcher, clock: IReactorTime, scheme: str,
                  inspector: Inspector | None = None) -> None:
         self.request = request
-        self.channel: EntryChannel = request.channel   # kept: the request lets go of it when done
+        self.channel: EntryChannel = cast(EntryChannel, request.channel)   # kept: the request lets go of it when done
         self.inspector = inspector
         self.dispatcher = dispatcher
         self.clock = clock
@@ -529,7 +529,7 @@ class EntryRequest(server.Request):
         exchange.body_end()
         # method, uri, path and clientproto were set in gotLength; the query
         # is forwarded as it came, so nothing is decoded here.
-        self.args = {}
+        self.args = {}   # type: ignore[assignment]  # twisted declares None until parsed
         self.site = self.channel.site
         self.prepath = []
         self.postpath = []
@@ -669,7 +669,7 @@ class EntryChannel(http.HTTPChannel):
     def setTimeout(self, period: float | None) -> float | None:
         """TimeoutMixin.setTimeout, keeping its DelayedCall when turned off (see above)."""
         previous = self.timeOut
-        self.timeOut = period
+        self.timeOut = period   # type: ignore[assignment]  # TimeoutMixin says int; floats work
         if period is None:
             self._idle_on = False
             return previous
