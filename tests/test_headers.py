@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld import tunnel_pb2
@@ -185,6 +187,38 @@ class RequestHeadersForBackendTests(SynchronousTestCase):
             out,
             [(b"A", b"1"), (b"X-Forwarded-For", b"1.2.3.4"), (b"X-Forwarded-Proto", b"http")],
         )
+
+
+    def test_drop_names(self) -> None:
+        """Names in ``drop`` (lower-case) go in any case; the rest as usual."""
+        pairs = [(b"Expect", b"100-continue"), (b"AUTHORIZATION", b"Basic x"), (b"A", b"1")]
+        out = request_headers_for_backend(pairs, client_ip="", proto="http", host="",
+                                          drop=frozenset({b"expect", b"authorization"}))
+        self.assertEqual(out, [(b"A", b"1"), (b"X-Forwarded-Proto", b"http")])
+
+    def test_one_pass_equals_the_composition(self) -> None:
+        """On random header lists the one-pass version equals strip, drop, add_forwarded and replace_host in turn."""
+        rng = random.Random(9)
+        names = [b"Host", b"host", b"Connection", b"connection", b"Keep-Alive", b"TE", b"Transfer-Encoding",
+                 b"Content-Length", b"X-Forwarded-For", b"x-forwarded-for", b"X-Forwarded-Proto",
+                 b"X-FORWARDED-HOST", b"X-Drop", b"Expect", b"Authorization", b"Accept", b"Cookie", b"Upgrade"]
+        values = [b"", b"1", b" a , b,,", b"X-Drop", b"x-forwarded-for, host", b"close", b"chunked", b",",
+                  b"keep-alive, Content-Length"]
+        for _ in range(3000):
+            pairs = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randrange(0, 9))]
+            kwargs = {"client_ip": rng.choice(["", "10.0.0.1"]), "proto": rng.choice(["", "https"]),
+                      "host": rng.choice(["", "h.example"])}
+            set_host = rng.choice(["", "inner:80"])
+            drop = rng.choice([frozenset(), frozenset({b"expect"}), frozenset({b"expect", b"authorization"})])
+            expected = strip_hop_by_hop(pairs)
+            if get_first(pairs, b"transfer-encoding") is not None:
+                expected = [(n, v) for n, v in expected if n.lower() != b"content-length"]
+            expected = [(n, v) for n, v in expected if n.lower() not in drop]
+            expected = add_forwarded(expected, **kwargs)
+            if set_host:
+                expected = replace_host(expected, set_host.encode())
+            got = request_headers_for_backend(pairs, set_host=set_host, drop=drop, **kwargs)
+            self.assertEqual(got, expected, (pairs, kwargs, set_host, drop))
 
 
 class WireTests(SynchronousTestCase):

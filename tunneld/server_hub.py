@@ -74,6 +74,7 @@ class ServerHub:
         self.registry = StreamRegistry(config.server.heartbeat_timeout)
         self.heartbeats = HeartbeatSchedule(config.server.heartbeat_interval)
         self.streams: dict[Tunnel, ServerStream] = {}
+        self._targets: dict[tuple[str, Tunnel], Target] = {}   # dispatch's answers, per route and stream
         self.draining = False
         self.stopping = False   # SIGTERM arrived (/healthz says "draining"); the drain may start later (drain_delay)
         self.started_at = clock.seconds()
@@ -207,6 +208,8 @@ class ServerHub:
     def _close(self, stream: ServerStream, reason: str, abort: bool = False) -> None:
         if self.streams.pop(stream.tunnel, None) is None:
             return
+        for key in [k for k in self._targets if k[1] is stream.tunnel]:
+            del self._targets[key]
         stream.tunnel.lost(reason)
         self.counters["messages_dropped"] += stream.tunnel.session.dropped
         self.counters["flow_stalls"] += stream.tunnel.stalls
@@ -234,6 +237,7 @@ class ServerHub:
         old = self.config
         self.config = config
         self.routes = RouteTable(config.routes)
+        self._targets.clear()   # timeouts, limits and access rules may have changed
         self.access.reload(config.routes)   # remembered credentials are forgotten
         self.forward_rules = RouteTable(config.forward)
         pools = {}
@@ -326,8 +330,16 @@ class ServerHub:
         if tunnel is None:
             return Refusal(502, f"no client connected for group {route.group!r} (route {route.name})", route.name)
         self.counters["requests"] += 1
-        return Target(tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size,
-                      strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client)
+        # A Target is immutable and depends only on the route (config) and the
+        # stream: made once per pair, not per request (a frozen dataclass costs
+        # microseconds to build); forgotten on reload and when the stream goes.
+        key = (route.name, tunnel)
+        target = self._targets.get(key)
+        if target is None:
+            target = self._targets[key] = Target(
+                tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size,
+                strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client)
+        return target
 
     def dispatch_grpc(self, service: str, authority: str) -> GrpcTarget | GrpcRefusal:
         """The gRPC entry's question: which tunnel serves ``service`` (called at ``authority``)."""

@@ -63,6 +63,7 @@ _NO_IDS: Final[frozenset[str]] = frozenset()
 # payload field -> protocol of the exchange, for the two directions.
 _REQUEST_KINDS: Final = {"http_request": pb.HTTP, "grpc_request": pb.GRPC, "ws_request": pb.WEBSOCKET}
 _RESPONSE_KINDS: Final = {"http_response": pb.HTTP, "grpc_response": pb.GRPC, "ws_response": pb.WEBSOCKET}
+_RESPONSE_KIND_OF: Final[dict[int, str]] = {protocol: kind for kind, protocol in _RESPONSE_KINDS.items()}
 _BODY_KINDS: Final[dict[tuple[int, bool], str]] = {
     # (protocol, sent by initiator?) -> payload field of later messages
     (pb.HTTP, True): "http_request",
@@ -692,7 +693,7 @@ class Session:
 
     def _expected_kind(self, ex: Exchange) -> str:
         if ex.initiated_here and not ex.head_received:
-            return next(k for k, p in _RESPONSE_KINDS.items() if p == ex.protocol)
+            return _RESPONSE_KIND_OF[ex.protocol]
         return _BODY_KINDS[(ex.protocol, not ex.initiated_here)]
 
     def _receive_new_request(self, kind: str, msg: pb.TunnelMessage) -> None:
