@@ -453,6 +453,9 @@ class StreamHandle:
             frame = packer.pack()
             if frame:
                 await write(frame)
+            # Not kept while idle: the last frame (often the stream_open
+            # response with the routes) would live as long as the stream.
+            del frame
 
     def reader_delivered(self, msgs: Any) -> None:
         """A frame's messages (a sequence; an empty frame is ignored)."""
