@@ -367,9 +367,9 @@ class Run:
 
         # tunneld.
         configs = write_tunneld_configs(self.tmp, ports, need_grpc, max(2000, 2 * a.idle))
-        twistd = find_twistd()
-        procs.start("server", pin + [twistd, "-n", "--pidfile=", "tunneld-server", "-c", str(configs["server"])], env)
-        procs.start("client", pin + [twistd, "-n", "--pidfile=", "tunneld-client", "-c", str(configs["client"])], env)
+        twistd = [find_twistd(), "-n", "--pidfile="]
+        procs.start("server", pin + [*twistd, "tunneld-server", "-c", str(configs["server"])], env)
+        procs.start("client", pin + [*twistd, "tunneld-client", "-c", str(configs["client"])], env)
         tunneld.update(http=f"http://127.0.0.1:{ports['http_entry']}", ws=f"ws://127.0.0.1:{ports['http_entry']}/ws",
                        grpc=f"127.0.0.1:{ports['grpc_entry']}")
         log(f"tunneld answers after {self.wait_ready('tunneld', 60):.1f} s")
@@ -380,7 +380,7 @@ class Run:
             self.poll(lambda: http_bench.check_small(self.targets["hop"]["http"]), "Twisted hop", 30)
         if "delay" in self.sections:
             self.start_relay("relay-tunnel", ports["relay_tunnel"], ports["tunnel"])
-            procs.start("client-delayed", pin + [twistd, "-n", "--pidfile=", "tunneld-client", "-c",
+            procs.start("client-delayed", pin + [*twistd, "tunneld-client", "-c",
                                                  str(configs["client-delayed"])], env)
             tunneld["http_delayed"] = (tunneld["http"], DELAYED_HOST)
             waited = self.poll(lambda: http_bench.check_small(tunneld["http"], DELAYED_HOST),
@@ -492,16 +492,18 @@ class Run:
 
     def measure_all(self, duration: int, transfer: int, upload_path: Path, upload_sha: str, max_time: int) -> None:
         a, pin, s = self.args, self.pin, self.sections
+        n = a.transfers
         self.cpu_at_start = self.cpu_seconds()
         if "http" in s:
             for conns in self.http_connections:
                 small = http_bench.run_wrk if self.use_wrk else http_bench.run_pyload
                 self.step(f"small_c{conns}", lambda base: small(pin, f"{base}/small", conns, duration), "http",
                           HTTP_PATHS)
-            self.step("download", lambda base: http_bench.download(pin, base, transfer, max_time), "http",
-                      HTTP_PATHS)
-            self.step("upload", lambda base: http_bench.upload(pin, base, upload_path, transfer, upload_sha,
-                                                                   max_time), "http", HTTP_PATHS)
+            self.step("download", lambda base: http_bench.median_of(
+                n, lambda: http_bench.download(pin, base, transfer, max_time)), "http", HTTP_PATHS)
+            self.step("upload", lambda base: http_bench.median_of(
+                n, lambda: http_bench.upload(pin, base, upload_path, transfer, upload_sha, max_time)),
+                "http", HTTP_PATHS)
         if "ws" in s:
             for conns in self.ws_connections:
                 self.step(f"ws_echo_c{conns}", lambda url: ws_bench.run_echo(pin, url, conns, duration), "ws")
@@ -512,10 +514,11 @@ class Run:
             self.step("grpc_stream", lambda target: grpc_bench.run_stream(pin, target, duration), "grpc")
         if "delay" in s:
             delayed = ("tunneld", "ssh")
-            self.step("delay_download", lambda t: http_bench.download(pin, t[0], transfer, max_time, t[1]),
-                      "http_delayed", delayed)
-            self.step("delay_upload", lambda t: http_bench.upload(pin, t[0], upload_path, transfer, upload_sha,
-                                                                      max_time, t[1]), "http_delayed", delayed)
+            self.step("delay_download", lambda t: http_bench.median_of(
+                n, lambda: http_bench.download(pin, t[0], transfer, max_time, t[1])), "http_delayed", delayed)
+            self.step("delay_upload", lambda t: http_bench.median_of(
+                n, lambda: http_bench.upload(pin, t[0], upload_path, transfer, upload_sha, max_time, t[1])),
+                "http_delayed", delayed)
         self.peak_rss("peak_load")
         self.cpu_load_steps = {name: round(seconds - self.cpu_at_start.get(name, 0.0), 2)
                                for name, seconds in self.cpu_seconds().items()}
@@ -564,6 +567,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smoke run: 3 s load runs, 20 MiB transfers, one idle open/close cycle")
     parser.add_argument("--duration", type=int, default=None, help="seconds per load run (default 10; 3 with --quick)")
     parser.add_argument("--transfer-mib", type=int, default=None, help="download/upload size (default 100; 20 quick)")
+    parser.add_argument("--transfers", type=int, default=None,
+                        help="runs of each download and upload; the median is reported (default 3; 1 with --quick)")
     parser.add_argument("--cpu", type=int, default=1, help="the one CPU every process is pinned to (default 1)")
     parser.add_argument("--delay-ms", type=float, default=25.0,
                         help="delay of the relay, each direction (default 25 ms: a 50 ms round trip)")
@@ -588,6 +593,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration if args.duration is not None else (3 if args.quick else 10)
     args.transfer_mib = args.transfer_mib if args.transfer_mib is not None else (20 if args.quick else 100)
     args.cycles = args.cycles if args.cycles is not None else (1 if args.quick else 2)
+    args.transfers = args.transfers if args.transfers is not None else (1 if args.quick else 3)
     if min(args.duration, args.transfer_mib, args.batch, args.cycles) < 1 or args.idle < 0 or args.delay_ms < 0:
         parser.error("--duration, --transfer-mib, --batch and --cycles must be positive")
     return args
@@ -675,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                    else "SKIPPED — " + "; ".join(ln.strip() for ln in run.ssh_reason.splitlines() if ln.strip()))
     settings = [f"sections {','.join(args.only)}", f"{args.duration} s per load run"]
     if {"http", "delay"} & set(args.only):
-        settings.append(f"{args.transfer_mib} MiB transfers")
+        settings.append(f"{args.transfer_mib} MiB transfers (median of {args.transfers} each)")
     if "delay" in args.only:
         settings.append(f"delay relay {args.delay_ms:g} ms each way ({2 * args.delay_ms:g} ms round trip)")
     if "idle" in args.only:
@@ -687,6 +693,12 @@ def main(argv: list[str] | None = None) -> int:
         if peak.get(path, {}).get("client_delayed"):
             notes.append(f"{path}: the client of the delayed link peaked at "
                          f"{peak[path]['client_delayed'] / MIB:.1f} MiB (VmHWM)")
+    for step in ("download", "upload", "delay_download", "delay_upload"):
+        runs = {path: v["samples"] for path, v in run.results.get(step, {}).items()
+                if isinstance(v, dict) and len(v.get("samples", [])) > 1}
+        if runs:
+            notes.append(f"{step} MB/s of each run (the median is in the table): "
+                         + "; ".join(f"{path} " + ", ".join(f"{x:g}" for x in xs) for path, xs in runs.items()))
     if any(meta.get("cpu_seconds_load_steps", {}).values()):
         notes.append("CPU seconds used during the load steps (all but the idle WebSockets): "
                      + ", ".join(f"{k} {v}" for k, v in meta["cpu_seconds_load_steps"].items()))
