@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.backends import test_site
 from tests.grpc_services import MAX_MESSAGE, RAW_SERVICE, GrpcBackend
@@ -285,6 +286,42 @@ class GrpcEndToEndTests(PooledTestCase):
         [remaining] = self.backend.raw.block_deadlines
         self.assertTrue(remaining is None or remaining > 1e6, remaining)  # no deadline: the cancel ended it
         yield self.assertReleased()
+
+    @inlineCallbacks
+    def test_caller_cancel_mid_stream_is_no_failure(self) -> Any:
+        """A caller that cancels a stream while messages flow ends it as CANCELLED, logged as such, not as a failure.
+
+        The entry's ``context.write`` can fail under the cancel (grpc's ExecuteBatchError) before
+        grpc cancels the handler: that is the caller going away, not a bug worth a warning.
+        """
+        warnings: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            text = formatEvent(event)
+            if "gRPC entry call" in text and "failed" in text:
+                warnings.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+        def read_some_then_cancel() -> int:
+            stream = self.raw("Count", "unary_stream")(struct.pack("!II", 1_000_000, 100), timeout=60)
+            got = 0
+            for _ in stream:
+                got += 1
+                if got == 200:
+                    # Stop reading until the entry's write waits on the caller's flow-control
+                    # window (not a timing assertion: the cancel is what is tested).
+                    time.sleep(0.3)
+                    stream.cancel()
+                    break
+            return got
+
+        for _ in range(5):
+            got = yield deferToThread(read_some_then_cancel)
+            self.assertEqual(got, 200)
+        yield self.assertReleased()
+        self.assertEqual(warnings, [])
 
     # -- refusals and failures --------------------------------------------------------------
 

@@ -172,6 +172,11 @@ class _EntryCall:
             await self._relay()
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
+        except grpc.aio.InternalError:
+            # A grpc operation failed under us (ExecuteBatchError): the caller's call is
+            # already dead, typically cancelled while a write was in flight, before grpc
+            # cancelled this task.  The finally below reports it as the caller gone.
+            pass
         except Exception as e:
             # The caller's transport broke under a write; anything else is a bug worth a line.
             if not self.context.done():
