@@ -223,7 +223,6 @@ def grpc_head(
             method=method,
             metadata=_headers([("x-token", b"t")]),
             body=body or b"",
-            has_message=body is not None,
             is_first_chunk=True,
             is_last_chunk=end,
             route="greeter",
@@ -235,7 +234,7 @@ def grpc_head(
 def grpc_request_message(body: bytes | None, end: bool = False) -> pb.TunnelMessage:
     """A later gRPC request message (one gRPC message, or a bare half-close)."""
     return pb.TunnelMessage(
-        grpc_request=pb.GrpcRequest(body=body or b"", has_message=body is not None, is_last_chunk=end)
+        grpc_request=pb.GrpcRequest(body=body or b"", is_last_chunk=end)
     )
 
 
@@ -245,7 +244,6 @@ def grpc_response_head(body: bytes | None = None) -> pb.TunnelMessage:
         grpc_response=pb.GrpcResponse(
             initial_metadata=_headers([("x-server", b"s")]),
             body=body or b"",
-            has_message=body is not None,
             is_first_chunk=True,
         )
     )
@@ -253,7 +251,7 @@ def grpc_response_head(body: bytes | None = None) -> pb.TunnelMessage:
 
 def grpc_response_message(body: bytes) -> pb.TunnelMessage:
     """A later gRPC response message."""
-    return pb.TunnelMessage(grpc_response=pb.GrpcResponse(body=body, has_message=True))
+    return pb.TunnelMessage(grpc_response=pb.GrpcResponse(body=body))
 
 
 def grpc_response_end(status: int = 0, details: str = "") -> pb.TunnelMessage:

@@ -140,7 +140,9 @@ class GrpcEndToEndTests(PooledTestCase):
         sent = (("x-a", "1"), ("x-a", "2"), ("x-blob-bin", b"\x00\x01\xff"), ("x-b", "three"))
         body, call = yield deferToThread(self.raw("Echo").with_call, b"hello", metadata=sent, timeout=10)
         self.assertEqual(body, b"hello")
-        self.assertEqual(tuple(tuple(m) for m in call.initial_metadata()), sent)
+        echoed = tuple(tuple(m) for m in call.initial_metadata())
+        self.assertEqual(tuple(m for m in echoed if m[0] != "x-forwarded-for"), sent)
+        self.assertIn(("x-forwarded-for", "127.0.0.1"), echoed)   # the caller's address reaches the backend
         self.assertEqual(tuple(tuple(m) for m in call.trailing_metadata()),
                          (("x-trailer", "done"), ("x-trailer-bin", b"\x00\xfe\xff")))
         self.assertEqual(call.code(), grpc.StatusCode.OK)
@@ -209,7 +211,7 @@ class GrpcEndToEndTests(PooledTestCase):
     @inlineCallbacks
     def test_caller_is_paused_while_the_backend_does_not_read(self) -> Any:
         """A client-streaming caller is held back by the window while the backend reads nothing; all arrives later."""
-        from tunneld.grpc_bridge.entry import _EntryExchange
+        from tunneld.protocols.h2.grpc_entry import _TunnelSide
 
         chunk = bytes(64 * 1024)
         n = 256  # 16 MiB: far more than the window and the HTTP/2 buffers on the way
@@ -225,7 +227,7 @@ class GrpcEndToEndTests(PooledTestCase):
         tunnels = [stream.tunnel for stream in self.stack.server.hub.streams.values()]
 
         def entry_paused() -> bool:
-            return any(isinstance(h, _EntryExchange) and h.paused for t in tunnels for h in t.handlers.values())
+            return any(isinstance(h, _TunnelSide) and h.call.held for t in tunnels for h in t.handlers.values())
 
         yield wait_for(entry_paused, what="the entry to stop reading the caller")
         self.assertFalse(future.done())

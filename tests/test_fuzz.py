@@ -36,8 +36,6 @@ def messages(draw: Any) -> pb.TunnelMessage:
         part = getattr(msg, kind)
         part.body = body
         part.is_first_chunk, part.is_last_chunk = flags[0], flags[1]
-        if kind.startswith("grpc"):
-            part.has_message = flags[2]
     elif kind == "ws_frame":
         msg.ws_frame.CopyFrom(pb.WebSocketFrame(opcode=draw(st.sampled_from([0, 1, 2, 8, 9])), fin=flags[0],
                                                 payload=body[:1024], close_code=draw(st.integers(0, 70000))))

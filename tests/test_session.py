@@ -40,7 +40,6 @@ from tests.session_pair import (
 )
 from tunneld import tunnel_pb2 as pb
 from tunneld.session import (
-    UNIT_COST,
     BAD_GATEWAY,
     CANCELLED,
     MAX_CHUNK,
@@ -1140,38 +1139,23 @@ class GrpcTests(SessionTestCase):
         self.assertEqual([(e.request_id, e.by_peer) for e in of_type(client_events, RequestAborted)], [(rid, True)])
         self.assertReleased(pair.server, pair.client)
 
-    def test_empty_messages_still_spend_credit(self) -> None:
-        """A flood of empty gRPC messages runs out of window like any other data (each unit has a cost)."""
-        pair = opened()
-        rid = pair.server.start(grpc_head("chat.Chat", "Talk"))
-        pair.pump()
-        sent = 0
-        while pair.server.send(rid, grpc_request_message(b"")):
-            sent += 1
-            self.assertLess(sent, 100_000, "empty messages never blocked")
-        self.assertEqual(sent, pair.server.window // UNIT_COST)
-        pair.server.cancel(rid)
-        pair.pump()
-        self.assertReleased(pair.server, pair.client)
-
-    def test_oversized_message_when_nothing_outstanding(self) -> None:
-        """A single gRPC message larger than the window passes when nothing is outstanding, then credit is needed."""
+    def test_grpc_body_is_chunked_and_held_by_the_window(self) -> None:
+        """A gRPC body (wire v3) is cut into max_chunk pieces and stops at the window until credit returns."""
         pair = opened()
         rid = pair.server.start(grpc_head("big.Blob", "Put"))
         pair.pump()
         big = pattern(MIB)
-        self.assertTrue(pair.server.send(rid, grpc_request_message(big)))
+        self.assertFalse(pair.server.send_body(rid, big))
         _, client_events = pair.pump()
         self.assertEqual(of_type(client_events, ProtocolViolation), [])
-        self.assertEqual(received_body(client_events, rid), big)
-        self.assertFalse(pair.server.send(rid, grpc_request_message(b"next")))
-        pair.pump()
-        self.assertEqual(pair.to_client, [])
-        pair.client.consumed(rid, MIB)
-        server_events, client_events = pair.pump()
-        self.assertEqual(pair.to_server[0].window_update.increment, MIB)
-        self.assertEqual(server_events, [Writable(rid)])
-        self.assertEqual(received_body(client_events, rid), b"next")
+        got = received_body(client_events, rid)
+        self.assertEqual(got, big[:DEFAULT_WINDOW])
+        self.assertTrue(all(len(m.grpc_request.body) <= MAX_CHUNK for m in pair.to_client))
+        while len(got) < MIB:
+            pair.client.consumed(rid, MIB)
+            _, client_events = pair.pump()
+            got += received_body(client_events, rid)
+        self.assertEqual(got, big)
         pair.server.send(rid, grpc_request_message(None, end=True))
         pair.client.send(rid, grpc_response_head())
         pair.client.send(rid, grpc_response_end(0))
@@ -1387,26 +1371,37 @@ class WindowGrowthTests(SessionTestCase):
         pair.pump()
         self.assertReleased(pair.server, pair.client)
 
-    def test_grpc_stream_grows_with_unit_costs(self) -> None:
-        """gRPC messages, credited at their unit cost, grow a fast consumer's window like HTTP bodies."""
+    def test_grpc_stream_grows_like_http(self) -> None:
+        """gRPC bodies (wire v3: the byte stream in chunks) cost their bytes and grow a fast consumer's window."""
         pair = opened(max_window=MIB, window_budget=MIB)
         rid = pair.client.start(grpc_head("big.Blob", "Get", body=b"q", end=True))
         server_events, _ = pair.pump()
-        pair.server.consumed(rid, UNIT_COST + 1)
+        pair.server.consumed(rid, 1)
         pair.server.send(rid, grpc_response_head())
         for _ in range(64):
-            pair.server.send(rid, grpc_response_message(b"g" * (64 * KIB - UNIT_COST)))
+            pair.server.send_body(rid, b"g" * (64 * KIB))
         pair.server.send(rid, grpc_response_end(0))
         grows = []
         for _ in range(100):
             _, client_events = pair.pump()
             grows += [m.window_update.grow for m in pair.to_server if m.window_update.grow]
-            units = [e.message for e in of_type(client_events, MessageReceived) if e.message.grpc_response.has_message]
-            pair.client.consumed(rid, sum(UNIT_COST + len(m.grpc_response.body) for m in units))
+            units = [e.message for e in of_type(client_events, MessageReceived)]
+            pair.client.consumed(rid, sum(len(m.grpc_response.body) for m in units))
             if of_type(client_events, RequestClosed):
                 break
         self.assertEqual(grows, [DEFAULT_WINDOW, 2 * DEFAULT_WINDOW])
         self.assertReleased(pair.server, pair.client)
+
+    def test_grpc_chunk_over_the_limit_is_a_violation(self) -> None:
+        """A gRPC body chunk above max_chunk ends that call like an oversized HTTP chunk."""
+        pair = opened()
+        rid = pair.client.start(grpc_head("big.Blob", "Put", body=b"q"))
+        pair.pump()
+        big = pb.TunnelMessage(request_id=rid, direction=pb.CLIENT_TO_SERVER, protocol_type=pb.GRPC,
+                               grpc_request=pb.GrpcRequest(body=b"x" * (64 * KIB + 1)))
+        events = pair.server.receive(big)
+        self.assertTrue(any(isinstance(e, ProtocolViolation) and "exceeds" in e.message for e in events))
+        self.assertNotIn(rid, pair.server)
 
     def test_mark_on_the_last_unit_does_not_grow(self) -> None:
         """A window_limited unit that ends the direction grows nothing (no credit is sent after the end)."""

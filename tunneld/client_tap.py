@@ -2,7 +2,7 @@
 
   bridge (thread) -> one dial service per server (each reconnects forever with its own backoff;
                      drains its link before stopping)
-                  -> gRPC backend channels (closed after in-flight calls end, drain_timeout at most)
+  gRPC backend connections (HTTP/2 on the reactor; closed after the drain)
   heartbeat and config-sync TimerServices
   SIGHUP handler (``ReloadOnHangup``): re-reads the file, ``ClientHub.reload`` applies it
 Without ``-c`` the client runs on built-in defaults that match the shipped
@@ -26,12 +26,12 @@ from tunneld import inspector
 from tunneld.admin import AdminService, client_admin
 from tunneld.client_hub import ClientHub, ServerLink
 from tunneld.config import CLIENT_MAX_MESSAGE_SIZE, ClientConfig, ConfigError, load_client_config
-from tunneld.grpc_bridge.backend import GrpcBackendExchange, GrpcChannels, GrpcChannelsService
 from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, channel_credentials
 from tunneld.hangup import HangupService
 from tunneld.logs import with_log_format
 from tunneld.endpoints import server_endpoint
+from tunneld.protocols.h2.grpc_backend import GrpcBackendCall, GrpcBackends, GrpcBackendsService
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool, trust_root
 from tunneld.protocols.websocket import BackendWebSocketExchange
@@ -99,11 +99,11 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
                                         ping_interval=hub.settings.websocket_ping_interval, trust_root=backend_trust,
                                         set_host=route.set_host)
 
-    channels = GrpcChannels(channel_credentials(cfg.backend_ca))  # backend channels, closed on stop (after the drain)
+    grpc_backends = GrpcBackends(reactor, trust_root=backend_trust)   # closed on stop (after the drain)
 
     def grpc_backend(tunnel: Tunnel, event: s.RequestReceived, route: pb.Route) -> ResponderHandler:
-        return GrpcBackendExchange(tunnel, event.request_id, event.message, route, bridge, channels,
-                                   finished=finished_on(tunnel))
+        return GrpcBackendCall(tunnel, event.request_id, event.message, route, grpc_backends,
+                               finished=finished_on(tunnel))
 
     hub = ClientHub(cfg, reactor, {pb.HTTP: http_backend, pb.WEBSOCKET: websocket_backend, pb.GRPC: grpc_backend})
     bridge = Bridge(reactor)
@@ -132,7 +132,9 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         make_dial(link)
         dials.append(link.dial)
     hub.make_dial = make_dial
-    GrpcChannelsService(bridge, channels, grace=cfg.drain_timeout).setServiceParent(bridge_service)
+    backends_closer = GrpcBackendsService(grpc_backends)
+    backends_closer.setServiceParent(top)
+    top.after.append(backends_closer)
     closer = PoolCloser(pool)
     closer.setServiceParent(top)
     top.after.append(closer)

@@ -124,7 +124,8 @@ class ServerSettings:
     upstream_ca: str = ""  # PEM CA bundle to verify https upstreams; "" = the system's
     ready_timeout: float = 10.0  # /healthz: "starting" until every group with routes has a client, at most this long
     drain_delay: float = 0.0  # SIGTERM: entries keep serving this long with /healthz 503, then the drain
-    proxy_protocol: bool = False  # http_listen expects HAProxy's PROXY header (v1/v2) on every connection
+    proxy_protocol: bool = False  # http_listen and grpc_listen expect HAProxy's PROXY header (v1/v2) on every connection
+    idle_timeout: float = 60.0  # an HTTP/2 connection with no open stream is closed after this (PINGs do not count)
     inspect: int = 200  # inspector: the last N exchanges kept for the admin port's /inspect; 0 = off
     inspect_body_bytes: int = 0  # inspector: bytes kept of each body / WebSocket or gRPC message; 0 = heads only
 
@@ -677,6 +678,7 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         ready_timeout=t.seconds("ready_timeout", d.ready_timeout, zero_ok=True),
         drain_delay=t.seconds("drain_delay", d.drain_delay, zero_ok=True),
         proxy_protocol=t.boolean("proxy_protocol", d.proxy_protocol),
+        idle_timeout=t.seconds("idle_timeout", d.idle_timeout, zero_ok=True),
         inspect=t.integer("inspect", d.inspect, 0),
         inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
     )
@@ -753,11 +755,6 @@ def _parse_route(t: _Table, settings: ServerSettings, groups: tuple[str, ...]) -
             f"{grpc_service!r} is not a gRPC service name like 'helloworld.Greeter'",
         )
     if grpc_service:
-        if t.text("host", ""):
-            # grpcio's server API does not expose the caller's :authority
-            # (grpc/grpc#38906), so such a route could never be chosen.
-            raise t.error("host", "cannot be matched on gRPC routes: grpcio does not expose :authority; "
-                                  "route gRPC by grpc_service only")
         backend = t.backend(
             "backend", None, ("grpc", "grpcs"), "a route with grpc_service dials a gRPC backend"
         )
@@ -769,7 +766,7 @@ def _parse_route(t: _Table, settings: ServerSettings, groups: tuple[str, ...]) -
             "set grpc_service for a gRPC route; WebSocket upgrades use http(s)",
         )
     timeout = t.seconds("timeout", d.timeout, zero_ok=True)
-    basic_auth, allow_ips, deny_ips = _access(t, bool(grpc_service))
+    basic_auth, allow_ips, deny_ips = _access(t)
     return Route(
         name=name,
         group=group,
@@ -787,7 +784,7 @@ def _parse_route(t: _Table, settings: ServerSettings, groups: tuple[str, ...]) -
     )
 
 
-def _access(t: _Table, grpc: bool) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def _access(t: _Table) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """``basic_auth``, ``allow_ips``, ``deny_ips``: every entry checked, CIDRs normalised."""
     lines = t.texts("basic_auth", ())
     users: dict[str, int] = {}
@@ -808,9 +805,6 @@ def _access(t: _Table, grpc: bool) -> tuple[tuple[str, ...], tuple[str, ...], tu
             except ValueError as exc:
                 raise t.error(key, f"item {index}: {exc}") from None
         cidrs[key] = tuple(normalised)
-    if grpc and (lines or cidrs["allow_ips"] or cidrs["deny_ips"]):
-        key = "basic_auth" if lines else ("allow_ips" if cidrs["allow_ips"] else "deny_ips")
-        raise t.error(key, "applies to HTTP and WebSocket routes only; the gRPC entry has no access control")
     return tuple(line.strip() for line in lines), cidrs["allow_ips"], cidrs["deny_ips"]
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.internet.endpoints import (SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint,
                                         _WrapperServerEndpoint)
-from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.ssl import CertificateOptions, PrivateCertificate
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -14,13 +14,14 @@ from tunneld.config import parse_listen
 
 
 def server_endpoint(reactor: Any, listen: str, backlog: int = 1024, *, tls_cert: str = "", tls_key: str = "",
-                    proxy_protocol: bool = False) -> Any:
+                    proxy_protocol: bool = False, alpn: tuple[bytes, ...] = ()) -> Any:
     """TCP, or TLS when ``tls_cert``/``tls_key`` (PEM files) are given.
 
     ``proxy_protocol``: every connection must start with HAProxy's PROXY
     header (v1 or v2; Twisted's ``haproxy:`` wrapper), before TLS if any;
     the transport's ``getPeer()`` is then the address the header carries, and
-    a connection without a valid header is closed.
+    a connection without a valid header is closed.  ``alpn``: the protocols
+    TLS offers, in order of preference (``b"h2"`` for the HTTP/2 edge).
     """
     host, port = parse_listen(listen)
     options = None
@@ -29,7 +30,12 @@ def server_endpoint(reactor: Any, listen: str, backlog: int = 1024, *, tls_cert:
             chain = f.read()
         with open(tls_key, "rb") as f:
             key = f.read()
-        options = PrivateCertificate.loadPEM(key + b"\n" + chain).options()
+        cert = PrivateCertificate.loadPEM(key + b"\n" + chain)
+        if alpn:
+            options = CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
+                                         acceptableProtocols=list(alpn))
+        else:
+            options = cert.options()
         if not proxy_protocol:
             return SSL4ServerEndpoint(reactor, port, options, backlog=backlog, interface=host)
     if ":" in host:

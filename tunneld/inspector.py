@@ -127,31 +127,33 @@ class Exchange:
         if room > 0:
             self.response_body += data[:room]
 
-    def message(self, direction: str, data: bytes, opcode: int = 0) -> None:
-        """A new WebSocket / gRPC message (its first piece)."""
+    def message(self, direction: str, data: bytes, opcode: int = 0, size: int | None = None) -> None:
+        """A new WebSocket / gRPC message (its first piece; ``size``: the whole message's, when known)."""
+        n = len(data) if size is None else size
         if direction == "in":
-            self.bytes_in += len(data)
+            self.bytes_in += n
         else:
-            self.bytes_out += len(data)
+            self.bytes_out += n
         if self.messages is None:
             self.messages = []
         if len(self.messages) >= MAX_MESSAGES:
             self.messages_dropped += 1
             return
-        self.messages.append(Message(direction, time.monotonic() - self._t0, opcode, len(data),
+        self.messages.append(Message(direction, time.monotonic() - self._t0, opcode, n,
                                      data[: self.inspector.body_bytes]))
 
-    def message_more(self, direction: str, data: bytes) -> None:
-        """A later piece of the last message in ``direction`` (big WebSocket messages)."""
-        if direction == "in":
+    def message_more(self, direction: str, data: bytes, count: bool = True) -> None:
+        """A later piece of the last message in ``direction`` (``count``: its size was not known at its start)."""
+        if count and direction == "in":
             self.bytes_in += len(data)
-        else:
+        elif count:
             self.bytes_out += len(data)
         if not self.messages:
             return
         for m in reversed(self.messages):
             if m.direction == direction:
-                m.size += len(data)
+                if count:
+                    m.size += len(data)
                 room = self.inspector.body_bytes - len(m.data)
                 if room > 0:
                     m.data += data[:room]

@@ -22,7 +22,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import ForwardRule, Route, ServerConfig
 from tunneld.inspector import Inspector
-from tunneld.grpc_bridge.entry import GrpcRefusal, GrpcTarget
+from tunneld.dispatch import GrpcRefusal, GrpcTarget
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.headers import get_first
 from tunneld.protocols.http_entry import Refusal, Target
@@ -53,6 +53,9 @@ class ServerStream:
     entry: StreamEntry | None = None
     token: str = ""   # the token it authenticated with (a reload may revoke it)
 
+
+# Access refusals as gRPC statuses (SPEC §8.1): IP rules, credentials, the failed-login throttle.
+_GRPC_DENIAL = {403: "PERMISSION_DENIED", 401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED"}
 
 class ServerHub:
     """Owner of every tunnel stream on the server (a tunnel ``StreamOwner``)."""
@@ -341,19 +344,27 @@ class ServerHub:
                 strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client)
         return target
 
-    def dispatch_grpc(self, service: str, authority: str) -> GrpcTarget | GrpcRefusal:
-        """The gRPC entry's question: which tunnel serves ``service`` (called at ``authority``)."""
+    def dispatch_grpc(self, service: str, authority: str, address: str = "",
+                      authorization: bytes | None = None) -> GrpcTarget | GrpcRefusal:
+        """The gRPC entry's question: which tunnel serves ``service`` at ``authority`` for ``address``."""
         if self.draining:
             return GrpcRefusal("UNAVAILABLE", "server is shutting down")
         route = self.routes.match_grpc(service, authority)
         if route is None:
             return GrpcRefusal("UNIMPLEMENTED", f"no route for gRPC service {service!r}")
+        policy = self.access.policies.get(route.name) if self.access.policies else None
+        if policy is not None:
+            denial = self.access.check(policy, address, authorization, self.clock.seconds())
+            if denial is not None:
+                return GrpcRefusal(_GRPC_DENIAL.get(denial.status, "PERMISSION_DENIED"), denial.message, route.name,
+                                   denial.reason)
         tunnel = self.choose(route.group)
         if tunnel is None:
             return GrpcRefusal("UNAVAILABLE", f"no client connected for group {route.group!r} (route {route.name})",
                                route.name)
         self.counters["requests"] += 1
-        return GrpcTarget(tunnel, route.name, route.max_message_size, client_id=self.chosen_client)
+        return GrpcTarget(tunnel, route.name, route.max_message_size, client_id=self.chosen_client,
+                          strip_authorization=policy is not None and bool(policy.users))
 
     def finished(self, record: dict[str, object]) -> None:
         if self.metrics is not None:

@@ -2,7 +2,7 @@
 
 The tree (children start in this order, stop in reverse):
   bridge (thread)  -> tunnel port (grpc.aio; drains the hub before stopping)
-                   -> gRPC entry (grpc.aio on grpc_listen, when set; in-flight calls get drain_timeout)
+  gRPC entry       (HTTP/2 on the reactor on grpc_listen, when set: GOAWAY on stop, calls get drain_timeout)
   HTTP entry       (twisted.web Site on http_listen)
   heartbeat, cleanup TimerServices
   admin port       (/metrics, /status, /healthz; stops last, so /healthz says "draining" to the end)
@@ -32,9 +32,10 @@ from tunneld.admin import AdminService, server_admin
 from tunneld.config import ConfigError, ForwardRule, ServerConfig, load_server_config
 from tunneld.endpoints import server_endpoint
 from tunneld.hangup import HangupService
-from tunneld.grpc_bridge.entry import GrpcEntryService
 from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, server_credentials
+from tunneld.protocols.h2.connection import H2Limits
+from tunneld.protocols.h2.grpc_entry import GrpcEntryFactory, GrpcEntryService
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
@@ -128,19 +129,14 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     tunnel.setServiceParent(bridge_service)
     grpc_entry = None
     if cfg.grpc_listen:
-        # The server-wide receive limit is the largest route's; each call is held to its own route's.
-        limit = max((r.max_message_size for r in config.routes if r.grpc_service), default=4 * 1024 * 1024)
-
-        def listen_failed() -> None:
-            if reactor.running:
-                reactor.stop()
-
-        grpc_entry = GrpcEntryService(bridge, cfg.grpc_listen, hub, max_message_size=limit,
-                                      credentials=server_credentials(cfg.grpc_tls_cert, cfg.grpc_tls_key)
-                                      if cfg.grpc_tls_cert else None,
-                                      grace=cfg.drain_timeout, on_failure=listen_failed)
-        grpc_entry.inspector = hub.inspector
-        grpc_entry.setServiceParent(bridge_service)
+        limits = H2Limits(max_header_list_size=cfg.max_header_size, idle_timeout=cfg.idle_timeout,
+                          header_timeout=cfg.header_timeout)
+        factory = GrpcEntryFactory(hub, reactor, limits=limits, max_connections=cfg.max_connections,
+                                   inspector=hub.inspector)
+        endpoint = server_endpoint(reactor, cfg.grpc_listen, tls_cert=cfg.grpc_tls_cert, tls_key=cfg.grpc_tls_key,
+                                   proxy_protocol=cfg.proxy_protocol, alpn=(b"h2",))
+        grpc_entry = GrpcEntryService(endpoint, factory, reactor, grace=cfg.drain_timeout)
+        grpc_entry.setServiceParent(top)
     http = None
     if cfg.http_listen:
         scheme = "https" if cfg.http_tls_cert else "http"

@@ -250,8 +250,6 @@ def _cost(kind: str, msg: pb.TunnelMessage, n: int) -> int:
     """
     if kind == "ws_frame":
         return 0 if msg.ws_frame.opcode == 8 else unit_cost(n)
-    if kind == "grpc_request" or kind == "grpc_response":
-        return unit_cost(n) if getattr(msg, kind).has_message else 0
     return n
 
 
@@ -452,13 +450,13 @@ class Session:
         return self._queue(ex, msg)
 
     def send_body(self, request_id: str, data: bytes, end: bool = False) -> bool:
-        """HTTP: send body bytes, cut into chunks of at most ``max_chunk``."""
+        """HTTP and gRPC (wire v3): send body bytes, cut into chunks of at most ``max_chunk``."""
         ex = self._exchanges.get(request_id)
         if ex is None:
             return False
         kind = _BODY_KINDS[(ex.protocol, ex.initiated_here)]
-        if kind not in ("http_request", "http_response"):
-            raise SessionError("send_body() is for HTTP exchanges")
+        if kind == "ws_frame":
+            raise SessionError("send_body() is for HTTP and gRPC exchanges")
         if ex.local_ended:
             raise SessionError(f"send_body() after the end of request {request_id}")
         view = memoryview(data)
@@ -661,7 +659,7 @@ class Session:
             self._fail(ex, f"{kind} {'without' if expect_head else 'with'} a head where {'one' if expect_head else 'none'} belongs")
             return
         size = len(body_of(msg))
-        if ex.protocol == pb.HTTP and size > self.max_chunk:
+        if ex.protocol != pb.WEBSOCKET and size > self.max_chunk:
             self._fail(ex, f"body chunk of {size} bytes exceeds {self.max_chunk}")
             return
         # Checked before this unit counts: did the consumer take all before it?
@@ -710,7 +708,7 @@ class Session:
             self._events.append(ProtocolViolation(f"refused: at max_concurrency {self.max_concurrency}", rid))
             return
         size = len(body_of(msg))
-        if protocol == pb.HTTP and size > self.max_chunk:
+        if protocol != pb.WEBSOCKET and size > self.max_chunk:
             self.dropped += 1
             self._events.append(ProtocolViolation(f"body chunk of {size} bytes exceeds {self.max_chunk}", rid))
             self._send_error(rid, PROTOCOL_ERROR, "body chunk too large", protocol)

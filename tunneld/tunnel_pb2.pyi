@@ -134,7 +134,7 @@ class HttpResponse(_message.Message):
     def __init__(self, status_code: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., is_first_chunk: _Optional[bool] = ..., is_last_chunk: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GrpcRequest(_message.Message):
-    __slots__ = ("service", "method", "host", "metadata", "body", "is_first_chunk", "is_last_chunk", "route", "timeout", "has_message")
+    __slots__ = ("service", "method", "host", "metadata", "body", "is_first_chunk", "is_last_chunk", "route", "timeout", "remote_addr")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -144,7 +144,7 @@ class GrpcRequest(_message.Message):
     IS_LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
-    HAS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
     service: str
     method: str
     host: str
@@ -154,11 +154,11 @@ class GrpcRequest(_message.Message):
     is_last_chunk: bool
     route: str
     timeout: float
-    has_message: bool
-    def __init__(self, service: _Optional[str] = ..., method: _Optional[str] = ..., host: _Optional[str] = ..., metadata: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., is_first_chunk: _Optional[bool] = ..., is_last_chunk: _Optional[bool] = ..., route: _Optional[str] = ..., timeout: _Optional[float] = ..., has_message: _Optional[bool] = ...) -> None: ...
+    remote_addr: str
+    def __init__(self, service: _Optional[str] = ..., method: _Optional[str] = ..., host: _Optional[str] = ..., metadata: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., is_first_chunk: _Optional[bool] = ..., is_last_chunk: _Optional[bool] = ..., route: _Optional[str] = ..., timeout: _Optional[float] = ..., remote_addr: _Optional[str] = ...) -> None: ...
 
 class GrpcResponse(_message.Message):
-    __slots__ = ("status_code", "initial_metadata", "body", "is_first_chunk", "is_last_chunk", "details", "trailing_metadata", "has_message")
+    __slots__ = ("status_code", "initial_metadata", "body", "is_first_chunk", "is_last_chunk", "details", "trailing_metadata")
     STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
     INITIAL_METADATA_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
@@ -166,7 +166,6 @@ class GrpcResponse(_message.Message):
     IS_LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
     TRAILING_METADATA_FIELD_NUMBER: _ClassVar[int]
-    HAS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     status_code: int
     initial_metadata: _containers.RepeatedCompositeFieldContainer[Header]
     body: bytes
@@ -174,8 +173,7 @@ class GrpcResponse(_message.Message):
     is_last_chunk: bool
     details: str
     trailing_metadata: _containers.RepeatedCompositeFieldContainer[Header]
-    has_message: bool
-    def __init__(self, status_code: _Optional[int] = ..., initial_metadata: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., is_first_chunk: _Optional[bool] = ..., is_last_chunk: _Optional[bool] = ..., details: _Optional[str] = ..., trailing_metadata: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., has_message: _Optional[bool] = ...) -> None: ...
+    def __init__(self, status_code: _Optional[int] = ..., initial_metadata: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., is_first_chunk: _Optional[bool] = ..., is_last_chunk: _Optional[bool] = ..., details: _Optional[str] = ..., trailing_metadata: _Optional[_Iterable[_Union[Header, _Mapping]]] = ...) -> None: ...
 
 class WebSocketRequest(_message.Message):
     __slots__ = ("url", "host", "headers", "subprotocols", "route", "scheme", "remote_addr")

@@ -35,7 +35,7 @@ class TunnelServiceStub:
             channel: A grpc.Channel.
         """
         self.Proxy = channel.stream_stream(
-                '/tunneld.v2.TunnelService/Proxy',
+                '/tunneld.v3.TunnelService/Proxy',
                 request_serializer=tunneld_dot_tunnel__pb2.TunnelFrame.SerializeToString,
                 response_deserializer=tunneld_dot_tunnel__pb2.TunnelFrame.FromString,
                 _registered_method=True)
@@ -60,9 +60,9 @@ def add_TunnelServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'tunneld.v2.TunnelService', rpc_method_handlers)
+            'tunneld.v3.TunnelService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tunneld.v2.TunnelService', rpc_method_handlers)
+    server.add_registered_method_handlers('tunneld.v3.TunnelService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -83,7 +83,7 @@ class TunnelService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/tunneld.v2.TunnelService/Proxy',
+            '/tunneld.v3.TunnelService/Proxy',
             tunneld_dot_tunnel__pb2.TunnelFrame.SerializeToString,
             tunneld_dot_tunnel__pb2.TunnelFrame.FromString,
             options,
