@@ -676,9 +676,9 @@ class BackendTests(ConfigTestCase):
         self.assertEqual((route.grpc_service, route.backend), ("helloworld.Greeter", "grpcs://h:1"))
 
     def test_host_on_grpc_route(self) -> None:
-        """A host on a gRPC route is refused: grpcio cannot show the server the caller's :authority."""
-        text = self.route("grpc://h:1", "grpc_service = 'a.B'\nhost = 'api.example.com'\n")
-        self.assert_error(text, "[[routes]] #1 'r'", "host", ":authority")
+        """A gRPC route may name a host: it is matched against the call's :authority."""
+        config = self.load(self.route("grpc://h:1", "grpc_service = 'a.B'\nhost = 'api.example.com'\n"))
+        self.assertEqual(config.routes[0].host, "api.example.com")
 
     def test_grpc_service_names(self) -> None:
         """grpc_service must be dot-separated identifiers."""
@@ -1183,10 +1183,12 @@ class AccessConfigTests(ConfigTestCase):
         self.assert_error("[server]\nheader_timeout = 0\n", "[server]", "header_timeout", "> 0")
         self.assert_error("[server]\nmax_connections = 0\n", "[server]", "max_connections", ">= 1")
 
-    def test_grpc_routes_refuse_access_keys(self) -> None:
-        """Access control on a gRPC route is refused (the gRPC entry does not enforce it)."""
-        self.assert_error(GROUP + '[[routes]]\nname = "g"\ngrpc_service = "a.B"\nbackend = "grpc://127.0.0.1:1"\n'
-                          'allow_ips = ["10.0.0.0/8"]\n', "[[routes]] #1 'g'", "allow_ips", "HTTP and WebSocket")
+    def test_grpc_routes_take_access_keys(self) -> None:
+        """allow_ips, deny_ips and basic_auth apply to gRPC routes too (the HTTP/2 edge enforces them)."""
+        config = self.load(GROUP + '[[routes]]\nname = "g"\ngrpc_service = "a.B"\nbackend = "grpc://127.0.0.1:1"\n'
+                           f'allow_ips = ["10.0.0.0/8"]\ndeny_ips = ["10.1.0.0/16"]\nbasic_auth = ["{_BCRYPT_LINE}"]\n')
+        route = config.routes[0]
+        self.assertEqual((route.allow_ips, route.deny_ips, len(route.basic_auth)), (("10.0.0.0/8",), ("10.1.0.0/16",), 1))
 
     def test_describe_counts_protected_routes(self) -> None:
         """check's summary says how many routes are protected, and by what."""

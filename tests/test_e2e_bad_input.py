@@ -181,7 +181,7 @@ class RogueStreamTests(TestCase):
         got, status = yield deferToThread(rogue_session, self.stack.tunnel_port, [open_msg], TOKEN, 1,
                                           "/tunneld.v1.TunnelService/Proxy")
         self.assertEqual(status, "UNIMPLEMENTED")
-        self.assertIn("tunneld.v2", got[-1].error_message.message)
+        self.assertIn("tunneld.v3", got[-1].error_message.message)
         self.assertIn("upgrade the client", got[-1].error_message.message)
         yield self.assertLegitimateClientWorks()
 
@@ -223,7 +223,7 @@ class OldServerTests(TestCase):
 
     @inlineCallbacks
     def test_client_against_a_v1_server_says_so_and_keeps_retrying(self) -> Any:
-        """A server without tunneld.v2 answers UNIMPLEMENTED; the client logs the version mismatch and redials."""
+        """A server without tunneld.v3 answers UNIMPLEMENTED; the client logs the version mismatch and redials."""
         from concurrent.futures import ThreadPoolExecutor
 
         from twisted.logger import globalLogPublisher
@@ -231,7 +231,7 @@ class OldServerTests(TestCase):
         from tunneld.client_tap import build_client
         from tunneld.config import parse_client_config
 
-        old = grpc.server(ThreadPoolExecutor(2))  # speaks no tunneld.v2: every call is UNIMPLEMENTED
+        old = grpc.server(ThreadPoolExecutor(2))  # speaks no tunneld.v3: every call is UNIMPLEMENTED
         port = old.add_insecure_port("127.0.0.1:0")
         old.start()
         self.addCleanup(old.stop, None)
@@ -250,7 +250,7 @@ class OldServerTests(TestCase):
             yield wait_for(lambda: app.dial.attempts >= 2 and any("another tunnel protocol" in x for x in lines),
                            what="a second attempt and the version line")
             line = next(x for x in lines if "another tunnel protocol" in x)
-            self.assertIn("tunneld.v2", line)
+            self.assertIn("tunneld.v3", line)
             self.assertFalse(app.hub.is_connected)
         finally:
             yield app.service.stopService()

@@ -505,9 +505,9 @@ class InProcessFaultTests(TestCase):
 
     @inlineCallbacks
     def test_silent_connection_to_the_grpc_entry_is_closed_too(self) -> Any:
-        """The public gRPC entry applies the same handshake deadline as the tunnel port."""
-        self.patch(bridge_stream, "HANDSHAKE_TIMEOUT_MS", 1000)
-        stack = yield self.make_stack([{"name": "web", "backend": "http://127.0.0.1:9"}], grpc_listen="127.0.0.1:0")
+        """The public gRPC entry closes a connection that sends no request within header_timeout."""
+        stack = yield self.make_stack([{"name": "web", "backend": "http://127.0.0.1:9"}], grpc_listen="127.0.0.1:0",
+                                      header_timeout=1)
         outcome, took = yield deferToThread(raw_exchange, stack.grpc_port, b"", False, 10.0)
         measured("handshake_timeout.grpc_entry.closed_after", took)
         self.assertEqual(outcome, "closed")

@@ -41,6 +41,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from bench.backend import make_site
+from tests import h2_frames
 from tests.grpc_services import RAW_SERVICE, GrpcBackend
 from tests.harness import wait_for
 from tests.processes import ROOT, ProcessStack, Twistd, free_port
@@ -91,7 +92,8 @@ def haproxy_config(http_port: int, grpc_port: int, stats_port: int, servers: lis
         f"    server s{i} 127.0.0.1:{s.http_port} send-proxy-v2 check port {s.admin_port}"
         for i, s in enumerate(servers))
     grpc_servers = "\n".join(
-        f"    server s{i} 127.0.0.1:{s.grpc_port} proto h2 check port {s.admin_port} check-proto h1"
+        f"    server s{i} 127.0.0.1:{s.grpc_port} proto h2 send-proxy-v2 source 127.0.0.4 check port {s.admin_port} "
+        f"check-proto h1"
         for i, s in enumerate(servers))
     return f"""global
     maxconn 2000
@@ -365,14 +367,22 @@ class FleetTests(FleetCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 101"), head)
         self.assertEqual(echoed, b"hello through haproxy")
 
-        def unary() -> tuple[bytes, Any]:
+        def unary() -> tuple[bytes, Any, dict[str, Any]]:
             with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
                 call = channel.unary_unary(f"/{RAW_SERVICE}/Echo")
                 answer, call_info = call.with_call(b"ping via h2", timeout=10)
-                return answer, call_info.code()
+                return answer, call_info.code(), dict(call_info.initial_metadata())
 
-        answer, code = yield deferToThread(unary)
+        answer, code, echoed = yield deferToThread(unary)
         self.assertEqual((answer, code), (b"ping via h2", grpc.StatusCode.OK))
+        # HAProxy dials the gRPC entry from 127.0.0.4; the PROXY v2 header carries the caller's 127.0.0.1.
+        self.assertEqual(echoed["x-forwarded-for"], "127.0.0.1")
+        call = h2_frames.frame(h2_frames.HEADERS, h2_frames.END_HEADERS | h2_frames.END_STREAM, 1,
+                               h2_frames.grpc_request_block(f"/{RAW_SERVICE}/Echo".encode()))
+        got = yield deferToThread(raw_exchange, self.a.grpc_port, h2_frames.PREFACE + h2_frames.settings() + call)
+        # Straight to the entry, no PROXY header: closed unanswered (the server's own preface frames only).
+        self.assertEqual({kind for kind, *_ in h2_frames.parse(got)} - {h2_frames.SETTINGS, h2_frames.WINDOW_UPDATE},
+                         set())
 
     @inlineCallbacks
     def test_rolling_restart_loses_nothing(self) -> Any:

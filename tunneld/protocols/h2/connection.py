@@ -53,6 +53,7 @@ ENHANCE_YOUR_CALM: Final = 0xB
 CONNECTION_LOST: Final = -1
 
 _BIG_WINDOW: Final = 2**31 - 1
+_LINGER: Final = 2.0   # seconds a terminated connection discards input before it is cut
 _Errors = (ngh2.NGH2Error,)
 
 
@@ -114,8 +115,10 @@ class H2Connection(Protocol):
         self._receiving = False
         self._paused = False
         self._closing = False
+        self._lingering = False              # GOAWAY written, write side closed, input discarded
         self._timer: IDelayedCall | None = None
         self.peer_resets = 0                 # streams the peer reset (logged once, at the end)
+        self.last_stream_id = 0              # the highest stream the peer opened
         self.ended_by = ""                   # why we ended the connection, if we did
         self.on_lost: Callable[[H2Connection], None] | None = None
 
@@ -144,7 +147,7 @@ class H2Connection(Protocol):
         self.flush()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing and not self.handlers:
+        if self._lingering or (self._closing and not self.handlers):
             return
         self._receiving = True
         try:
@@ -288,6 +291,7 @@ class H2Connection(Protocol):
                 inc.end = e.end_stream
                 if t is ngh2.RequestReceived:
                     self._disarm()
+                    self.last_stream_id = max(self.last_stream_id, e.stream_id)
                     if not self._stream_opened(e.stream_id):
                         batch.pop(e.stream_id, None)
             elif t is ngh2.TrailersReceived:
@@ -298,11 +302,22 @@ class H2Connection(Protocol):
                 if t is ngh2.StreamReset:
                     self.peer_resets += 1
                     continue
-                self._deliver(batch.pop(e.stream_id, None), e.stream_id)
+                inc = batch.pop(e.stream_id, None)
+                if inc is not None and inc.headers is not None and e.error_code:
+                    # Opened and reset in the same read (rapid reset): never started, nothing to tell.
+                    self._forget(e.stream_id)
+                else:
+                    self._deliver(inc, e.stream_id)
                 self._stream_closed(e.stream_id, e.error_code)
             elif t is ngh2.ConnectionClosed:
-                self._deliver_all(batch)
-                self._closing = True
+                # nghttp2 ended the connection itself (a flood it detected, or the peer's GOAWAY done).
+                batch.clear()
+                if e.error_code:
+                    self.ended_by = f"HTTP/2 error {e.error_code} ({bytes(e.debug_data)[:100]!r})"
+                    self.log.warn("HTTP/2 connection from {peer} closed with GOAWAY: {why}", peer=self.peer,
+                                  why=self.ended_by)
+                self.terminate(e.error_code)
+                return
             elif t is ngh2.GoAwayReceived:
                 self.goaway_received(e.last_stream_id, e.error_code)
             elif t is ngh2.SettingsReceived:
@@ -374,16 +389,41 @@ class H2Connection(Protocol):
 
     def terminate(self, error_code: int = NO_ERROR) -> None:
         """Final GOAWAY now and close; streams in flight are cut (CONNECTION_LOST to their handlers)."""
+        if self._lingering:
+            return
         self._closing = True
         try:
             self.h2.terminate_connection(error_code)
+        except _Errors:
+            pass   # already terminating (nghttp2 queued its own GOAWAY) or unusable
+        try:
             out = self.h2.data_to_send()
         except _Errors:
-            out = b""
-        if self.transport is not None:
-            if out:
-                self.transport.write(out)
-            self.transport.loseConnection()
+            # After a fatal receive error nghttp2 is unusable (a flood it refused): the GOAWAY is ours to write.
+            out = _goaway_frame(self.last_stream_id, error_code)
+        self._linger(out)
+
+    def _linger(self, last: bytes) -> None:
+        """Write the last bytes, then half-close and discard input for a moment before closing.
+
+        Closing a socket with unread input makes the kernel send RST, and the
+        peer may then lose the GOAWAY that explains why; a flooding peer
+        always has unread input.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        self._lingering = True
+        self._disarm()
+        if last:
+            transport.write(last)
+        try:
+            transport.loseWriteConnection()
+        except Exception:
+            transport.loseConnection()
+            return
+        abort = getattr(transport, "abortConnection", transport.loseConnection)
+        self._timer = self.clock.callLater(_LINGER, abort)
 
     def shutdown(self) -> None:
         """Graceful: GOAWAY (no new streams), streams in flight finish, then close."""
@@ -400,6 +440,8 @@ class H2Connection(Protocol):
             self.transport.loseConnection()
 
     def _arm(self, seconds: float, why: str) -> None:
+        if self._lingering:
+            return
         self._disarm()
         if seconds > 0:
             self._timer = self.clock.callLater(seconds, self._expire, why)
@@ -431,6 +473,12 @@ class H2Connection(Protocol):
 
     def became_idle(self) -> None:
         """No stream is open any more."""
+
+
+def _goaway_frame(last_stream_id: int, error_code: int) -> bytes:
+    """A GOAWAY frame (RFC 9113 §6.8), for when nghttp2 can no longer make one."""
+    payload = last_stream_id.to_bytes(4, "big") + error_code.to_bytes(4, "big")
+    return len(payload).to_bytes(3, "big") + b"\x07\x00" + b"\x00\x00\x00\x00" + payload
 
 
 class H2ClientConnection(H2Connection):

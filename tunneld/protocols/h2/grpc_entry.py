@@ -176,7 +176,8 @@ class GrpcEntryCall:
         self.tunnel = tunnel = decision.tunnel
         self.route = decision.route
         self.client_id = decision.client_id
-        self.scanner = gw.MessageScanner(decision.max_message_size)
+        self.scanner = gw.MessageScanner(decision.max_message_size,
+                                         inspector.body_bytes if self.rec is not None and inspector is not None else 0)
         metadata = metadata_of(headers, decision.strip_authorization)
         if address:
             metadata.append((b"x-forwarded-for", address.encode("latin-1")))
@@ -414,6 +415,7 @@ class GrpcEntryConnection(H2Connection):
         self.dispatcher = factory.dispatcher
         self.inspector = factory.inspector
         self.address = ""
+        self.peer_known = False
         self.cancelled = 0
 
     def connectionMade(self) -> None:
@@ -428,6 +430,15 @@ class GrpcEntryConnection(H2Connection):
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         self.factory.release(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.peer_known:
+            # Behind the PROXY protocol the caller's address is known only once its header was read,
+            # which is before the first byte reaches this protocol.
+            self.peer_known = True
+            assert self.transport is not None
+            self.address = hd.address_ip(self.transport.getPeer())
+        super().dataReceived(data)
 
     def stream_opened(self, stream_id: int) -> StreamHandler | None:
         if self.factory.draining:
