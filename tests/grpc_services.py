@@ -45,7 +45,7 @@ class RawService:
         self.gate = threading.Event()  # Gated waits for it before reading its requests
 
     def echo(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        sent = [(k, v) for k, v in context.invocation_metadata() if k.startswith("x-")]
+        sent = [(k, v) for k, v in context.invocation_metadata() if k.startswith("x-") or k == "authorization"]
         context.send_initial_metadata(sent)
         context.set_trailing_metadata((("x-trailer", "done"), ("x-trailer-bin", b"\x00\xfe\xff")))
         return request
@@ -113,7 +113,7 @@ class RawService:
 class GrpcBackend:
     """A real grpc server with the services above on an ephemeral loopback port."""
 
-    def __init__(self, workers: int = 16) -> None:
+    def __init__(self, workers: int = 16, tls: tuple[bytes, bytes] | None = None) -> None:
         self.raw = RawService()
         self.health = health.HealthServicer()
         self.server = grpc.server(
@@ -124,13 +124,17 @@ class GrpcBackend:
         self.server.add_generic_rpc_handlers((self.raw.handler(),))
         names = (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME, RAW_SERVICE)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:   # (key PEM, certificate chain PEM): a grpcs:// backend
+            self.port = self.server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([tls]))
+        self.tls = tls is not None
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     @property
     def url(self) -> str:
-        return f"grpc://127.0.0.1:{self.port}"
+        return f"{'grpcs' if self.tls else 'grpc'}://127.0.0.1:{self.port}"
 
     def stop(self) -> Any:
         self.health.enter_graceful_shutdown()
