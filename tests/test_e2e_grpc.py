@@ -149,6 +149,21 @@ class GrpcEndToEndTests(PooledTestCase):
         yield self.assertReleased()
 
     @inlineCallbacks
+    def test_a_unary_call_is_one_tunnel_message_each_way(self) -> Any:
+        """Request head+message+half-close travel as one message; the answer's headers, message and status too."""
+        assert self.stack.server is not None
+        [stream] = list(self.stack.server.hub.streams.values())
+        before_in, before_out = stream.tunnel.messages_in, stream.tunnel.messages_out
+        calls = 20
+        for i in range(calls):
+            body = yield deferToThread(self.raw("Echo"), b"one %d" % i, timeout=10)
+            self.assertEqual(body, b"one %d" % i)
+        # A few heartbeats may ride along; a second message per call would double the counts.
+        self.assertLessEqual(stream.tunnel.messages_out - before_out, calls + 3)
+        self.assertLessEqual(stream.tunnel.messages_in - before_in, calls + 3)
+        yield self.assertReleased()
+
+    @inlineCallbacks
     def test_error_status_details_and_trailers_come_back_exact(self) -> Any:
         """A backend error keeps its code, details and trailing metadata (incl. -bin)."""
         try:

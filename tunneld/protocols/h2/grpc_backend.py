@@ -47,6 +47,8 @@ from tunneld.protocols.h2.connection import (CANCEL, CONNECTION_LOST, H2ClientCo
 from tunneld.tunnel import Tunnel
 
 _MAX_CHUNK = s.MAX_CHUNK
+#: The start of an answer to a finished request waits this long for the rest (its status) to join it.
+HOLD_GRACE = 0.002
 _NOT_METADATA = frozenset({b"te", b"grpc-timeout", b"connection", b"keep-alive", b"proxy-connection",
                            b"transfer-encoding", b"upgrade", b"host", b"content-length"})
 _STATUS_KEYS = (b"grpc-status", b"grpc-message")
@@ -217,6 +219,11 @@ class GrpcBackendCall:
         self.head_sent = False
         self.held = 0                # backend bytes the tunnel has not taken yet (acknowledged at writable)
         self.scanner = gw.MessageScanner(route.max_message_size or 0)
+        self.waiting: pb.GrpcResponse | None = None    # the answer's start, waiting to travel with what follows
+        self.waiting_body = b""
+        self.waited_once = False
+        self.hold_timer: Any = None
+        self.request_ended = False
         self.status = ""
         self.bytes_out = 0
         self.started = time.monotonic()
@@ -245,6 +252,8 @@ class GrpcBackendCall:
 
     def aborted(self, code: int, message: str, by_peer: bool) -> None:
         # The caller went away, its deadline passed, or the tunnel was lost: the backend learns now.
+        self._release_hold()
+        self.waiting = None
         if not self.done:
             self.done = True
             self.status = self.status or f"aborted {code}: {message}"
@@ -283,6 +292,7 @@ class GrpcBackendCall:
         headers.extend(metadata)
         pending, self.pending = self.pending, []
         end_now = len(pending) == 1 and pending[0] == (b"", True)
+        self.request_ended = end_now
         try:
             self.stream_id = conn.open_stream(headers, _StreamSide(self), end=end_now)
         except (StreamRefused, ValueError, TypeError) as e:
@@ -302,6 +312,8 @@ class GrpcBackendCall:
     def _send(self, body: bytes, end: bool) -> None:
         conn = self.conn
         assert conn is not None
+        if end:
+            self.request_ended = True
         try:
             if body or end:
                 conn.send_data(self.stream_id, body, end=end)
@@ -316,7 +328,15 @@ class GrpcBackendCall:
             if inc.body and self.conn is not None:
                 self.conn.ack(self.stream_id, len(inc.body))
             return
-        resp = pb.GrpcResponse()
+        resp = self.waiting
+        body = inc.body
+        if resp is not None:
+            # What waited (headers, perhaps the first message) joins what came now.
+            self._release_hold()
+            self.waiting, self.waited_once = None, True
+            body, self.waiting_body = self.waiting_body + body, b""
+        else:
+            resp = pb.GrpcResponse()
         if inc.headers is not None:
             fields = dict(inc.headers)
             http_status = fields.get(b":status", b"")
@@ -333,17 +353,41 @@ class GrpcBackendCall:
                 self._relay(resp, b"")
                 return
             resp.initial_metadata.extend(_to_pb(inc.headers))
-        body = inc.body
-        if body:
-            scanned = self.scanner.feed(body)
+        if inc.body:
+            scanned = self.scanner.feed(inc.body)
             if scanned.error:
                 self._cancel_stream()
-                self.conn.ack(self.stream_id, len(body)) if self.conn is not None else None
+                if self.conn is not None:
+                    self.conn.ack(self.stream_id, len(body))
                 self._answer(gw.STATUS["RESOURCE_EXHAUSTED"], f"backend sent a {scanned.error}")
                 return
         if inc.trailers is not None or inc.end:
             self._status_into(resp, inc.trailers or [])
+        elif self._worth_holding(resp, body):
+            # Backends write headers, a message and the status separately: when the caller has said
+            # everything (unary, server-streaming), wait a moment so they travel as ONE tunnel message.
+            self.waiting, self.waiting_body = resp, body
+            self.hold_timer = self.backends.reactor.callLater(HOLD_GRACE, self._send_held)
+            return
         self._relay(resp, body)
+
+    def _worth_holding(self, resp: pb.GrpcResponse, body: bytes) -> bool:
+        """Only the start of an answer to a finished request, and only small: a stream never waits twice."""
+        return self.request_ended and not self.waited_once and len(body) <= _MAX_CHUNK
+
+    def _send_held(self) -> None:
+        """Nothing followed in time: what waited goes alone."""
+        self.hold_timer = None
+        self.waited_once = True
+        resp, self.waiting = self.waiting, None
+        body, self.waiting_body = self.waiting_body, b""
+        if resp is not None and not self.done:
+            self._relay(resp, body)
+
+    def _release_hold(self) -> None:
+        if self.hold_timer is not None and self.hold_timer.active():
+            self.hold_timer.cancel()
+        self.hold_timer = None
 
     def _status_into(self, resp: pb.GrpcResponse, trailers: Headers) -> None:
         fields = dict(trailers)
@@ -412,7 +456,11 @@ class GrpcBackendCall:
 
     def _answer(self, code: int, details: str) -> None:
         """End the tunnel request with a status made here."""
-        resp = pb.GrpcResponse(is_last_chunk=True, status_code=code, details=details)
+        self._release_hold()
+        resp = pb.GrpcResponse(is_first_chunk=self.waiting is not None and self.waiting.is_first_chunk,
+                               initial_metadata=self.waiting.initial_metadata if self.waiting is not None else ())
+        self.waiting, self.waiting_body = None, b""
+        resp.is_last_chunk, resp.status_code, resp.details = True, code, details
         if not self.head_sent:
             resp.is_first_chunk = True
             self.head_sent = True
