@@ -219,8 +219,12 @@ class ShippedFilesTests(ConfigTestCase):
         self.assertIn(client.token, group.tokens)
 
     def test_spec_example_loads(self) -> None:
-        """The server.toml example of SPEC section 4 is valid."""
-        loaded = self.load(SPEC_EXAMPLE)
+        """The server.toml example of SPEC section 4 is valid once its example token is replaced (SPEC §8.2)."""
+        with self.assertRaises(ConfigError) as caught:
+            self.load(SPEC_EXAMPLE)
+        self.assertEqual((caught.exception.table, caught.exception.key), ("[[groups]] #1 'default'", "tokens"))
+        loaded = self.load(SPEC_EXAMPLE.replace('"change-me"', '"' + "k" * 32 + '"'))
+        self.assertEqual(loaded.warnings, ())
         self.assertEqual(loaded.server.tunnel_listen, "0.0.0.0:7000")
         self.assertEqual([r.name for r in loaded.routes], ["web", "greeter"])
         self.assertEqual(loaded.forward[0].name, "forward-1")
@@ -271,7 +275,8 @@ class DefaultsTests(ConfigTestCase):
     def test_tokens_not_in_repr(self) -> None:
         """Tokens stay out of repr(), so logging a config never leaks them."""
         loaded = self.load(GROUP)
-        self.assertNotIn("secret", repr(loaded))
+        # "'secret'": the token itself (inspect_mask's "*secret*" pattern may appear).
+        self.assertNotIn("'secret'", repr(loaded))
         self.assertNotIn("change-me", repr(load_client_config(None)))
 
 
@@ -1060,9 +1065,11 @@ class CheckCommandTests(ConfigTestCase):
         return code, stdout.getvalue(), stderr.getvalue()
 
     def test_valid_server(self) -> None:
-        """check on a valid server file prints OK and a summary, exit 0."""
+        """check on a valid server file prints OK and a summary, exit 0 (the shipped token: one warning)."""
         code, out, err = self.run_main(["check", SERVER_TOML])
-        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(code, 0)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertTrue(err.startswith("warning: ") and "'change-me' is the shipped example token" in err, err)
         self.assertTrue(out.startswith("OK: "), out)
         self.assertEqual(out.count("\n"), 1)
 
