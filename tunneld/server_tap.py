@@ -186,7 +186,7 @@ class ReloadOnHangup(HangupService):
             self.log.error("config reload refused, keeping the running config: {error}", error=str(e))
             return
         for warning in config.warnings:
-            self.log.warn("{warning}", warning=warning)
+            self.log.warn("unsafe setting: {problem}", problem=warning)
         self.hub.reload(config)
 
 
@@ -195,7 +195,7 @@ def makeService(options: Options) -> MultiService:
 
     config = options["loaded"]
     for warning in config.warnings:   # unsafe but allowed on loopback (shown once logging starts)
-        Logger().warn("{warning}", warning=warning)
+        Logger().warn("unsafe setting: {problem}", problem=warning)
     app = build_server(config, reactor)
     ReloadOnHangup(config.path, app.hub, reactor).setServiceParent(app.service)
     return with_log_format(app.service, config.server.log_format, getattr(options, "parent", None))

@@ -745,12 +745,14 @@ class EntryChannel(http.HTTPChannel):
 
 
 def _chunk_too_big(request: Any, size: int) -> bool:
-    """Would a chunk of ``size`` bytes take ``request``'s body past its route's ``max_body_size``?"""
+    """Is one chunk of ``size`` bytes alone above ``request``'s route ``max_body_size``?
+
+    (A body that grows past the limit over several chunks gets 413 as before.)"""
     exchange = getattr(request, "exchange", None)
     target = exchange.target if exchange is not None else None
     if target is None or not target.max_body_size:
         return False
-    return bool(exchange.body_in + size > target.max_body_size)
+    return size > target.max_body_size
 
 
 class _EntryProtocol(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
