@@ -131,13 +131,13 @@ class OpenGuard:
         k = self.table.get(address)
         if k is None or self.limit <= 0 or len(k.fails) < self.limit:
             return False
-        return now < k.fails[0] + self.window
+        return now < k.fails[-self.limit] + self.window
 
     def retry_after(self, address: str, now: float) -> float:
         """Seconds until ``address``'s throttle ends (0 when it is not throttled)."""
         if not self.throttled(address, now):
             return 0.0
-        return self.table[address].fails[0] + self.window - now
+        return self.table[address].fails[-self.limit] + self.window - now
 
     def accepted(self) -> None:
         self.counts["accepted"] += 1
