@@ -15,7 +15,7 @@ sends bytes that are not a ``TunnelMessage`` is ended with ``ABORTED``.
 
 Who knocks (SPEC §8.2): every open is counted by result in an ``OpenGuard``
 (registry/admission.py) and every refusal logged, at most one line per
-address per ``LOG_INTERVAL`` carrying a count.  An address that keeps
+address per ``admission.LOG_INTERVAL`` (10 s) carrying a count.  An address that keeps
 failing is throttled: its opens end with ``RESOURCE_EXHAUSTED`` before the
 server-wide ``open_rate`` is asked, so a flood from one address never uses
 up the opens of clients elsewhere, and before any token is compared.
@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from tunneld import tunnel_pb2 as pb
 from tunneld.frames import DEFAULT_MAX_FRAME_SIZE
 from tunneld.grpc_bridge.stream import Bridge, ServerCredentialsFactory, StreamHandle, start_server
-from tunneld.registry.admission import LOG_INTERVAL, OpenGuard, OpenRateLimiter, RefusalLine
+from tunneld.registry.admission import OpenGuard, OpenRateLimiter, RefusalLine
 
 #: An accepted Proxy call must send ``stream_open`` within this many seconds.
 OPEN_TIMEOUT = 10.0
@@ -127,14 +127,15 @@ class _Servicer:
         logs alike (etc/fail2ban/ matches it)."""
         results = ", ".join(f"{k} {v}" for k, v in sorted(line.by_result.items()))
         self.log.warn("refused tunnel open from {address}: {reason} (group {group!r}); "
-                      "{count} refused in {interval:g} s: {results}",
+                      "{count} refused since this address's last line ({results})",
                       address=line.address, reason=line.detail, group=line.group, count=line.count,
-                      interval=LOG_INTERVAL, results=results, by_result=line.by_result)
+                      results=results, by_result=line.by_result)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, address: str, result: str,
                       code: grpc.StatusCode, message: str, *, group: str = "", detail: str = "") -> None:
         """Count and (maybe) log a refused open, then end the call with ``code``."""
-        line = self.guard.refused(address, result, asyncio.get_running_loop().time(), group=group,
+        # The group name comes from the peer: a bounded piece of it in the log.
+        line = self.guard.refused(address, result, asyncio.get_running_loop().time(), group=group[:64],
                                   detail=detail or message)
         if line is not None:
             self.bridge.to_reactor(self.log_refusal, line)
