@@ -1336,3 +1336,40 @@ class NewKeysTests(ConfigTestCase):
         self.assert_error('[server]\ninspect_mask = ["bad name"]\n', "[server]", "inspect_mask", "item 1")
         self.assert_error('[server]\ninspect_mask = ["**"]\n', "[server]", "inspect_mask", "item 1")
         self.assert_error('[client]\nadmin_hosts = [1]\n', "[client]", "admin_hosts", loader=load_client_config)
+
+
+class UnsafeDefaultsLoggedTests(ConfigTestCase):
+    """The server logs the warnings: at start (makeService) and on a SIGHUP reload."""
+
+    def capture(self) -> list[str]:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        seen: list[str] = []
+
+        def observe(event: dict[str, object]) -> None:
+            text = formatEvent(event)
+            if text.startswith("unsafe setting: "):
+                seen.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return seen
+
+    def test_start_and_reload_log_each_warning(self) -> None:
+        """A short token on loopback: one 'unsafe setting' line at start and one per reload."""
+        from twisted.internet.task import Clock
+
+        from tunneld import server_tap
+        from tunneld.server_hub import ServerHub
+
+        path = self.write('[server]\nhttp_listen = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
+                          'grpc_listen = ""\nadmin_listen = ""\n[[groups]]\nname = "default"\ntokens = ["short"]\n')
+        seen = self.capture()
+        options = server_tap.Options()
+        options.parseOptions(["-c", path])
+        server_tap.makeService(options)   # composes only: nothing listens until startService
+        self.assertEqual(len(seen), 1)
+        self.assertIn("a token of 5 bytes is too short", seen[0])
+        hub = ServerHub(load_server_config(path), Clock())
+        server_tap.ReloadOnHangup(path, hub, Clock()).reload()
+        self.assertEqual(len(seen), 2)
