@@ -219,8 +219,12 @@ class ShippedFilesTests(ConfigTestCase):
         self.assertIn(client.token, group.tokens)
 
     def test_spec_example_loads(self) -> None:
-        """The server.toml example of SPEC section 4 is valid."""
-        loaded = self.load(SPEC_EXAMPLE)
+        """The server.toml example of SPEC section 4 is valid once its example token is replaced (SPEC §8.2)."""
+        with self.assertRaises(ConfigError) as caught:
+            self.load(SPEC_EXAMPLE)
+        self.assertEqual((caught.exception.table, caught.exception.key), ("[[groups]] #1 'default'", "tokens"))
+        loaded = self.load(SPEC_EXAMPLE.replace('"change-me"', '"' + "k" * 32 + '"'))
+        self.assertEqual(loaded.warnings, ())
         self.assertEqual(loaded.server.tunnel_listen, "0.0.0.0:7000")
         self.assertEqual([r.name for r in loaded.routes], ["web", "greeter"])
         self.assertEqual(loaded.forward[0].name, "forward-1")
@@ -271,7 +275,8 @@ class DefaultsTests(ConfigTestCase):
     def test_tokens_not_in_repr(self) -> None:
         """Tokens stay out of repr(), so logging a config never leaks them."""
         loaded = self.load(GROUP)
-        self.assertNotIn("secret", repr(loaded))
+        # "'secret'": the token itself (inspect_mask's "*secret*" pattern may appear).
+        self.assertNotIn("'secret'", repr(loaded))
         self.assertNotIn("change-me", repr(load_client_config(None)))
 
 
@@ -1060,9 +1065,11 @@ class CheckCommandTests(ConfigTestCase):
         return code, stdout.getvalue(), stderr.getvalue()
 
     def test_valid_server(self) -> None:
-        """check on a valid server file prints OK and a summary, exit 0."""
+        """check on a valid server file prints OK and a summary, exit 0 (the shipped token: one warning)."""
         code, out, err = self.run_main(["check", SERVER_TOML])
-        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(code, 0)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertTrue(err.startswith("warning: ") and "'change-me' is the shipped example token" in err, err)
         self.assertTrue(out.startswith("OK: "), out)
         self.assertEqual(out.count("\n"), 1)
 
@@ -1247,3 +1254,124 @@ class FleetSettingsTests(SynchronousTestCase):
         cfg = parse_client_config({"client": {"client_id": "c", "dial_jitter": 20,
                                               "server": ["a:7000", "b:7000"]}}, "c.toml")
         self.assertEqual([d.dial_jitter for d in build_client(cfg, reactor).dials], [20.0, 20.0])
+
+
+STRONG = "Zq3v8K1xN0pLr6TgWbYc2sHdFe9Ju4Ma"   # 32 bytes, not an example
+
+
+class UnsafeDefaultsTests(ConfigTestCase):
+    """Weak tokens and open admin ports facing the internet are errors; on loopback, warnings (SPEC §8.2)."""
+
+    def server(self, listen: str, token: str, admin: str = "127.0.0.1:9100", admin_token: str = "") -> str:
+        return (f'[server]\ntunnel_listen = "{listen}"\nadmin_listen = "{admin}"\nadmin_token = "{admin_token}"\n'
+                f'[[groups]]\nname = "default"\ntokens = ["{STRONG}", "{token}"]\n')
+
+    def test_short_or_example_token_on_a_public_tunnel_port_is_an_error(self) -> None:
+        """A token < 16 bytes or the shipped example with tunnel_listen off loopback names file, table, key and a recipe."""
+        for listen in ("0.0.0.0:7000", "[::]:7000", "192.0.2.1:7000", "tunnel.example.com:7000"):
+            for token, why in (("change-me", "shipped example"), ("fifteen-bytes!!", "15 bytes is too short")):
+                error = self.assert_error(self.server(listen, token), "[[groups]] #1 'default'", "tokens",
+                                          "item 2", why, "secrets.token_urlsafe(32)", "not loopback")
+                self.assertNotIn(token, str(error).replace("'change-me' is the shipped", ""))
+
+    def test_the_same_on_loopback_is_a_warning(self) -> None:
+        """On 127.0.0.0/8, ::1 or localhost the config loads, with one warning per weak token."""
+        for listen in ("127.0.0.1:7000", "127.0.0.2:7000", "[::1]:7000", "localhost:7000"):
+            loaded = load_server_config(self.write(self.server(listen, "short")))
+            [warning] = loaded.warnings
+            self.assertIn("[[groups]] #1 'default' key 'tokens': item 2: a token of 5 bytes is too short", warning)
+            self.assertIn("secrets.token_urlsafe(32)", warning)
+
+    def test_strong_tokens_give_no_warning(self) -> None:
+        """16 bytes or more, not an example: nothing to say, anywhere."""
+        loaded = load_server_config(self.write(self.server("0.0.0.0:7000", "x" * 16, admin_token="t")))
+        self.assertEqual(loaded.warnings, ())
+
+    def test_open_admin_port_off_loopback_is_an_error(self) -> None:
+        """admin_listen on a non-loopback address with an empty admin_token: error; with a token or on loopback: fine."""
+        self.assert_error(self.server("127.0.0.1:7000", STRONG, admin="0.0.0.0:9100"), "[server]", "admin_token",
+                          "0.0.0.0:9100", "not loopback", "secrets.token_urlsafe(32)")
+        load_server_config(self.write(self.server("127.0.0.1:7000", STRONG, admin="0.0.0.0:9100", admin_token="t")))
+        self.assertEqual(load_server_config(self.write(self.server("127.0.0.1:7000", STRONG))).warnings, ())
+        self.assert_error('[client]\nadmin_listen = "10.1.2.3:9101"\n', "[client]", "admin_token", "not loopback",
+                          loader=load_client_config)
+        load_client_config(self.write('[client]\nadmin_listen = "127.0.0.1:9101"\n'))
+
+    def test_check_command_says_so(self) -> None:
+        """`python -m tunneld check`: the error (exit 1) off loopback, a warning line and OK (exit 0) on it."""
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        self.assertEqual(main(["check", self.write(self.server("0.0.0.0:7000", "change-me"))]), 1)
+        self.assertIn("'change-me' is the shipped example token, and tunnel_listen '0.0.0.0:7000' is not loopback",
+                      err.getvalue())
+        err.truncate(0)
+        err.seek(0)
+        self.assertEqual(main(["check", self.write(self.server("127.0.0.1:7000", "change-me"))]), 0)
+        self.assertTrue(err.getvalue().startswith("warning: "), err.getvalue())
+        self.assertIn("OK: ", out.getvalue())
+
+
+class NewKeysTests(ConfigTestCase):
+    """auth_fail_limit, auth_fail_window, admin_hosts, inspect_mask: defaults and validation."""
+
+    def test_defaults(self) -> None:
+        """SPEC §8.2 defaults, on the server and (admin_hosts, inspect_mask) the client."""
+        s = load_server_config(self.write("")).server
+        self.assertEqual((s.auth_fail_limit, s.auth_fail_window, s.admin_hosts), (10, 60.0, ()))
+        self.assertEqual(s.inspect_mask[:8], ("authorization", "cookie", "set-cookie", "proxy-authorization",
+                                              "x-api-key", "x-auth-token", "x-csrf-token", "x-session-token"))
+        self.assertEqual(set(s.inspect_mask[8:]), {"*token*", "*secret*", "*password*", "*api-key*"})
+        c = load_client_config(None).client
+        self.assertEqual((c.admin_hosts, c.inspect_mask), ((), s.inspect_mask))
+
+    def test_values_and_errors(self) -> None:
+        """Set values are kept (names lower-cased); bad ones are located errors."""
+        s = load_server_config(self.write(
+            '[server]\nauth_fail_limit = 0\nauth_fail_window = 5\nadmin_hosts = ["Admin.Example", "[::1]"]\n'
+            'inspect_mask = ["X-Mine", "*key*"]\n')).server
+        self.assertEqual((s.auth_fail_limit, s.auth_fail_window, s.admin_hosts, s.inspect_mask),
+                         (0, 5.0, ("admin.example", "::1"), ("x-mine", "*key*")))
+        self.assert_error("[server]\nauth_fail_limit = -1\n", "[server]", "auth_fail_limit", ">= 0")
+        self.assert_error("[server]\nauth_fail_window = 0\n", "[server]", "auth_fail_window", "> 0")
+        self.assert_error('[server]\nadmin_hosts = ["a.example:9100"]\n', "[server]", "admin_hosts", "item 1")
+        self.assert_error('[server]\ninspect_mask = ["bad name"]\n', "[server]", "inspect_mask", "item 1")
+        self.assert_error('[server]\ninspect_mask = ["**"]\n', "[server]", "inspect_mask", "item 1")
+        self.assert_error('[client]\nadmin_hosts = [1]\n', "[client]", "admin_hosts", loader=load_client_config)
+
+
+class UnsafeDefaultsLoggedTests(ConfigTestCase):
+    """The server logs the warnings: at start (makeService) and on a SIGHUP reload."""
+
+    def capture(self) -> list[str]:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        seen: list[str] = []
+
+        def observe(event: dict[str, object]) -> None:
+            text = formatEvent(event)
+            if text.startswith("unsafe setting: "):
+                seen.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return seen
+
+    def test_start_and_reload_log_each_warning(self) -> None:
+        """A short token on loopback: one 'unsafe setting' line at start and one per reload."""
+        from twisted.internet.task import Clock
+
+        from tunneld import server_tap
+        from tunneld.server_hub import ServerHub
+
+        path = self.write('[server]\nhttp_listen = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
+                          'grpc_listen = ""\nadmin_listen = ""\n[[groups]]\nname = "default"\ntokens = ["short"]\n')
+        seen = self.capture()
+        options = server_tap.Options()
+        options.parseOptions(["-c", path])
+        server_tap.makeService(options)   # composes only: nothing listens until startService
+        self.assertEqual(len(seen), 1)
+        self.assertIn("a token of 5 bytes is too short", seen[0])
+        hub = ServerHub(load_server_config(path), Clock())
+        server_tap.ReloadOnHangup(path, hub, Clock()).reload()
+        self.assertEqual(len(seen), 2)

@@ -13,6 +13,7 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.backends import test_site
@@ -78,6 +79,10 @@ class DashboardTests(TestCase):
         """The page loads without console errors, shows the client, its routes and failures, and updates live."""
         yield self.stack.add_client(group="edge", client_id="edge-1")
         yield self.traffic()
+        from tests.test_e2e_knock import knock   # two refused tunnel opens for the "opens refused" tile
+
+        self.assertEqual((yield deferToThread(knock, self.stack.tunnel_port, ["wrong-token"] * 2)),
+                         ["UNAUTHENTICATED"] * 2)
         yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
         page: DevTools = yield self.browser.run(self.browser.attach)
         admin = self.stack.server.admin.port.getHost().port
@@ -88,8 +93,11 @@ class DashboardTests(TestCase):
         text = yield self.browser.run(page.wait_for_text, "edge-1")
         for expected in ("Connected clients", "api.example.com/", "no client", "no route",
                          "5xx 1", "4xx 1", "/status/500", "/reports/daily", "Recent failures",
-                         "ACCESS REFUSED", "allow_ips", "ip_not_allowed 1"):
+                         "ACCESS REFUSED", "allow_ips", "ip_not_allowed 1", "TUNNEL OPENS", "OPENS REFUSED"):
             self.assertIn(expected, text)
+        tile = yield self.browser.run(page.evaluate, "const t = document.getElementById('tunnel-opens');"
+                                                     "t.querySelector('.n').textContent + ' / ' + t.title")
+        self.assertEqual(tile, "2 / unauthenticated 2, malformed 0, rate_limited 0, throttled 0")
         # A marker survives the update: the page changes in place, it is not reloaded.
         yield self.browser.run(page.evaluate, "window.__marker = 'kept'")
         yield self.stack.add_client(group="edge", client_id="edge-2")

@@ -313,7 +313,7 @@ class IpRuleTests(AccessTestCase):
 
         def admin(path: str) -> bytes:
             raw = raw_exchange(self.stack.server.admin.port.getHost().port,   # type: ignore[union-attr]
-                               f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                               f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
             return raw.split(b"\r\n\r\n", 1)[1]
 
         metrics = (yield self.in_thread(admin, "/metrics")).decode()

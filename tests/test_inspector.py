@@ -111,3 +111,70 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError):
             parse_server_config({"server": {"inspect": -1}, "groups": [{"name": "default", "tokens": ["t"]}]},
                                 "s.toml")
+
+
+class InspectMaskTests(SynchronousTestCase):
+    """inspect_mask (SPEC §8.2): headers, gRPC metadata and query parameters, in every rendering."""
+
+    SECRET_HEADERS = ("Authorization", "Cookie", "Set-Cookie", "Proxy-Authorization", "X-Api-Key", "X-Auth-Token",
+                      "X-CSRF-Token", "X-Session-Token", "X-My-Token-Here", "Client-Secret", "DB-Password",
+                      "My-Api-Key")
+
+    def test_default_mask_covers_each_name(self) -> None:
+        """Every default name, and names containing token/secret/password/api-key, are masked; others are not."""
+        ring = i.Inspector(2)
+        rec = ring.begin("http")
+        rec.request_headers = [(n.encode(), b"s3cret-" + n.encode()) for n in self.SECRET_HEADERS] + [
+            (b"Accept", b"*/*"), (b"X-Request-Id", b"r1")]
+        rec.response_headers = [(b"Set-Cookie", b"sid=s3cret")]
+        rec.path = "/a?access_token=s3cret1&page=2&token=s3cret2&api_key=ok&x-api-key=s3cret3&flag"
+        rec.end(200)
+        out = rec.to_json(bodies=True)
+        text = json.dumps(ring.listing()) + json.dumps(out)
+        self.assertNotIn("s3cret", text)
+        self.assertEqual(out["request"]["headers"][-2:], [["Accept", "*/*"], ["X-Request-Id", "r1"]])
+        self.assertEqual(out["request"]["path"],
+                         "/a?access_token=***&page=2&token=***&api_key=ok&x-api-key=***&flag")
+
+    def test_grpc_metadata_masked_whatever_the_entry(self) -> None:
+        """gRPC metadata and trailers are masked where the record is rendered (any entry fills them)."""
+        ring = i.Inspector(2)
+        rec = ring.begin("grpc")
+        rec.request_headers = [("x-api-key", b"s3cret"), ("x-session-token", b"s3cret"), ("x-user", b"ann"),
+                               ("authorization", b"Bearer s3cret")]
+        rec.trailers = [("x-refresh-token", b"s3cret")]
+        rec.end("OK")
+        out = rec.to_json()
+        self.assertNotIn("s3cret", json.dumps(out))
+        self.assertIn(["x-user", "ann"], out["request"]["metadata"])
+
+    def test_websocket_query_token(self) -> None:
+        """A WebSocket's ?token= is masked in its path."""
+        ring = i.Inspector(2)
+        rec = ring.begin("websocket")
+        rec.path = "/chat/ws?token=s3cret&room=1"
+        rec.end(1000)
+        self.assertEqual(rec.to_json()["request"]["path"], "/chat/ws?token=***&room=1")
+
+    def test_configured_mask_and_reload(self) -> None:
+        """A configured list replaces the default (wildcards allowed); assigning a new Mask applies at once."""
+        ring = i.Inspector(2, mask=("x-mine", "*-pin"))
+        rec = ring.begin("http")
+        rec.request_headers = [(b"X-Mine", b"a"), (b"Card-Pin", b"1234"), (b"X-Api-Key", b"k")]
+        rec.path = "/?card-pin=1234"
+        rec.end(200)
+        out = rec.to_json()
+        self.assertEqual(out["request"]["headers"], [["X-Mine", "***"], ["Card-Pin", "***"], ["X-Api-Key", "k"]])
+        self.assertEqual(out["request"]["path"], "/?card-pin=***")
+        ring.mask = i.Mask(i.DEFAULT_MASK)
+        self.assertEqual(rec.to_json()["request"]["headers"][2], ["X-Api-Key", "***"])
+        self.assertEqual(rec.to_json()["request"]["path"], "/?card-pin=1234")
+
+    def test_replay_keeps_the_raw_values(self) -> None:
+        """Masking is output only: the record keeps what replay needs."""
+        ring = i.Inspector(2)
+        rec = ring.begin("http")
+        rec.request_headers = [(b"X-Api-Key", b"k1")]
+        rec.path = "/?token=t"
+        rec.to_json()
+        self.assertEqual((rec.request_headers, rec.path), ([(b"X-Api-Key", b"k1")], "/?token=t"))

@@ -149,7 +149,7 @@ class OperatingKeysTests(SynchronousTestCase):
     def test_check_summarises_both_kinds(self) -> None:
         """`python -m tunneld check` prints one line with the admin port (and whether it has a token) and log format."""
         code, out, err = self.check(self.write(
-            '[server]\nadmin_token = "t"\nlog_format = "json"\n[[groups]]\nname = "default"\ntokens = ["x"]\n'))
+            '[server]\nadmin_token = "t"\nlog_format = "json"\n[[groups]]\nname = "default"\ntokens = ["x-long-enough-token-0123456789"]\n'))
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(len(out.splitlines()), 1)
         self.assertIn("admin 127.0.0.1:9100 (token), log json;", out)

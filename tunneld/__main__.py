@@ -1,6 +1,7 @@
 """Command line: ``python -m tunneld check FILE`` validates a config without starting anything.
 
-Exit status: 0 valid (prints ``OK: <summary>``), 1 invalid (the error on
+Exit status: 0 valid (prints ``OK: <summary>``, and any warnings about
+unsafe settings on stderr, each ``warning: ...``), 1 invalid (the error on
 stderr, one line), 2 usage error.
 """
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"OK: {describe(config)}")
     return 0
 

@@ -23,6 +23,16 @@ Access: with ``admin_token`` set, ``/metrics`` and ``/status`` need
 static HTML with no data and no external assets; its script reads the token
 from the URL fragment (``/#token=…``, which browsers never send to a server
 or put in a Referer) and sends it as that header when it polls ``/status``.
+
+Other web pages (SPEC §8.2): a request whose ``Host`` is not the admin
+address (the one it listens on or the one the connection arrived at),
+``localhost``, ``127.0.0.1``, ``[::1]`` or a name in ``admin_hosts`` gets
+421, so a page the operator visits cannot read the port through DNS
+rebinding.  The one state-changing request, replay, needs the admin token or,
+without one, a same-origin request that a cross-site form cannot send: an
+``Origin`` (when the browser sends one) equal to the admin address, and an
+``X-Tunneld-Replay`` header or a JSON content type (either forces a CORS
+preflight, which this port never grants).
 """
 
 from __future__ import annotations
@@ -233,6 +243,12 @@ class ServerCollector:
         yield _counter("tunneld_flow_control_stalls", "Times a request's sender paused on an empty window.",
                        counters.get("flow_stalls", 0) + stalls)
         yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
+        opens = CounterMetricFamily("tunneld_tunnel_opens", "Tunnel stream opens on the tunnel port by result "
+                                    "(accepted, unauthenticated, malformed, rate_limited, throttled).",
+                                    labels=["result"])
+        for result, n in _tunnel_opens(hub).items():
+            opens.add_metric([result], n)
+        yield opens
         entry = getattr(hub, "entry", None)
         if entry is not None:
             yield _gauge("tunneld_http_connections", "Open connections on the HTTP entry (WebSockets included).",
@@ -241,6 +257,15 @@ class ServerCollector:
                            "max_connections.", entry.refused_connections)
             yield _counter("tunneld_http_header_timeouts", "Connections closed for not sending a complete "
                            "request head within header_timeout.", entry.header_timeouts)
+
+
+def _tunnel_opens(hub: Any) -> dict[str, int]:
+    """result -> count, every result present (zeros before the tunnel port's guard exists)."""
+    from tunneld.registry.admission import RESULTS
+
+    guard = getattr(hub, "open_guard", None)
+    counts = dict(guard.counts) if guard is not None else {}
+    return {r: counts.get(r, 0) for r in RESULTS}
 
 
 def _stream_in_flight(entry: Any) -> int:
@@ -367,6 +392,7 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
         "clients_page": {"total": total, "offset": page_offset, "limit": page_limit, "group": want_group or "",
                          "q": search}, "unrouted": unrouted or {},
         "requests": summary["by_class"], "recent_errors": summary["recent_errors"], "counters": counters,
+        "tunnel_opens": _tunnel_opens(hub),
     }
 
 
@@ -476,14 +502,53 @@ class AdminResource(Resource):
 
     def __init__(self, registry: CollectorRegistry, status: Callable[[dict[str, str]], dict[str, object]],
                  token: Callable[[], str] = lambda: "", health: Callable[[], tuple[int, str]] | None = None,
-                 inspector: Inspector | None = None, replay: Callable[[Exchange], str] | None = None) -> None:
+                 inspector: Inspector | None = None, replay: Callable[[Exchange], str] | None = None,
+                 listen: str = "", hosts: Callable[[], tuple[str, ...]] = lambda: ()) -> None:
         super().__init__()
+        self.listen_host = _listen_host(listen)   # "" for a wildcard bind: the connection's address counts
+        self.hosts = hosts   # admin_hosts, read per request (a reload may change it)
         self.inspector = inspector   # None: the inspector is off (/inspect answers 404)
         self.replay = replay
         self.registry = registry
         self.status = status
         self.health = health   # the server's /healthz (no token: load balancers probe it)
         self.token = token   # read per request, so a config reload can change it
+
+    def render(self, request: server.Request) -> bytes:
+        if not self._host_allowed(request):
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"connection", b"close")
+            return self._plain(request, MISDIRECTED, "this admin port does not answer for that Host; "
+                                                     "add the name to admin_hosts if it is yours")
+        return super().render(request)  # type: ignore[no-any-return]
+
+    def _host_allowed(self, request: server.Request) -> bool:
+        """Is the request's Host one of ours? (No Host at all: not a browser, so no rebinding.)"""
+        header = request.requestHeaders.getRawHeaders(b"host")
+        if not header:
+            return True
+        if len(header) > 1:
+            return False
+        host = _host_name(header[0].decode("latin-1"))
+        if host in _ALWAYS_HOSTS or (self.listen_host and host == self.listen_host) or host in self.hosts():
+            return True
+        local = getattr(request.getHost(), "host", None)
+        return local is not None and host == local.lower()
+
+    def _same_origin_write(self, request: server.Request) -> str:
+        """Why a token-less state-changing request is refused ("" when it may proceed)."""
+        origin = request.getHeader(b"origin")
+        if origin is not None:
+            host = request.getHeader(b"host") or b""
+            if origin.lower() not in (b"http://" + host.lower(), b"https://" + host.lower()):
+                return "cross-origin request (Origin does not match Host)"
+        site = request.getHeader(b"sec-fetch-site")
+        if site is not None and site.lower() not in (b"same-origin", b"none"):
+            return "cross-site request (Sec-Fetch-Site)"
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if request.getHeader(b"x-tunneld-replay") is None and content_type != b"application/json":
+            return "send an X-Tunneld-Replay header or a JSON body (a plain form or text/plain POST is refused)"
+        return ""
 
     def render_GET(self, request: server.Request) -> bytes:
         request.setHeader(b"cache-control", b"no-store")
@@ -545,6 +610,10 @@ class AdminResource(Resource):
             return self._plain(request, http.NOT_FOUND, f"no exchange {parts[0]!r} in the inspector")
         if not post:
             return self._json(request, rec.to_json(bodies=True))
+        if not self.token():
+            why = self._same_origin_write(request)
+            if why:
+                return self._plain(request, http.FORBIDDEN, f"replay refused: {why}; or set admin_token")
         if self.replay is None:
             return self._plain(request, http.CONFLICT, "replay is not available here")
         from tunneld.protocols.replay import ReplayRefused
@@ -572,6 +641,27 @@ class AdminResource(Resource):
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return f"{code} {http.RESPONSES.get(code, b'').decode()}: {message}\n".encode()
+
+
+#: 421 Misdirected Request (RFC 9110): the Host is not one this port serves.
+MISDIRECTED = 421
+_ALWAYS_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _host_name(value: str) -> str:
+    """The host of a Host header value, lower-case, without port, brackets or a trailing dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value[1:]
+    return value.rpartition(":")[0].rstrip(".") if ":" in value else value.rstrip(".")
+
+
+def _listen_host(listen: str) -> str:
+    """The host of ``admin_listen`` ("" for a wildcard bind or none)."""
+    if not listen:
+        return ""
+    host = _host_name(listen)
+    return "" if host in ("0.0.0.0", "::", "") else host
 
 
 class AdminSite(server.Site):
@@ -628,7 +718,8 @@ def server_admin(hub: ServerHub, reactor: Any, listen: str) -> AdminService:
     started = time.time()
     resource = AdminResource(registry, lambda query: server_status(hub, metrics, started, query=query),
                              lambda: hub.config.server.admin_token, health=hub.health,
-                             inspector=hub.inspector, replay=_replayer(hub, reactor))
+                             inspector=hub.inspector, replay=_replayer(hub, reactor),
+                             listen=listen, hosts=lambda: hub.config.server.admin_hosts)
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 
@@ -645,7 +736,8 @@ def client_admin(hub: ClientHub, reactor: Any, listen: str) -> AdminService:
     started = time.time()
     resource = AdminResource(registry, lambda query: client_status(hub, metrics, started),
                              lambda: hub.settings.admin_token,
-                             inspector=hub.inspector, replay=_replayer(hub, reactor))
+                             inspector=hub.inspector, replay=_replayer(hub, reactor),
+                             listen=listen, hosts=lambda: hub.settings.admin_hosts)
     return AdminService(server_endpoint(reactor, listen), resource, registry)
 
 

@@ -40,6 +40,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import ClientConfig, ClientSettings
 from tunneld.grpc_bridge.stream import StreamHandle
+from tunneld.inspector import Mask
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -374,6 +375,8 @@ class ClientHub:
         changed = [f.name for f in fields(ClientSettings)
                    if f.name not in skip and getattr(old, f.name) != getattr(new, f.name)]
         restart += [k for k in changed if k in RESTART_ONLY]
+        if "inspect_mask" in changed and self.inspector is not None:
+            self.inspector.mask = Mask(new.inspect_mask)
         if any(k in changed for k in ("inspect", "inspect_body_bytes")):
             if self.inspector is not None and new.inspect > 0:
                 self.inspector.resize(new.inspect, new.inspect_body_bytes)

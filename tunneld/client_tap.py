@@ -143,7 +143,7 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         timer.clock = reactor
         timer.setServiceParent(top)
         hub.timers[key] = timer   # a reload retimes it
-    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
+    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_mask) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:
         entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry),

@@ -85,6 +85,17 @@ class ConfigError(Exception):
 
 # --- server ---------------------------------------------------------------
 
+#: What the inspector masks by default: credential headers, and any name containing these words.
+INSPECT_MASK: tuple[str, ...] = (
+    "authorization", "cookie", "set-cookie", "proxy-authorization", "x-api-key", "x-auth-token",
+    "x-csrf-token", "x-session-token", "*token*", "*secret*", "*password*", "*api-key*",
+)
+#: Tokens the project ships in examples; never acceptable on a public tunnel port.
+EXAMPLE_TOKENS = frozenset({"change-me"})
+#: A token shorter than this (bytes) is guessable.
+MIN_TOKEN_BYTES = 16
+MAKE_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -128,6 +139,10 @@ class ServerSettings:
     idle_timeout: float = 60.0  # an HTTP/2 connection with no open stream is closed after this (PINGs do not count)
     inspect: int = 200  # inspector: the last N exchanges kept for the admin port's /inspect; 0 = off
     inspect_body_bytes: int = 0  # inspector: bytes kept of each body / WebSocket or gRPC message; 0 = heads only
+    auth_fail_limit: int = 10  # tunnel port: refused opens from one address within auth_fail_window before it is throttled; 0 = never
+    auth_fail_window: float = 60.0  # tunnel port: seconds a throttled address's opens are refused (RESOURCE_EXHAUSTED)
+    admin_hosts: tuple[str, ...] = ()  # admin port: Host names answered besides its address, localhost, 127.0.0.1, [::1]
+    inspect_mask: tuple[str, ...] = INSPECT_MASK  # inspector: header / metadata / query names masked ("*" = any run)
 
 
 @dataclass(frozen=True)
@@ -196,6 +211,7 @@ class ServerConfig:
     routes: tuple[Route, ...] = ()
     upstreams: tuple[Upstream, ...] = ()
     forward: tuple[ForwardRule, ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)  # unsafe but allowed (on loopback); logged at start
 
     def group(self, name: str) -> Group | None:
         """The group called ``name``, or None."""
@@ -271,6 +287,8 @@ class ClientSettings:
     window_budget: int = 67108864  # per stream: growth of all its receive windows together (>= max_window)
     inspect: int = 200  # inspector on the client's admin port: the last N exchanges kept; 0 = off
     inspect_body_bytes: int = 0  # inspector: bytes kept of each body / message; 0 = heads only
+    admin_hosts: tuple[str, ...] = ()  # admin port: Host names answered besides its address, localhost, 127.0.0.1, [::1]
+    inspect_mask: tuple[str, ...] = INSPECT_MASK  # inspector: header / metadata / query names masked ("*" = any run)
     servers: tuple[str, ...] = ()  # all servers when `server` lists several (the loader fills it); else ()
     client_id_generated: bool = field(default=False, compare=False)  # the loader made client_id up (the file left it ""); SIGHUP keeps the running one
 
@@ -290,6 +308,7 @@ class ClientConfig:
 
     path: str = ""
     client: ClientSettings = field(default_factory=ClientSettings)
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 # --- addresses ------------------------------------------------------------
@@ -681,7 +700,96 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         idle_timeout=t.seconds("idle_timeout", d.idle_timeout, zero_ok=True),
         inspect=t.integer("inspect", d.inspect, 0),
         inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
+        auth_fail_limit=t.integer("auth_fail_limit", d.auth_fail_limit, 0),
+        auth_fail_window=t.seconds("auth_fail_window", d.auth_fail_window),
+        admin_hosts=_admin_hosts(t, d.admin_hosts),
+        inspect_mask=_inspect_mask(t, d.inspect_mask),
     )
+
+
+def _admin_hosts(t: _Table, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``admin_hosts``: host names (no port), lower-case."""
+    hosts = []
+    for index, host in enumerate(t.texts("admin_hosts", default), 1):
+        name = host.lower().strip("[]")
+        if not (_is_hostname(name) or _is_ip(name)):
+            raise t.error("admin_hosts", f"item {index}: {host!r} is not a host name or IP address (no port)")
+        hosts.append(name)
+    return tuple(hosts)
+
+
+_MASK_NAME = re.compile(r"[a-z0-9*_.~!#$%&'+^`|-]+")
+
+
+def _inspect_mask(t: _Table, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``inspect_mask``: header / metadata / query names, lower-case; ``*`` matches any run of characters."""
+    names = []
+    for index, name in enumerate(t.texts("inspect_mask", default), 1):
+        lowered = name.lower()
+        if not _MASK_NAME.fullmatch(lowered) or lowered.strip("*") == "":
+            raise t.error("inspect_mask", f"item {index}: {name!r} is not a header name "
+                                          "(letters, digits, '-', '_', with '*' for any run)")
+        names.append(lowered)
+    return tuple(names)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(listen: str) -> bool:
+    """Does the ``host:port`` address listen on loopback only (127.0.0.0/8, ::1, localhost)?"""
+    host, _ = parse_listen(listen)
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False   # a name: it may resolve to any interface
+
+
+def _weak_token(token: str) -> str:
+    """Why ``token`` must not face the internet ("" when it may)."""
+    if token in EXAMPLE_TOKENS:
+        return f"{token!r} is the shipped example token"
+    if len(token.encode()) < MIN_TOKEN_BYTES:
+        return f"a token of {len(token.encode())} bytes is too short (at least {MIN_TOKEN_BYTES})"
+    return ""
+
+
+def _unsafe_defaults(file: str, settings: ServerSettings,
+                     groups: tuple[Group, ...]) -> tuple[str, ...]:
+    """Errors for weak tokens on a public tunnel port / an open public admin port; warnings on loopback."""
+    warnings = []
+    public = not is_loopback(settings.tunnel_listen)
+    for index, group in enumerate(groups, 1):
+        for item, token in enumerate(group.tokens, 1):
+            why = _weak_token(token)
+            if not why:
+                continue
+            if public:
+                raise ConfigError(file, f"[[groups]] #{index} {group.name!r}", "tokens",
+                                  f"item {item}: {why}, and tunnel_listen {settings.tunnel_listen!r} is not "
+                                  f"loopback; make a token with {MAKE_TOKEN}")
+            warnings.append(str(ConfigError(file, f"[[groups]] #{index} {group.name!r}", "tokens",
+                                            f"item {item}: {why}; fine on loopback "
+                                            f"({settings.tunnel_listen}), an error on any other address; "
+                                            f"make a token with {MAKE_TOKEN}")))
+    _open_admin(file, "[server]", settings.admin_listen, settings.admin_token)
+    return tuple(warnings)
+
+
+def _open_admin(file: str, table: str, listen: str, token: str) -> None:
+    """An admin port on a non-loopback address needs ``admin_token``."""
+    if listen and not token and not is_loopback(listen):
+        raise ConfigError(file, table, "admin_token",
+                          f"is empty, and admin_listen {listen!r} is not loopback: anyone who reaches it reads "
+                          f"/status and /inspect; set admin_token (make one with {MAKE_TOKEN}) or listen on "
+                          "127.0.0.1")
 
 
 #: The smallest window a server may set (and announce to its clients).
@@ -897,6 +1005,7 @@ def parse_server_config(data: Mapping[str, object], path: str) -> ServerConfig:
         routes=tuple(routes),
         upstreams=tuple(upstreams),
         forward=tuple(forward),
+        warnings=_unsafe_defaults(path, settings, tuple(groups)),
     )
 
 
@@ -962,7 +1071,10 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         window_budget=window_budget,
         inspect=t.integer("inspect", d.inspect, 0),
         inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
+        admin_hosts=_admin_hosts(t, d.admin_hosts),
+        inspect_mask=_inspect_mask(t, d.inspect_mask),
     )
+    _open_admin(path, "[client]", settings.admin_listen, settings.admin_token)
     return ClientConfig(path=path, client=settings)
 
 

@@ -12,14 +12,18 @@ Memory is bounded: at most ``size`` records; each keeps at most
 ``body_bytes`` of each body direction and of each of at most
 ``MAX_MESSAGES`` WebSocket/gRPC messages (later messages are only counted).
 Raw header values (credentials included) stay in memory for replay; every
-output masks them (``mask_headers``).
+output masks them: header and metadata values and query parameter values
+whose name is in the inspector's ``Mask`` (config ``inspect_mask``), for
+every entry alike, since masking happens here where records are rendered.
 """
 
 from __future__ import annotations
 
 import base64
 import itertools
+import re
 import time
+import urllib.parse
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
@@ -29,10 +33,40 @@ _SECRET_NAMES = frozenset({"authorization", "cookie", "proxy-authorization", "se
 _SECRET_WORDS = ("auth", "token", "secret", "password", "cookie", "credential", "session", "key")
 
 
-def is_secret(name: str) -> bool:
-    """Is a header / metadata key a credential? (``-bin`` gRPC metadata: authorization-like words.)"""
+#: The default of ``inspect_mask`` (tunneld.config.INSPECT_MASK; repeated here: the inspector imports no config).
+DEFAULT_MASK = (
+    "authorization", "cookie", "set-cookie", "proxy-authorization", "x-api-key", "x-auth-token",
+    "x-csrf-token", "x-session-token", "*token*", "*secret*", "*password*", "*api-key*",
+)
+
+
+class Mask:
+    """Which names are masked: exact names, or patterns where ``*`` matches any run (case-insensitive)."""
+
+    def __init__(self, names: Iterable[str] = DEFAULT_MASK) -> None:
+        self.names = tuple(n.lower() for n in names)
+        self.exact = frozenset(n for n in self.names if "*" not in n)
+        patterns = [".*".join(re.escape(part) for part in n.split("*")) for n in self.names if "*" in n]
+        self.pattern = re.compile("|".join(patterns)) if patterns else None
+        self._seen: dict[str, bool] = {}   # names already judged (a handful of distinct header names)
+
+    def __call__(self, name: str) -> bool:
+        name = name.lower()
+        hit = self._seen.get(name)
+        if hit is None:
+            hit = name in self.exact or (self.pattern is not None and self.pattern.fullmatch(name) is not None)
+            if len(self._seen) < 4096:
+                self._seen[name] = hit
+        return hit
+
+
+_DEFAULT = Mask()
+
+
+def is_secret(name: str, mask: Mask | None = None) -> bool:
+    """Is a header / metadata key a credential? (``-bin`` gRPC metadata: authorization-like words too.)"""
     name = name.lower()
-    if name in _SECRET_NAMES:
+    if name in _SECRET_NAMES or (mask or _DEFAULT)(name):
         return True
     return name.endswith("-bin") and any(w in name for w in _SECRET_WORDS)
 
@@ -41,14 +75,32 @@ def _text(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode("latin-1")
 
 
-def mask_headers(pairs: Iterable[tuple[bytes | str, bytes | str]]) -> list[list[str]]:
+def mask_query(target: str, mask: Mask | None = None) -> str:
+    """A request target with the values of masked query parameters replaced (``?access_token=***``).
+
+    Everything else is kept byte for byte (order, encoding, parameters without ``=``)."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    mask = mask or _DEFAULT
+    query, hash_, fragment = query.partition("#")
+    parts = []
+    for part in query.split("&"):
+        name, eq, _ = part.partition("=")
+        if eq and mask(urllib.parse.unquote_plus(name)):
+            part = f"{name}={MASK}"
+        parts.append(part)
+    return f"{path}?{'&'.join(parts)}{hash_}{fragment}"
+
+
+def mask_headers(pairs: Iterable[tuple[bytes | str, bytes | str]], mask: Mask | None = None) -> list[list[str]]:
     """Header or metadata pairs as ``[[name, value], ...]`` strings, credentials masked.
 
     Binary (``-bin``) metadata values are shown as base64."""
     out = []
     for name, value in pairs:
         n = _text(name)
-        if is_secret(n):
+        if is_secret(n, mask):
             v = MASK
         elif n.lower().endswith("-bin") and isinstance(value, bytes):
             v = base64.b64encode(value).decode()
@@ -176,16 +228,18 @@ class Exchange:
         return self.done and len(self.request_body) == self.bytes_in
 
     def to_json(self, bodies: bool = False) -> dict[str, Any]:
+        mask = self.inspector.mask
         if self.protocol == "grpc":
             request: dict[str, Any] = {"service": self.path, "method": self.method,
-                                       "metadata": mask_headers(self.request_headers)}
+                                       "metadata": mask_headers(self.request_headers, mask)}
         else:
-            request = {"method": self.method, "path": self.path, "host": self.host,
-                       "headers": mask_headers(self.request_headers)}
-        response: dict[str, Any] = {"status": self.response_status, "headers": mask_headers(self.response_headers)}
+            request = {"method": self.method, "path": mask_query(self.path, mask), "host": self.host,
+                       "headers": mask_headers(self.request_headers, mask)}
+        response: dict[str, Any] = {"status": self.response_status,
+                                    "headers": mask_headers(self.response_headers, mask)}
         if self.protocol == "grpc":
             response["details"] = self.details
-            response["trailers"] = mask_headers(self.trailers)
+            response["trailers"] = mask_headers(self.trailers, mask)
         out: dict[str, Any] = {
             "request_id": self.request_id, "trace_id": self.trace_id, "protocol": self.protocol,
             "route": self.route, "client_id": self.client_id, "started": self.started,
@@ -209,10 +263,12 @@ class Exchange:
 class Inspector:
     """The ring: the last ``size`` exchanges (``size`` > 0), newest last."""
 
-    def __init__(self, size: int, body_bytes: int = 0, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, size: int, body_bytes: int = 0, wall: Callable[[], float] = time.time,
+                 mask: Iterable[str] = DEFAULT_MASK) -> None:
         assert size > 0
         self.size = size
         self.body_bytes = body_bytes
+        self.mask = Mask(mask)   # a config reload may replace it
         self.wall = wall
         self.ring: deque[Exchange] = deque(maxlen=size)
         self.local_ids = itertools.count(1)
@@ -247,6 +303,6 @@ class Inspector:
                 "inspect_body_bytes": self.body_bytes}
 
 
-def make(size: int, body_bytes: int) -> Inspector | None:
-    """The inspector for ``inspect`` / ``inspect_body_bytes``; None when off."""
-    return Inspector(size, body_bytes) if size > 0 else None
+def make(size: int, body_bytes: int, mask: Iterable[str] = DEFAULT_MASK) -> Inspector | None:
+    """The inspector for ``inspect`` / ``inspect_body_bytes`` / ``inspect_mask``; None when off."""
+    return Inspector(size, body_bytes, mask=mask) if size > 0 else None

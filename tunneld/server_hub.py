@@ -21,12 +21,13 @@ from tunneld import __version__
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import ForwardRule, Route, ServerConfig
-from tunneld.inspector import Inspector
+from tunneld.inspector import Inspector, Mask
 from tunneld.dispatch import GrpcRefusal, GrpcTarget
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.headers import get_first
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.registry.access import AccessControl
+from tunneld.registry.admission import OpenGuard
 from tunneld.registry.heartbeats import HeartbeatSchedule
 from tunneld.registry.routes import RouteTable
 from tunneld.registry.streams import DuplicateStream, StreamEntry, StreamRegistry
@@ -46,6 +47,10 @@ def route_to_pb(route: Route) -> pb.Route:
     )
 
 
+#: Compared against when a stream names an unknown group (never equal: no token is this long).
+_NO_GROUP_TOKEN = "\0" * 64
+
+
 @dataclass(eq=False)
 class ServerStream:
     tunnel: Tunnel
@@ -63,6 +68,7 @@ class ServerHub:
     log = Logger()
     metrics: Any = None   # admin.RequestMetrics when the admin port is on; fed by finished()
     inspector: Inspector | None = None   # the inspector's ring (config inspect > 0), read by the admin port
+    open_guard: OpenGuard | None = None  # the tunnel port's refused-open counts and throttle (set by the tap)
     chosen_client = ""
 
     def __init__(self, config: ServerConfig, clock: Any, *, upstream_factory: UpstreamFactory | None = None) -> None:
@@ -89,13 +95,13 @@ class ServerHub:
 
     def authenticate(self, group: str, token: str) -> bool:
         g = self.config.group(group)
-        if g is None:
-            return False
+        # An unknown group still costs one comparison, so timing does not say which groups exist.
+        candidates = g.tokens if g is not None else (_NO_GROUP_TOKEN,)
         ok = False
-        for candidate in g.tokens:
+        for candidate in candidates:
             # Compare against every token so timing says nothing about which.
             ok |= hmac.compare_digest(candidate.encode(), token.encode())
-        return ok
+        return ok and g is not None
 
     # -- streams ----------------------------------------------------------------
 
@@ -252,6 +258,10 @@ class ServerHub:
             pools[u.name] = pool
         self.upstreams = pools
         self.registry.heartbeat_timeout = config.server.heartbeat_timeout
+        if self.open_guard is not None:
+            self.open_guard.configure(config.server.auth_fail_limit, config.server.auth_fail_window)
+        if self.inspector is not None:
+            self.inspector.mask = Mask(config.server.inspect_mask)
         if config.server.heartbeat_interval != self.heartbeats.interval:
             self.heartbeats = HeartbeatSchedule(config.server.heartbeat_interval)
         listeners = ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen", "max_message_size", "max_frame_size",

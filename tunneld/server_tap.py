@@ -40,7 +40,7 @@ from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_poo
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
 from tunneld.logs import with_log_format
-from tunneld.registry.admission import OpenRateLimiter
+from tunneld.registry.admission import OpenGuard, OpenRateLimiter
 from tunneld.server_hub import ServerHub
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -114,8 +114,10 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     hub = ServerHub(config, reactor, upstream_factory=upstream_backend)
     top.hub = hub
     # The inspector is read on the admin port only: without one, nothing is recorded.
-    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
+    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_mask) if cfg.admin_listen else None
     PoolCloser(pool).setServiceParent(top)
+    # Refused tunnel opens: counted, logged per address, throttled (the tunnel port's bridge thread owns it).
+    hub.open_guard = OpenGuard(cfg.auth_fail_limit, cfg.auth_fail_window)
     bridge = Bridge(reactor)
     bridge_service = BridgeService(bridge)
     bridge_service.setServiceParent(top)
@@ -124,7 +126,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         max_message_size=cfg.max_message_size, max_frame_size=cfg.max_frame_size,
         credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None, before_stop=lambda: hub.drain(cfg.drain_timeout),
         limiter=OpenRateLimiter(cfg.open_rate, cfg.open_burst) if cfg.open_rate else None,
-        keepalive=cfg.keepalive_interval,
+        keepalive=cfg.keepalive_interval, guard=hub.open_guard,
     )
     tunnel.setServiceParent(bridge_service)
     grpc_entry = None
@@ -179,6 +181,8 @@ class ReloadOnHangup(HangupService):
         except ConfigError as e:
             self.log.error("config reload refused, keeping the running config: {error}", error=str(e))
             return
+        for warning in config.warnings:
+            self.log.warn("unsafe setting: {problem}", problem=warning)
         self.hub.reload(config)
 
 
@@ -186,6 +190,8 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     config = options["loaded"]
+    for warning in config.warnings:   # unsafe but allowed on loopback (shown once logging starts)
+        Logger().warn("unsafe setting: {problem}", problem=warning)
     app = build_server(config, reactor)
     ReloadOnHangup(config.path, app.hub, reactor).setServiceParent(app.service)
     return with_log_format(app.service, config.server.log_format, getattr(options, "parent", None))

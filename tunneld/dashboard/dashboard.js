@@ -64,6 +64,15 @@ function renderServer(d) {
     tile(d.counters.messages_dropped, "dropped msgs", d.counters.messages_dropped ? "bad" : ""),
     tile(d.counters.flow_stalls, "flow stalls"),
     tile(d.counters.access_refusals || 0, "access refused", d.counters.access_refusals ? "bad" : "")];
+  // Tunnel port: opens accepted and refused (SPEC 8.2); the refusals by result in the tile's title.
+  const o = d.tunnel_opens || {};
+  const refusedOpens = (o.unauthenticated || 0) + (o.malformed || 0) + (o.rate_limited || 0) + (o.throttled || 0);
+  tiles.push(tile(o.accepted || 0, "tunnel opens"));
+  const opensTile = tile(refusedOpens, "opens refused", refusedOpens ? "bad" : "");
+  opensTile.title = "unauthenticated " + (o.unauthenticated || 0) + ", malformed " + (o.malformed || 0) +
+    ", rate_limited " + (o.rate_limited || 0) + ", throttled " + (o.throttled || 0);
+  opensTile.id = "tunnel-opens";
+  tiles.push(opensTile);
   const clients = d.clients.map((c) => el("tr", null,
     td(el("b", null, c.client_id)), td(c.group), td(c.address, "mono"), td(c.version),
     td(dur(d.now - c.connected_at), "num"), td(dur(d.now - c.last_heartbeat) + " ago", "num"), td(ms(c.rtt), "num"),
@@ -238,7 +247,7 @@ async function openExchange(id) {
     const said = el("span", "arrow");
     said.id = "replay-result";
     replay.addEventListener("click", async () => {
-      const rr = await fetch("inspect/" + encodeURIComponent(e.request_id) + "/replay", {method: "POST", headers: authHeaders()});
+      const rr = await fetch("inspect/" + encodeURIComponent(e.request_id) + "/replay", {method: "POST", headers: Object.assign({"X-Tunneld-Replay": "1"}, authHeaders())});
       if (rr.ok) { const j = await rr.json(); said.textContent = " replayed as " + j.request_id; await pollTraffic(); }
       else said.textContent = " refused: HTTP " + rr.status + " " + (await rr.text());
     });

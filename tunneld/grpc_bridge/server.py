@@ -12,6 +12,13 @@ finish the HTTP/2 preface and SETTINGS within ``stream.HANDSHAKE_TIMEOUT_MS`` is
 closed by grpc, a Proxy call whose first message does not arrive within
 ``OPEN_TIMEOUT`` is ended with ``DEADLINE_EXCEEDED``, and a call whose peer
 sends bytes that are not a ``TunnelMessage`` is ended with ``ABORTED``.
+
+Who knocks (SPEC §8.2): every open is counted by result in an ``OpenGuard``
+(registry/admission.py) and every refusal logged, at most one line per
+address per ``admission.LOG_INTERVAL`` (10 s) carrying a count.  An address that keeps
+failing is throttled: its opens end with ``RESOURCE_EXHAUSTED`` before the
+server-wide ``open_rate`` is asked, so a flood from one address never uses
+up the opens of clients elsewhere, and before any token is compared.
 """
 
 from __future__ import annotations
@@ -27,13 +34,23 @@ from twisted.logger import Logger
 from tunneld import tunnel_pb2 as pb
 from tunneld.frames import DEFAULT_MAX_FRAME_SIZE
 from tunneld.grpc_bridge.stream import Bridge, ServerCredentialsFactory, StreamHandle, start_server
-from tunneld.registry.admission import OpenRateLimiter
+from tunneld.registry.admission import OpenGuard, OpenRateLimiter, RefusalLine
 
 #: An accepted Proxy call must send ``stream_open`` within this many seconds.
 OPEN_TIMEOUT = 10.0
 
 Authenticate = Callable[[str, str], bool]          # (group, token) -> ok; must be thread-safe
 OnStream = Callable[[StreamHandle, pb.TunnelMessage], None]
+
+
+def peer_address(peer: str) -> str:
+    """The address part of grpc's ``context.peer()``: "ipv4:1.2.3.4:5" -> "1.2.3.4", "ipv6:[::1]:5" -> "::1"."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:rest.find("]")] if "]" in rest else rest[1:]
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    return peer   # unix sockets and anything else: the whole string
 
 
 def bearer_token(metadata: Any) -> str:
@@ -58,9 +75,11 @@ class _Servicer:
     log = Logger()
 
     def __init__(self, bridge: Bridge, authenticate: Authenticate, on_stream: OnStream,
-                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, limiter: OpenRateLimiter | None = None) -> None:
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, limiter: OpenRateLimiter | None = None,
+                 guard: OpenGuard | None = None) -> None:
         self.bridge = bridge
         self.limiter = limiter   # touched on the bridge thread only
+        self.guard = guard if guard is not None else OpenGuard(0, 60.0)   # likewise
         self.authenticate = authenticate
         self.on_stream = on_stream
         self.max_frame_size = max_frame_size
@@ -101,25 +120,69 @@ class _Servicer:
                 msgs = list(frame.messages)
                 return msgs[0], msgs[1:]
 
+    def log_refusal(self, line: RefusalLine) -> None:
+        """One line for ``line.count`` refused opens from one address (reactor thread).
+
+        The text starts "refused tunnel open from <address>:" in text and JSON
+        logs alike (etc/fail2ban/ matches it)."""
+        results = ", ".join(f"{k} {v}" for k, v in sorted(line.by_result.items()))
+        self.log.warn("refused tunnel open from {address}: {reason} (group {group!r}); "
+                      "{count} refused since this address's last line ({results})",
+                      address=line.address, reason=line.detail, group=line.group, count=line.count,
+                      results=results, by_result=line.by_result)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, address: str, result: str,
+                      code: grpc.StatusCode, message: str, *, group: str = "", detail: str = "") -> None:
+        """Count and (maybe) log a refused open, then end the call with ``code``."""
+        # The group name comes from the peer: a bounded piece of it in the log.
+        line = self.guard.refused(address, result, asyncio.get_running_loop().time(), group=group[:64],
+                                  detail=detail or message)
+        if line is not None:
+            self.bridge.to_reactor(self.log_refusal, line)
+        await context.abort(code, message)
+
+    async def flush_refusals(self) -> None:
+        """Log the refusal counts held back, about once a second (a task on the bridge loop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            for line in self.guard.due(loop.time()):
+                self.bridge.to_reactor(self.log_refusal, line)
+
     async def _proxy(self, context: grpc.aio.ServicerContext) -> None:
-        if self.limiter is not None and not self.limiter.allow(asyncio.get_running_loop().time()):
+        address = peer_address(context.peer())
+        now = asyncio.get_running_loop().time()
+        if self.guard.throttled(address, now):
+            # Before the server-wide open_rate and before any token is compared.
+            wait = self.guard.retry_after(address, now)
+            await self._refuse(context, address, "throttled", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"too many refused tunnel opens from {address}: retry in {wait:.0f} s",
+                               detail="throttled after repeated refused opens")
+        if self.limiter is not None and not self.limiter.allow(now):
             # Before anything is read or allocated: the client retries after its backoff.
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"too many new tunnel streams (open_rate {self.limiter.rate:g}/s): retry later")
+            await self._refuse(context, address, "rate_limited", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"too many new tunnel streams (open_rate {self.limiter.rate:g}/s): retry later",
+                               detail="open_rate limit")
         try:
             first, rest = await asyncio.wait_for(self._first_message(context), OPEN_TIMEOUT)
         except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no stream_open within {OPEN_TIMEOUT:g} s")
+            await self._refuse(context, address, "malformed", grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"no stream_open within {OPEN_TIMEOUT:g} s", detail="no stream_open in time")
         except Exception as e:  # not a TunnelFrame
-            await context.abort(grpc.StatusCode.ABORTED, f"malformed first message: {e!r}")
+            await self._refuse(context, address, "malformed", grpc.StatusCode.ABORTED,
+                               f"malformed first message: {e!r}", detail="malformed first message")
         if first is None:
             return
         if first.WhichOneof("payload") != "stream_open":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be stream_open")
+            await self._refuse(context, address, "malformed", grpc.StatusCode.FAILED_PRECONDITION,
+                               "the first message must be stream_open", detail="first message not stream_open")
         so = first.stream_open
         token = bearer_token(context.invocation_metadata()) or so.token
         if not token or not self.authenticate(so.group, token):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid token for group {so.group!r}")
+            await self._refuse(context, address, "unauthenticated", grpc.StatusCode.UNAUTHENTICATED,
+                               f"invalid token for group {so.group!r}", group=so.group,
+                               detail="no token" if not token else "wrong token or unknown group")
+        self.guard.accepted()
         so.token = token  # the one that authenticated, so a reload can revoke it
         handle = StreamHandle(self.bridge, peer=context.peer(), max_frame_size=self.max_frame_size)
         task = asyncio.current_task()
@@ -230,9 +293,12 @@ class TunnelServerService(Service):
     def __init__(self, bridge: Bridge, listen: str, authenticate: Authenticate, on_stream: OnStream,
                  *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, credentials: ServerCredentialsFactory | None = None,
                  before_stop: Callable[[], Deferred[None]] | None = None,
-                 limiter: OpenRateLimiter | None = None, keepalive: float = 10.0) -> None:
+                 limiter: OpenRateLimiter | None = None, keepalive: float = 10.0,
+                 guard: OpenGuard | None = None) -> None:
         self.bridge = bridge
         self.limiter = limiter
+        self.guard = guard if guard is not None else OpenGuard(0, 60.0)
+        self._flusher: asyncio.Task[None] | None = None
         self.keepalive = keepalive
         self.listen = listen
         self.authenticate = authenticate
@@ -268,11 +334,13 @@ class TunnelServerService(Service):
     async def _start(self) -> int:
         def register(server: grpc.aio.Server) -> None:
             self._servicer = _Servicer(self.bridge, self.authenticate, self.on_stream, self.max_frame_size,
-                                       self.limiter)
+                                       self.limiter, self.guard)
             server.add_generic_rpc_handlers(self._servicer.handlers())
 
         self._server, port = await start_server(self.listen, self.max_message_size, register, self.credentials,
                                                 keepalive=self.keepalive)
+        assert self._servicer is not None
+        self._flusher = asyncio.get_running_loop().create_task(self._servicer.flush_refusals())
         return port
 
     def stopService(self) -> Deferred[None]:
@@ -284,4 +352,10 @@ class TunnelServerService(Service):
         if self._server is None or not self.bridge.running:
             return None
         server, self._server = self._server, None
-        return self.bridge.submit(server.stop(grace=1.0))
+        flusher, self._flusher = self._flusher, None
+        return self.bridge.submit(self._stop(server, flusher))
+
+    async def _stop(self, server: grpc.aio.Server, flusher: asyncio.Task[None] | None) -> None:
+        if flusher is not None:
+            flusher.cancel()
+        await server.stop(grace=1.0)

@@ -305,3 +305,18 @@ def grpc_metadata_from_pb(
         else:
             out.append((key, h.value.decode("utf-8", "replace")))
     return tuple(out)
+
+
+def without_address(text: str, origin: str) -> str:
+    """``text`` with ``origin``'s URL, host:port and host replaced by "the backend".
+
+    What travels back to the external caller (a 502 body) must not name an
+    address behind the tunnel; the full text goes to the log only."""
+    url = origin.rstrip("/")
+    _, _, netloc = url.partition("://")
+    netloc = netloc.split("/", 1)[0]
+    host = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
+    for needle in (url, netloc, host.strip("[]"), host):
+        if needle:
+            text = text.replace(needle, "the backend")
+    return text

@@ -192,7 +192,10 @@ class BackendExchange:
             message = f"backend {self.origin} failed: {error.message}"
         self.log.info("{message}", message=message, request_id=self.request_id, trace_id=self.trace_id)
         self.status = 502
-        self.tunnel.cancel(self.request_id, s.BAD_GATEWAY, message)
+        # The caller sees the route, never the address behind the tunnel (SPEC §8.2).
+        public = h.without_address(f"backend of route {self.route!r} {'unreachable' if error.kind == 'unreachable' else 'failed'}: "
+                                 f"{error.message}", self.origin)
+        self.tunnel.cancel(self.request_id, s.BAD_GATEWAY, public)
         self._log_finished()
 
     def _send(self, msg: pb.TunnelMessage) -> None:
@@ -219,7 +222,9 @@ class BackendExchange:
         self.done = True
         if self.request is not None:
             self.request.cancel()
-        message = f"no response from {self.origin} within {self.timeout:g} s"
+        message = f"no response from the backend of route {self.route!r} within {self.timeout:g} s"
+        self.log.info("no response from {origin} within {timeout:g} s", origin=self.origin, timeout=self.timeout,
+                      request_id=self.request_id, trace_id=self.trace_id)
         self.status = 504
         self.tunnel.cancel(self.request_id, s.TIMEOUT, message)
         self._log_finished()

@@ -16,6 +16,7 @@ socket is not pushing back (we are the request's push producer).
 
 from __future__ import annotations
 
+import re
 import time
 import random
 from dataclasses import dataclass, field
@@ -481,6 +482,7 @@ class EntryRequest(server.Request):
 
     exchange: HttpExchange | None = None   # None again once the exchange has ended
     upgrade = False   # a WebSocket upgrade: twisted.web's own path to the WebSocket resource
+    saw_transfer_encoding = False   # a Transfer-Encoding line was read (a second one is 400)
     defaultContentType = None  # never invent a Content-Type the backend did not send
 
     def __init__(self, channel: EntryChannel, *args: object, **kwargs: object) -> None:
@@ -578,6 +580,34 @@ class EntryResource(Resource):
         return server.NOT_DONE_YET
 
 
+#: A chunk size of more hex digits than this cannot be a size anyone sends (2**64 bytes).
+MAX_CHUNK_SIZE_DIGITS = 16
+_HEX_RUN = re.compile(rb"[0-9A-Fa-f]*")
+
+
+class _StrictChunkedDecoder(http._ChunkedTransferDecoder):  # type: ignore[misc]
+    """twisted's chunked decoder, refusing a chunk-size line that cannot be a chunk size at once.
+
+    twisted reads any number of hex digits and then waits for that many bytes
+    (a 20-digit size held the connection until a timeout): more than
+    ``MAX_CHUNK_SIZE_DIGITS`` digits, or a size ``too_big`` says the route
+    will never take, raise the decoder's own error, which the channel answers
+    with 400 and a close."""
+
+    def __init__(self, data_callback: Any, finish_callback: Any, too_big: Any) -> None:
+        super().__init__(data_callback, finish_callback)
+        self.too_big = too_big
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        digits = _HEX_RUN.match(self._buffer)
+        if digits is not None and digits.end() > MAX_CHUNK_SIZE_DIGITS:
+            raise http._MalformedChunkedDataError("chunk size of more than 16 hex digits")
+        done: bool = super()._dataReceived_CHUNK_LENGTH()
+        if done and self.length and self.too_big(self.length):
+            raise http._MalformedChunkedDataError("chunk size above the route's body limit")
+        return done
+
+
 class EntryChannel(http.HTTPChannel):
     """An HTTPChannel that owes its site a complete request head within ``header_timeout``.
 
@@ -609,6 +639,21 @@ class EntryChannel(http.HTTPChannel):
     def allHeadersReceived(self) -> None:
         self.head_since = None
         super().allHeadersReceived()
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        if header == b"Transfer-Encoding":
+            # twisted takes "chunked" then "identity" as chunked (the README
+            # promises 400): a second Transfer-Encoding line is refused.
+            request = self.requests[-1]
+            if getattr(request, "saw_transfer_encoding", False):
+                return self._failChooseTransferDecoder()  # type: ignore[no-any-return]
+            request.saw_transfer_encoding = True
+        ok: bool = super()._maybeChooseTransferDecoder(header, data)
+        if ok and type(self._transferDecoder) is http._ChunkedTransferDecoder:
+            request = self.requests[-1]
+            self._transferDecoder = _StrictChunkedDecoder(request.handleContentChunk, self._finishRequestBody,
+                                                          lambda size: _chunk_too_big(request, size))
+        return ok
 
     def requestDone(self, request: Any) -> None:
         if self.persistent:
@@ -697,6 +742,17 @@ class EntryChannel(http.HTTPChannel):
         if self.counted:
             self.counted = False
             self.site.connection_closed(self)
+
+
+def _chunk_too_big(request: Any, size: int) -> bool:
+    """Is one chunk of ``size`` bytes alone above ``request``'s route ``max_body_size``?
+
+    (A body that grows past the limit over several chunks gets 413 as before.)"""
+    exchange = getattr(request, "exchange", None)
+    target = exchange.target if exchange is not None else None
+    if target is None or not target.max_body_size:
+        return False
+    return size > target.max_body_size
 
 
 class _EntryProtocol(http._GenericHTTPChannelProtocol):  # type: ignore[misc]

@@ -575,14 +575,19 @@ class BackendWebSocketExchange:
                 status = int(parts[1])  # a refusal passes through; a 200 to an upgrade is a bad gateway
         message = f"backend {self.backend} refused the WebSocket: {status_line or reason}"
         self.log.info("{message}", message=message, request_id=self.request_id, trace_id=self.head.trace_id)
+        # The caller never learns the address behind the tunnel (SPEC §8.2).
+        public = h.without_address(f"the backend refused the WebSocket: {status_line or reason}", self.backend)
         self.tunnel.send(self.request_id, pb.TunnelMessage(ws_response=pb.WebSocketResponse(
-            status_code=status, accepted=False, reason=message)))
+            status_code=status, accepted=False, reason=public)))
 
     def unreachable(self, why: str) -> None:
         if self.answered:
             return
         self.answered = True
-        self.tunnel.cancel(self.request_id, s.BAD_GATEWAY, f"backend {self.backend} unreachable: {why}")
+        self.log.info("backend {backend} unreachable: {why}", backend=self.backend, why=why,
+                      request_id=self.request_id, trace_id=self.head.trace_id)
+        self.tunnel.cancel(self.request_id, s.BAD_GATEWAY,
+                           h.without_address(f"the backend is unreachable: {why}", self.backend))
 
     # -- ResponderHandler --------------------------------------------------------------------
 
