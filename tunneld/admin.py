@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.application.internet import StreamServerEndpointService
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from tunneld import __version__
 from tunneld.inspector import Exchange, Inspector
+from tunneld.endpoints import ListenService
 
 if TYPE_CHECKING:
     from tunneld.client_hub import ClientHub
@@ -587,12 +587,11 @@ class AdminSite(server.Site):
         pass
 
 
-class AdminService(StreamServerEndpointService):
-    """Listens on ``admin_listen``; ``port`` is the listening port once started."""
+class AdminService(ListenService):
+    """Listens on ``admin_listen``; ``port`` is the listening port once started (None if it could not)."""
 
     def __init__(self, endpoint: Any, resource: AdminResource, registry: CollectorRegistry) -> None:
-        super().__init__(endpoint, AdminSite(resource))
-        self._raiseSynchronously = True   # a busy admin port stops startup, as the entries do
+        super().__init__(endpoint, AdminSite(resource))   # a busy admin port stops startup, as the entries do
         self.registry = registry
         self.resource = resource
         self.port: Any = None

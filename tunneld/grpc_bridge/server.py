@@ -230,8 +230,10 @@ class TunnelServerService(Service):
     def __init__(self, bridge: Bridge, listen: str, authenticate: Authenticate, on_stream: OnStream,
                  *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, credentials: ServerCredentialsFactory | None = None,
                  before_stop: Callable[[], Deferred[None]] | None = None,
-                 limiter: OpenRateLimiter | None = None, keepalive: float = 10.0) -> None:
+                 limiter: OpenRateLimiter | None = None, keepalive: float = 10.0,
+                 on_failure: Callable[[Any], None] | None = None) -> None:
         self.bridge = bridge
+        self.on_failure = on_failure   # the tap's one-line, exit-status path; without it: log and stop
         self.limiter = limiter
         self.keepalive = keepalive
         self.listen = listen
@@ -259,6 +261,11 @@ class TunnelServerService(Service):
         self.ready.callback(port)
 
     def _failed(self, failure: Any) -> None:
+        if self.on_failure is not None:
+            self.on_failure(failure)
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)   # reported by on_failure, not as an unhandled error
+            return
         self.log.failure("tunnel port failed to start on {listen}", failure, listen=self.listen)
         self.ready.errback(failure)
         from twisted.internet import reactor
