@@ -417,6 +417,15 @@ class ClientCollector:
         yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
 
 
+def _dial_words(dial: Any) -> dict[str, object]:
+    """A server's dials in words: "cannot reach" (never up) vs "lost", the last error and its likely cause."""
+    history = getattr(dial, "history", None)
+    if history is None:
+        return {}
+    return {"diagnosis": history.summary(), "failed_dials": history.failures, "last_error": history.last_error,
+            "likely_cause": history.likely_cause, "ever_connected": history.ever_connected}
+
+
 def client_status(hub: ClientHub, metrics: RequestMetrics | None, started: float,
                   clock: Callable[[], float] = time.time) -> dict[str, object]:
     """The client's ``/status`` document: the whole client, and ``servers`` (one entry per server)."""
@@ -441,6 +450,7 @@ def client_status(hub: ClientHub, metrics: RequestMetrics | None, started: float
             "connected_since": link.connected_since + offset if link.connected_since is not None else None,
             "rtt": link.rtt, "in_flight": link.in_flight, "reconnects": reconnects,
             "routes": sorted(link.routes), "config_version": link.config_version,
+            **_dial_words(dial),
         })
         for r in link.routes.values():
             row = routes.setdefault(r.name, {

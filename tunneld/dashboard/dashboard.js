@@ -112,10 +112,11 @@ function renderClient(d) {
   const servers = (d.servers || []).map((v) => el("tr", null, td(el("b", null, v.address), "mono"),
     td(pill(v.state, v.state === "connected" ? "ok" : (v.state === "draining" ? "warn" : "bad"))),
     td(v.connected_since ? dur(d.now - v.connected_since) : "-", "num"), td(ms(v.rtt), "num"),
-    td(v.in_flight, "num"), td(v.reconnects, "num"), td(v.routes.length, "num")));
+    td(v.in_flight, "num"), td(v.reconnects, "num"), td(v.routes.length, "num"),
+    td(v.state === "connected" ? "" : (v.diagnosis || ""))));
   $("body").replaceChildren(el("div", "tiles", tiles),
     section("Servers", "one tunnel stream to each",
-      table(["server", "state", "connected#", "rtt#", "in flight#", "reconnects#", "routes#"], servers,
+      table(["server", "state", "connected#", "rtt#", "in flight#", "reconnects#", "routes#", "why not connected"], servers,
             "No servers.")),
     section("Routes", "granted by the server, config " + (d.config_version || "-"),
       table(["route", "match", "backend", "requests by status"], routes, "No routes (not connected yet?).")),
