@@ -27,6 +27,8 @@ WARN_AFTER = 3
 def explain(reason: str, tls: bool) -> tuple[str, str]:
     """``(error in words, likely cause)`` for a failed dial's ``reason`` (grpc's text); cause "" when unknown."""
     text = reason.lower()
+    if "another tunnel protocol version" in text:
+        return (reason, "run the same tunneld version on both ends")
     if "unauthenticated" in text or "invalid token" in text:
         return ("the server refused the token",
                 "wrong token (or group): `token` must be one of the tokens of the client's `group` in the "
@@ -57,8 +59,6 @@ def explain(reason: str, tls: bool) -> tuple[str, str]:
     if "resource_exhausted" in text:
         return ("the server is throttling tunnel opens from this address",
                 "too many opens (or refused opens) from here; the server lets it in once its window passes")
-    if "another tunnel protocol version" in text:
-        return ("the server speaks another tunnel protocol version", "run the same tunneld version on both ends")
     words = reason.split("last error: ", 1)[-1] if "last error: " in reason else reason
     return (words, "")
 
