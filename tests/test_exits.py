@@ -175,6 +175,35 @@ class ListenFailedTests(TestCase):
             f"http_listen 127.0.0.1:{port}: address already in use (is another tunneld running? "
             "change http_listen in etc/server.toml)"])
 
+    @inlineCallbacks
+    def test_taps_wire_every_listener(self) -> Any:
+        """build_server with a ProcessExit: a taken tunnel_listen or grpc_listen (grpc binds in the bridge
+        thread, after the preflight) ends in the one line and status 1."""
+        from tunneld.config import parse_server_config
+        from tunneld.server_tap import build_server
+
+        for key in ("tunnel_listen", "grpc_listen"):
+            port = taken_port(self)
+            settings = {"tunnel_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "grpc_listen": "127.0.0.1:0",
+                        "admin_listen": "", key: f"127.0.0.1:{port}"}
+            config = parse_server_config({"server": settings, "groups": [{"name": "default", "tokens": [TOKEN]}]},
+                                         "etc/server.toml")
+            fake = FakeReactor()
+            ending = ProcessExit(fake, config.path, at_exit=lambda f: None)
+            lines: list[str] = []
+            ending.log = Logger(observer=lambda e: lines.append(e.get("line", "")))   # type: ignore[misc]
+            app = build_server(config, reactor, ending)
+            app.service.startService()
+            try:
+                yield wait_for(lambda: ending.status == 1, timeout=20, what=f"{key} failure")
+            finally:
+                yield app.service.stopService()
+            # Today's grpc.aio gRPC entry also logs its own traceback of the bind (grpc_bridge/entry.py).
+            self.flushLoggedErrors(RuntimeError, OSError)
+            self.assertEqual(fake.stops, 1)
+            self.assertIn(f"{key} 127.0.0.1:{port}: address already in use (is another tunneld running? "
+                          f"change {key} in etc/server.toml)", lines)
+
     def test_without_on_failure_raises_at_start(self) -> None:
         """Without a ProcessExit (in-process use), a busy port raises at start as before."""
         port = taken_port(self)

@@ -81,7 +81,6 @@ class ProcessExit(Service):
     """The process's exit status and its stop signals (see the module docstring)."""
 
     log = Logger()
-    name = "process-exit"
 
     def __init__(self, reactor: Any, config_file: str, at_exit: Callable[[Callable[[], None]], Any] = atexit.register
                  ) -> None:
