@@ -137,3 +137,29 @@ class LoopbackDialTests(TestCase):
         lines, status = yield self.dial_until_quiet(target)
         self.assert_pattern(lines, target, "that port speaks HTTP/1.1, not the tunnel")
         self.assertIn("that port speaks HTTP/1.1", status["diagnosis"])
+
+
+class WrongTokenTests(TestCase):
+    """A real client with a token the real server refuses: the warning says "wrong token"."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_wrong_token(self) -> Any:
+        """Three refused opens: one warning naming the token as the likely cause; /status says the same."""
+        from tests.harness import Stack
+
+        stack = Stack([])
+        yield stack.start()
+        self.addCleanup(stack.stop)
+        config = parse_client_config({"client": {"server": f"127.0.0.1:{stack.tunnel_port}", "token": "w" * 20,
+                                                 "dial_jitter": 0}}, "test-client.toml")
+        app = build_client(config, reactor)
+        app.dial.backoff = Backoff(initial=0.05, cap=0.1)
+        app.service.startService()
+        self.addCleanup(app.service.stopService)
+        yield wait_for(lambda: app.dial.history.failures >= 3, timeout=30, what="3 refused opens")
+        status = client_status(app.hub, None, time.time())["servers"][0]
+        self.assertEqual(status["last_error"], "the server refused the token")
+        self.assertIn("wrong token", status["likely_cause"])
+        self.assertFalse(app.hub.is_connected)

@@ -85,6 +85,8 @@ def answer_reason(status: int, message: str, access: str = "") -> str:
         return "no client connected"
     if status == 413:
         return "body too large"
+    if "tunnel stream lost" in text or "tunnel not available" in text:
+        return "tunnel lost"   # the client's stream ended with the request in flight
     if status == 504 or "timed out" in text or "within" in text:
         return "backend timeout"
     if "unreachable" in text or "refused" in text:
