@@ -1,7 +1,7 @@
 # tunneld developer and CI entry points.
 #
-#   make test                        run the whole trial suite (creates .venv first): 777 tests,
-#                                    3 min 34 s on a 2-core VM shared with other work (2026-12-08)
+#   make test                        run the whole trial suite (creates .venv first): 782 tests,
+#                                    3 min 22 s to 3 min 34 s on a 2-core VM shared with other work (2026-12-08)
 #   make test TESTS=tests.test_session
 #   make demo                        backend + server + client on 127.0.0.1, Ctrl-C stops all
 #   make bench | check-config | proto | clean
