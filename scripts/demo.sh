@@ -4,7 +4,8 @@
 #   demo backend (bench/backend.py, :3000)                    \
 #   WebSocket chat + gRPC tunneld.demo.Echo (tunneld.demo, :3001/:3002) <- tunneld-client
 #                                  <=tunnel=> tunneld-server (HTTP+WebSocket :8080, gRPC :8081, admin :9100)
-# Waits until http://127.0.0.1:8080/ answers 200 through the tunnel, prints
+# Waits until the admin port's /healthz says ready (client connected) and
+# http://127.0.0.1:8080/ answers 200 through the tunnel, prints
 # what to try for each protocol and the dashboard, then waits. Ctrl-C or SIGTERM stops everything it started, by
 # PID; so does any one of the three dying. Logs: .demo/*.log.
 #
@@ -153,9 +154,16 @@ http_code() { curl -s -o /dev/null -m 2 -w '%{http_code}' "$1" 2>/dev/null || tr
 start backend "$PY" bench/backend.py --port "$BACKEND_PORT" --host 127.0.0.1
 start demo-backends "$PY" -m tunneld.demo serve --host 127.0.0.1 --ws-port "$WS_PORT" --grpc-port "$GRPC_PORT"
 start server "$TWISTD" -n --pidfile= tunneld-server -c "$SERVER_CONF"
-# The server's entry answers (404/502) once it listens; then start the client.
+# Readiness is asked of the admin port's /healthz, never of the entry: a probe
+# of the entry before the client is connected would be a real request answered
+# 502 (no client connected), and a fresh dashboard would greet the user with failures.
+listening() {  # listening HOST:PORT: something accepts TCP connections there (no request is sent)
+    local host=${1%:*} port=${1##*:}
+    host=${host#[}; host=${host%]}
+    (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
 deadline=$((SECONDS + READY_TIMEOUT))
-until [ "$(http_code "$ENTRY/")" != "000" ]; do
+until listening "${ENTRY#http://}"; do
     if died || [ "$SECONDS" -ge "$deadline" ]; then
         echo "demo: the server did not start listening on $ENTRY within ${READY_TIMEOUT}s (see $LOGDIR/server.log)" >&2
         exit 1
@@ -164,6 +172,17 @@ until [ "$(http_code "$ENTRY/")" != "000" ]; do
 done
 start client "$TWISTD" -n --pidfile= tunneld-client -c "$CLIENT_CONF"
 deadline=$((SECONDS + READY_TIMEOUT))
+if [ -n "$ADMIN" ]; then
+    # 200 once every group with routes has a connected client (or after the server's ready_timeout).
+    until [ "$(http_code "http://$ADMIN/healthz")" = "200" ]; do
+        if died || [ "$SECONDS" -ge "$deadline" ]; then
+            echo "demo: http://$ADMIN/healthz did not answer 200 within ${READY_TIMEOUT}s (is the client connected?)" >&2
+            echo "      logs: $LOGDIR/server.log $LOGDIR/client.log" >&2
+            exit 1
+        fi
+        sleep 0.2
+    done
+fi
 until [ "$(http_code "$ENTRY/")" = "200" ]; do
     if died || [ "$SECONDS" -ge "$deadline" ]; then
         echo "demo: $ENTRY/ did not answer 200 through the tunnel within ${READY_TIMEOUT}s (last: $(http_code "$ENTRY/"))" >&2
@@ -186,7 +205,7 @@ hint "curl -T somefile $ENTRY/upload" "answers {bytes, sha256}"
 hint "curl -i $ENTRY/status/204" "empty answer"
 hint "curl -H 'X-Demo: 1' '$ENTRY/echo?a=1'" "the request as the backend saw it"
 echo "Try WebSocket (route chat -> 127.0.0.1:$WS_PORT):"
-hint "open $ENTRY/chat/" "a chat page in a browser, talking over the tunnel"
+hint "$ENTRY/chat/" "open in a browser: a chat page talking over the tunnel"
 hint "$PY -m tunneld.demo ws $WS_ENTRY/chat/ws 'hello'" "one message, its echo printed"
 if [ -n "$GRPC_ENTRY" ]; then
     echo "Try gRPC (route demo-grpc -> 127.0.0.1:$GRPC_PORT):"
@@ -195,7 +214,7 @@ if [ -n "$GRPC_ENTRY" ]; then
 fi
 if [ -n "$ADMIN" ]; then
     echo "Watch it:"
-    hint "open http://$ADMIN/" "dashboard: clients, routes, live traffic with replay"
+    hint "http://$ADMIN/" "open in a browser: the dashboard (clients, routes, live traffic with replay)"
     hint "curl -s http://$ADMIN/inspect" "the inspector's JSON (add -H 'Authorization: Bearer ...' with admin_token)"
 fi
 hint "make check-config" "$PY -m tunneld check $SERVER_CONF"

@@ -76,7 +76,8 @@ class Stack:
         self.tunnel_port = yield self.server.tunnel.ready
         if self.server.grpc is not None:
             self.grpc_port = yield self.server.grpc.ready
-        assert self.server.http is not None
+        if self.server.http is None:   # http_listen = "": a server for gRPC only
+            return
         # Chain a copy: yielding the service's own Deferred would eat the port
         # its stopService needs.
         got: Deferred[Any] = Deferred()

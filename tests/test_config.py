@@ -587,9 +587,12 @@ class ListenTests(ConfigTestCase):
         )
 
     def test_required_listeners(self) -> None:
-        """tunnel_listen and http_listen cannot be disabled."""
+        """tunnel_listen cannot be disabled."""
         self.assert_error("[server]\ntunnel_listen = ''\n", "[server]", "tunnel_listen")
-        self.assert_error("[server]\nhttp_listen = ''\n", "[server]", "http_listen")
+
+    def test_http_listen_can_be_disabled(self) -> None:
+        """http_listen '' disables the HTTP entry (a server for gRPC, or for the forward direction, only)."""
+        self.assertEqual(self.load("[server]\nhttp_listen = ''\n").server.http_listen, "")
 
     def test_optional_listeners(self) -> None:
         """grpc_listen and admin_listen '' disable those listeners."""

@@ -171,6 +171,79 @@ class DashboardTests(TestCase):
         self.assertNotIn("reports", text)
         self.assertEqual(page.console_errors(), [])
 
+    @inlineCallbacks
+    def test_failures_explain_themselves(self) -> Any:
+        """Every failure row has its reason, request_id and who served it; a backend's 404 is not a failure;
+        the tiles say who made the failures; times carry a date and time zone."""
+        yield self.stack.add_client(group="edge", client_id="edge-1")
+        codes = []
+        for host, path in (("app.example.com", "/"), ("app.example.com", "/status/404"),
+                           ("app.example.com", "/status/500"), ("other.example.com", "/"),
+                           ("reports.example.com", "/reports/daily"), ("ops.example.com", "/")):
+            codes.append((yield self.get(host, path)))
+        self.assertEqual(codes, [200, 404, 500, 404, 502, 403])
+        resp = yield treq.get(f"http://127.0.0.1:{self.stack.server.admin.port.getHost().port}/status".encode(),
+                              headers={b"Authorization": [f"Bearer {ADMIN_TOKEN}".encode()]}, persistent=False)
+        status = yield treq.json_content(resp)
+        totals = status["totals"]
+        self.assertEqual((totals["errors"], totals["errors_tunneld"], totals["errors_backend"], totals["backend_4xx"]),
+                         (4, 3, 1, 1))
+        self.assertEqual(sorted((row["path"], row["status"], row["reason"], row["answered_by"], row["served_by"])
+                                for row in status["recent_errors"]), [
+            ("/", 403, "access refused (ip_not_allowed)", "tunneld", ""),
+            ("/", 404, "no route", "tunneld", ""),
+            ("/reports/daily", 502, "no client connected", "tunneld", ""),
+            ("/status/500", 500, "backend answered 500", "backend", "edge-1"),
+        ])
+        self.assertTrue(all(row["request_id"] for row in status["recent_errors"]), status["recent_errors"])
+
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        admin = self.stack.server.admin.port.getHost().port
+        yield self.browser.run(page.call, "Emulation.setDeviceMetricsOverride", width=1360, height=1000,
+                               deviceScaleFactor=1, mobile=False)
+        yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}")
+        text = yield self.browser.run(page.wait_for_text, "backend answered 500")
+        for expected in ("no client connected", "no route", "access refused (ip_not_allowed)", "FAILED BY TUNNELD",
+                         "BACKEND 5XX", "BACKEND 4XX (NOT FAILURES)", "SERVED BY", "REASON"):
+            self.assertIn(expected, text)
+        for row in status["recent_errors"]:
+            self.assertIn(row["request_id"], text)
+        self.assertNotIn("/status/404", (yield self.browser.run(
+            page.evaluate, "[...document.querySelectorAll('section')].find((s) => s.innerText.startsWith("
+                           "'Recent failures')).innerText")))
+        failure_rows = yield self.browser.run(page.evaluate, """(() => {
+            const s = [...document.querySelectorAll('section')].find((s) => s.innerText.startsWith('Recent failures'));
+            return [...s.querySelectorAll('tbody tr')].map((tr) => [...tr.cells].map((c) => c.innerText));
+        })()""")
+        self.assertEqual(len(failure_rows), 4)
+        for cells in failure_rows:
+            self.assertRegex(cells[0], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC([+-]\d\d:\d\d)?$")
+            self.assertNotIn(cells[4], ("", "-"))    # reason
+            self.assertNotIn(cells[9], ("", "-"))    # request_id
+        served = {cells[6] for cells in failure_rows}
+        self.assertIn("edge-1", served)
+        # The traffic list has a "served by" column too.
+        traffic = yield self.browser.run(page.wait_for_js, """(() => {
+            const t = document.querySelector('#traffic table');
+            return t && [...t.querySelectorAll('th')].map((th) => th.innerText).includes('SERVED BY') &&
+                   [...t.querySelectorAll('tbody tr')].some((tr) => tr.innerText.includes('edge-1'));
+        })()""")
+        self.assertTrue(traffic)
+        self.assertEqual(page.console_errors(), [])
+
+    @inlineCallbacks
+    def test_empty_chart_says_how_to_make_traffic(self) -> Any:
+        """With no traffic yet, the chart area says where to send a request."""
+        yield wait_for(lambda: self.browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield self.browser.run(self.browser.attach)
+        admin = self.stack.server.admin.port.getHost().port
+        yield self.browser.run(page.call, "Page.navigate", url=f"http://127.0.0.1:{admin}/#token={ADMIN_TOKEN}")
+        text = yield self.browser.run(page.wait_for_text, "No traffic yet.")
+        self.assertIn("Send a request to the HTTP entry at http://127.0.0.1:", text)
+        self.assertIn("make demo", text)
+        self.assertEqual(page.console_errors(), [])
+
     @staticmethod
     def screenshot(page: DevTools) -> bytes:
         """Blocking: a PNG of the whole page at 1360 px wide."""

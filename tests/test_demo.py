@@ -76,6 +76,11 @@ class DemoTests(SynchronousTestCase):
                          f"-m tunneld.demo call --target 127.0.0.1:{grpc_entry} Count",
                          f"http://127.0.0.1:{admin}/"):
             self.assertIn(expected, out)
+        self.assertNotIn("hint \"open ", out)
+        # The demo waited for /healthz, not on the entry: a fresh dashboard shows no failures.
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=10) as resp:
+            fresh = json.load(resp)
+        self.assertEqual((fresh["totals"]["errors"], fresh["recent_errors"]), (0, []))
         with urllib.request.urlopen(f"{entry}/", timeout=10) as resp:
             self.assertEqual(resp.status, 200)
         with urllib.request.urlopen(f"{entry}/chat/", timeout=10) as resp:
@@ -98,6 +103,16 @@ class DemoTests(SynchronousTestCase):
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/", timeout=10) as resp:
             self.assertIn(b"dashboard.js", resp.read())
         self.assertTrue(re.search(r"started client \(pid \d+\)", out))
+        # Ctrl-C in a terminal signals the whole process group, and the script forwards SIGTERM too:
+        # each process gets two stop signals, and neither log may show a critical line.
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+        for name in ("server", "client"):
+            with open(os.path.join(ROOT, ".demo", f"{name}.log"), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            self.assertNotIn("#critical", text, name)
+            self.assertNotIn("Traceback", text, name)
+            self.assertIn("Server Shut Down.", text, name)
 
     @staticmethod
     def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -238,7 +238,8 @@ class OldServerTests(TestCase):
         lines: list[str] = []
 
         def observe(event: dict[str, Any]) -> None:
-            if "reason" in event and "tunnel to" in str(event.get("log_format", "")):
+            if "reason" in event and ("tunnel to" in str(event.get("log_format", ""))
+                                      or "cannot reach the server" in str(event.get("log_format", ""))):
                 lines.append(str(event["reason"]))
 
         globalLogPublisher.addObserver(observe)

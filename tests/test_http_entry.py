@@ -18,6 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.session_pair import http_response_body, http_response_head
 from tests.test_hubs import HOST, Backend, HubCase, Link
@@ -304,3 +305,27 @@ class EndingTests(EntryCase):
         backend.tunnel.cancel(backend.request_id, s.TIMEOUT, "backend too slow")
         self.wire.flush()
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 504 "), transport.value())
+
+
+class AnswerReasonTests(SynchronousTestCase):
+    """Why tunneld answered itself, in the words the dashboard shows."""
+
+    def test_reasons(self) -> None:
+        """Each kind of local answer gets its reason."""
+        from tunneld.protocols.http_entry import answer_reason
+
+        cases = [
+            ((404, "no route for host a path /"), "no route"),
+            ((502, "no client connected for group 'g' (route r)"), "no client connected"),
+            ((502, "not connected to the server 127.0.0.1:7000"), "no client connected"),
+            ((502, "backend http://127.0.0.1:1 unreachable: Connection refused"), "backend refused"),
+            ((504, "no response from the backend within 30 s"), "backend timeout"),
+            ((502, "backend response broke off"), "backend broke off"),
+            ((503, "server is shutting down"), "shutting down"),
+            ((413, "request body exceeds 10 bytes"), "body too large"),
+            ((502, "tunnel stream lost: no heartbeat within 60 s"), "tunnel lost"),
+            ((502, "tunnel not available: session closed"), "tunnel lost"),
+        ]
+        for (status, message), reason in cases:
+            self.assertEqual(answer_reason(status, message), reason, message)
+        self.assertEqual(answer_reason(403, "forbidden", "ip_denied"), "access refused (ip_denied)")

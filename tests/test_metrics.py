@@ -81,14 +81,35 @@ class RequestMetricsTests(SynchronousTestCase):
         """Failures are kept newest first with their ids, at most RECENT_ERRORS of them; successes are not."""
         for n in range(RECENT_ERRORS + 5):
             self.now = 1000.0 + n
-            self.metrics.observe(record(status=502, request_id=f"r{n}", trace_id=f"t{n}", path=f"/p{n}"))
+            self.metrics.observe(record(status=502, request_id=f"r{n}", trace_id=f"t{n}", path=f"/p{n}",
+                                        reason="no client connected", answered_by="tunneld"))
         self.metrics.observe(record(status=200))
         recent = self.metrics.summary()["recent_errors"]
         self.assertEqual(len(recent), RECENT_ERRORS)
         last = RECENT_ERRORS + 4
         self.assertEqual(recent[0], {"time": 1000.0 + last, "protocol": "http", "route": "web", "status": 502,
                                      "code_class": "5xx", "duration": 0.01, "path": f"/p{last}",
-                                     "request_id": f"r{last}", "trace_id": f"t{last}"})
+                                     "request_id": f"r{last}", "trace_id": f"t{last}",
+                                     "reason": "no client connected", "answered_by": "tunneld", "served_by": ""})
+
+    def test_who_failed(self) -> None:
+        """tunneld's own answers and backend 5xx are failures; a backend's own 4xx is not; a record
+        without ``answered_by`` (older builders) counts as before."""
+        self.metrics.observe(record(status=404, answered_by="backend", client_id="edge-1"))
+        self.metrics.observe(record(status=503, answered_by="backend", client_id="edge-1", request_id="b5"))
+        self.metrics.observe(record(status=404, answered_by="tunneld", reason="no route"))
+        self.metrics.observe(record(status=502))
+        self.metrics.observe({"protocol": "grpc", "route": "g", "status": "NOT_FOUND", "answered_by": "backend"})
+        self.metrics.observe({"protocol": "grpc", "route": "g", "status": "INTERNAL", "answered_by": "backend"})
+        summary = self.metrics.summary()
+        self.assertEqual((summary["errors"], summary["errors_tunneld"], summary["errors_backend"],
+                          summary["backend_4xx"]), (4, 2, 2, 2))
+        rows = {row["status"]: row for row in summary["recent_errors"]}
+        self.assertEqual((rows[503]["reason"], rows[503]["served_by"], rows[503]["answered_by"]),
+                         ("backend answered 503", "edge-1", "backend"))
+        self.assertEqual(rows[404]["reason"], "no route")
+        self.assertEqual(rows[502]["reason"], "status 502")
+        self.assertEqual(self.metrics.failed_by_route(), {"web": 3, "g": 1})
 
     def test_two_registries_side_by_side(self) -> None:
         """Each process part gets its own registry: two RequestMetrics never clash or share counts."""

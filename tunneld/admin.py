@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.application.internet import StreamServerEndpointService
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from tunneld import __version__
 from tunneld.inspector import Exchange, Inspector
+from tunneld.endpoints import ListenService
 
 if TYPE_CHECKING:
     from tunneld.client_hub import ClientHub
@@ -85,8 +85,30 @@ def code_class(protocol: str, status: object) -> str:
 
 
 def is_failure(klass: str) -> bool:
-    """Does this status class count as a failure on the dashboard?"""
+    """Is this status class an error status at all (before asking who made it)?"""
     return klass not in ("1xx", "2xx", "3xx", "OK")
+
+
+#: gRPC statuses that say the server side broke (a backend's own NOT_FOUND or INVALID_ARGUMENT is its answer).
+_GRPC_SERVER_ERRORS = frozenset({"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED", "other"})
+
+
+def failure_kind(protocol: str, klass: str, record: dict[str, Any]) -> str:
+    """"" (not a failure), "tunneld" (an answer tunneld made itself) or "backend" (a backend's 5xx).
+
+    A backend's own 4xx (or a gRPC backend's NOT_FOUND, ...) is its answer,
+    not a failure of tunneld.  Records without ``answered_by`` (built before
+    the field existed) count as failed whenever their status is an error, as
+    they always did.
+    """
+    if not is_failure(klass):
+        return ""
+    answered_by = record.get("answered_by")
+    if answered_by == "backend":
+        if protocol == "grpc":
+            return "backend" if klass in _GRPC_SERVER_ERRORS else ""
+        return "backend" if klass in ("5xx", "other") else ""
+    return "tunneld"
 
 
 class RequestMetrics:
@@ -114,6 +136,8 @@ class RequestMetrics:
         self.tally: dict[tuple[str, str, str], int] = {}
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self.recent_errors: deque[dict[str, object]] = deque(maxlen=RECENT_ERRORS)
+        self.failed_tally: dict[str, int] = {}                 # route -> failed requests
+        self.kind_tally = {"tunneld": 0, "backend": 0, "backend_4xx": 0}
 
     def observe(self, record: dict[str, Any]) -> None:
         protocol = str(record.get("protocol", "")) or "-"
@@ -139,12 +163,26 @@ class RequestMetrics:
         if refusal:
             self.refusals.labels(route, str(refusal)).inc()
             self.refusal_tally[(route, str(refusal))] = self.refusal_tally.get((route, str(refusal)), 0) + 1
-        if is_failure(klass):
-            self.recent_errors.appendleft({
-                "time": self.clock(), "protocol": protocol, "route": route, "status": _jsonable(record.get("status")),
-                "code_class": klass, "duration": round(duration, 6), "path": str(record.get("path", "")),
-                "request_id": str(record.get("request_id", "")), "trace_id": str(record.get("trace_id", "")),
-            })
+        kind = failure_kind(protocol, klass, record)
+        if not kind:
+            if is_failure(klass):
+                self.kind_tally["backend_4xx"] += 1   # the backend's own answer
+            return
+        self.kind_tally[kind] += 1
+        self.failed_tally[route] = self.failed_tally.get(route, 0) + 1
+        status = _jsonable(record.get("status"))
+        reason = str(record.get("reason", "") or "")
+        if not reason:
+            refusal = record.get("refusal")
+            reason = (f"access refused ({refusal})" if refusal else
+                      f"backend answered {status}" if kind == "backend" else f"status {status}")
+        self.recent_errors.appendleft({
+            "time": self.clock(), "protocol": protocol, "route": route, "status": status,
+            "code_class": klass, "duration": round(duration, 6), "path": str(record.get("path", "")),
+            "request_id": str(record.get("request_id", "")), "trace_id": str(record.get("trace_id", "")),
+            "reason": reason, "answered_by": kind,
+            "served_by": str(record.get("client_id", "") or record.get("origin", "") or ""),
+        })
 
     def by_route(self) -> dict[str, dict[str, int]]:
         """route -> code_class -> count."""
@@ -161,11 +199,17 @@ class RequestMetrics:
             out.setdefault(route, {})[reason] = n
         return out
 
+    def failed_by_route(self) -> dict[str, int]:
+        """route -> failed requests (tunneld's own error answers and backend 5xx)."""
+        return dict(self.failed_tally)
+
     def summary(self) -> dict[str, object]:
         requests = sum(self.tally.values())
-        errors = sum(n for (_, _, klass), n in self.tally.items() if is_failure(klass))
+        errors = self.kind_tally["tunneld"] + self.kind_tally["backend"]
         rows = [{"protocol": p, "route": r, "code_class": k, "count": n} for (p, r, k), n in sorted(self.tally.items())]
-        return {"requests": requests, "errors": errors, "by_class": rows, "recent_errors": list(self.recent_errors)}
+        return {"requests": requests, "errors": errors, "by_class": rows, "recent_errors": list(self.recent_errors),
+                "errors_tunneld": self.kind_tally["tunneld"], "errors_backend": self.kind_tally["backend"],
+                "backend_4xx": self.kind_tally["backend_4xx"]}
 
 
 def _jsonable(value: object) -> object:
@@ -352,19 +396,20 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
         })
     tally = metrics.by_route() if metrics is not None else {}
     refused = metrics.refusals_by_route() if metrics is not None else {}
+    failed = metrics.failed_by_route() if metrics is not None else {}
     routes: list[dict[str, object]] = []
     for r in config.routes:
         routes.append({
             "name": r.name, "kind": "grpc" if r.grpc_service else "http", "match": _route_match(r),
             "group": r.group, "backend": r.backend,
             "clients": ids.get(r.group, [])[:ROUTE_CLIENTS], "clients_total": len(ids.get(r.group, [])),
-            "requests": tally.get(r.name, {}),
+            "requests": tally.get(r.name, {}), "failed": failed.get(r.name, 0),
             "access": _access_summary(r), "refusals": refused.get(r.name, {}),
         })
     for f in getattr(config, "forward", ()):
         routes.append({
             "name": f.name, "kind": "forward", "match": _route_match(f), "group": "", "backend": f"upstream {f.upstream}",
-            "clients": [], "requests": tally.get(f.name, {}),
+            "clients": [], "requests": tally.get(f.name, {}), "failed": failed.get(f.name, 0),
         })
     unrouted = tally.get("-")
     summary = metrics.summary() if metrics is not None else {"requests": 0, "errors": 0, "by_class": [],
@@ -387,6 +432,7 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
         "totals": {
             "clients": len(all_ids), "streams": len(hub.registry),
             "in_flight": hub.in_flight(), "requests": summary["requests"], "errors": summary["errors"],
+            **_failure_split(summary),
         },
         "groups": groups, "clients": clients, "routes": routes,
         "clients_page": {"total": total, "offset": page_offset, "limit": page_limit, "group": want_group or "",
@@ -443,12 +489,28 @@ class ClientCollector:
         yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
 
 
+def _failure_split(summary: dict[str, Any]) -> dict[str, object]:
+    """Who made the failures: tunneld's own answers vs backend 5xx; and backend 4xx (not failures)."""
+    return {"errors_tunneld": summary.get("errors_tunneld", 0), "errors_backend": summary.get("errors_backend", 0),
+            "backend_4xx": summary.get("backend_4xx", 0)}
+
+
+def _dial_words(dial: Any) -> dict[str, object]:
+    """A server's dials in words: "cannot reach" (never up) vs "lost", the last error and its likely cause."""
+    history = getattr(dial, "history", None)
+    if history is None:
+        return {}
+    return {"diagnosis": history.summary(), "failed_dials": history.failures, "last_error": history.last_error,
+            "likely_cause": history.likely_cause, "ever_connected": history.ever_connected}
+
+
 def client_status(hub: ClientHub, metrics: RequestMetrics | None, started: float,
                   clock: Callable[[], float] = time.time) -> dict[str, object]:
     """The client's ``/status`` document: the whole client, and ``servers`` (one entry per server)."""
     now = clock()
     offset = now - hub.clock.seconds()
     tally = metrics.by_route() if metrics is not None else {}
+    failed = metrics.failed_by_route() if metrics is not None else {}
     summary = metrics.summary() if metrics is not None else {"requests": 0, "errors": 0, "by_class": [],
                                                              "recent_errors": []}
     counters: dict[str, int] = {"messages_dropped": 0, "flow_stalls": 0, "reconnects": 0, "dial_attempts": 0}
@@ -467,11 +529,13 @@ def client_status(hub: ClientHub, metrics: RequestMetrics | None, started: float
             "connected_since": link.connected_since + offset if link.connected_since is not None else None,
             "rtt": link.rtt, "in_flight": link.in_flight, "reconnects": reconnects,
             "routes": sorted(link.routes), "config_version": link.config_version,
+            **_dial_words(dial),
         })
         for r in link.routes.values():
             row = routes.setdefault(r.name, {
                 "name": r.name, "kind": "grpc" if r.grpc_service else "http", "match": _route_match(r),
-                "backend": r.backend, "requests": tally.get(r.name, {}), "servers": [],
+                "backend": r.backend, "requests": tally.get(r.name, {}), "failed": failed.get(r.name, 0),
+                "servers": [],
             })
             row["servers"].append(link.server)  # type: ignore[attr-defined]
     connected = [link for link in hub.links if link.is_connected]
@@ -486,7 +550,7 @@ def client_status(hub: ClientHub, metrics: RequestMetrics | None, started: float
         "connected_since": first.connected_since + offset if first.connected_since is not None else None,
         "rtt": first.rtt, "in_flight": hub.in_flight,
         "reconnects": counters["reconnects"], "config_version": first.config_version,
-        "totals": {"requests": summary["requests"], "errors": summary["errors"]},
+        "totals": {"requests": summary["requests"], "errors": summary["errors"], **_failure_split(summary)},
         "routes": list(routes.values()), "requests": summary["by_class"], "recent_errors": summary["recent_errors"],
         "counters": counters,
     }
@@ -677,12 +741,11 @@ class AdminSite(server.Site):
         pass
 
 
-class AdminService(StreamServerEndpointService):
-    """Listens on ``admin_listen``; ``port`` is the listening port once started."""
+class AdminService(ListenService):
+    """Listens on ``admin_listen``; ``port`` is the listening port once started (None if it could not)."""
 
     def __init__(self, endpoint: Any, resource: AdminResource, registry: CollectorRegistry) -> None:
-        super().__init__(endpoint, AdminSite(resource))
-        self._raiseSynchronously = True   # a busy admin port stops startup, as the entries do
+        super().__init__(endpoint, AdminSite(resource))   # a busy admin port stops startup, as the entries do
         self.registry = registry
         self.resource = resource
         self.port: Any = None

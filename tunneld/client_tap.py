@@ -11,6 +11,7 @@ etc/client.toml, so it works against the shipped etc/server.toml.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,8 @@ from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, channel_credentials
 from tunneld.hangup import HangupService
 from tunneld.logs import with_log_format
-from tunneld.endpoints import server_endpoint
+from tunneld.endpoints import ListenService, server_endpoint
+from tunneld.lifecycle import ProcessExit, check_tls_files, preflight
 from tunneld.protocols.h2.grpc_backend import GrpcBackendCall, GrpcBackends, GrpcBackendsService
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool, trust_root
@@ -45,7 +47,9 @@ class Options(usage.Options):
         try:
             self["loaded"] = load_client_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # One line and status 1 (a UsageError would print the whole option list before it).
+            sys.stderr.write(f"tunneld-client: {e}\n")
+            raise SystemExit(1) from None
 
 
 @dataclass
@@ -56,6 +60,7 @@ class ClientApp:
     entry: StreamServerEndpointService | None = None   # the forward direction's http_entry
     admin: AdminService | None = None   # /metrics, /status, dashboard (admin_listen)
     dials: tuple[TunnelClientService, ...] = ()   # one per server, in the order of `server`
+    exit: ProcessExit | None = None   # set: a listener that cannot bind ends the process (status 1, one line)
 
 
 class ClientRoot(MultiService):
@@ -78,7 +83,9 @@ class ClientRoot(MultiService):
         return done
 
 
-def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = CLIENT_MAX_MESSAGE_SIZE) -> ClientApp:
+def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = CLIENT_MAX_MESSAGE_SIZE,
+                 exit: ProcessExit | None = None) -> ClientApp:
+    """The client's service tree.  With ``exit``, every listener's failure goes to it (the twistd path)."""
     cfg = config.client
     top = ClientRoot()
     pool = make_pool(reactor, ca=cfg.backend_ca)
@@ -146,16 +153,20 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_mask) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:
-        entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry),
-                                            EntrySite(hub, reactor, inspector=hub.inspector))
-        entry._raiseSynchronously = True
+        entry = ListenService(server_endpoint(reactor, cfg.http_entry), EntrySite(hub, reactor, inspector=hub.inspector))
+        if exit is not None:
+            entry.on_failure = exit.listen_failed("http_entry", cfg.http_entry)
         entry.setServiceParent(top)
     admin = None
     if cfg.admin_listen:
         admin = client_admin(hub, reactor, cfg.admin_listen)
+        if exit is not None:
+            admin.on_failure = exit.listen_failed("admin_listen", cfg.admin_listen)
         admin.setServiceParent(top)
         top.after.append(admin)
-    return ClientApp(top, hub, dials[0], entry, admin, tuple(dials))
+    if exit is not None:
+        exit.setServiceParent(top)
+    return ClientApp(top, hub, dials[0], entry, admin, tuple(dials), exit)
 
 
 class ReloadOnHangup(HangupService):
@@ -182,6 +193,10 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     config = options["loaded"]
-    app = build_client(config, reactor)
+    check_tls_files(config.path or "the client's config", [(("tls_cert", "tls_key"), config.client.tls_cert,
+                                                            config.client.tls_key)], "tunneld-client")
+    preflight("tunneld-client", config.path, [(key, getattr(config.client, key)) for key in
+                                              ("http_entry", "admin_listen")])
+    app = build_client(config, reactor, exit=ProcessExit(reactor, config.path))
     ReloadOnHangup(config.path, app.hub, reactor).setServiceParent(app.service)
     return with_log_format(app.service, config.client.log_format, getattr(options, "parent", None))

@@ -668,7 +668,7 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
     max_window, window_budget = _window_growth(t, d, window, "window")
     return ServerSettings(
         tunnel_listen=t.listen("tunnel_listen", d.tunnel_listen),
-        http_listen=t.listen("http_listen", d.http_listen),
+        http_listen=t.listen("http_listen", d.http_listen, optional=True),
         grpc_listen=t.listen("grpc_listen", d.grpc_listen, optional=True),
         admin_listen=t.listen("admin_listen", d.admin_listen, optional=True),
         request_timeout=t.seconds("request_timeout", d.request_timeout),
@@ -1182,7 +1182,7 @@ def describe(config: ServerConfig | ClientConfig) -> str:
 
     return (
         f"server config {config.path or '(defaults)'}: tunnel {s.tunnel_listen}, "
-        f"http {s.http_listen}, grpc {s.grpc_listen or 'off'}, "
+        f"http {s.http_listen or 'off'}, grpc {s.grpc_listen or 'off'}, "
         f"admin {_admin(s.admin_listen, s.admin_token)}, log {s.log_format}; "
         f"groups {names(config.groups)}; "
         f"routes {names(config.routes)} ({_protected(config.routes)}); upstreams {names(config.upstreams)}; "

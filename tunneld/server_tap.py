@@ -16,6 +16,7 @@ after twistd has forked.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,8 +31,9 @@ from tunneld import session as s
 from tunneld import inspector
 from tunneld.admin import AdminService, server_admin
 from tunneld.config import ConfigError, ForwardRule, ServerConfig, load_server_config
-from tunneld.endpoints import server_endpoint
+from tunneld.endpoints import ListenService, server_endpoint
 from tunneld.hangup import HangupService
+from tunneld.lifecycle import ProcessExit, check_tls_files, preflight
 from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, server_credentials
 from tunneld.protocols.h2.connection import H2Limits
@@ -52,7 +54,9 @@ class Options(usage.Options):
         try:
             self["loaded"] = load_server_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # One line and status 1 (a UsageError would print the whole option list before it).
+            sys.stderr.write(f"tunneld-server: {e}\n")
+            raise SystemExit(1) from None
 
 
 class ServerRoot(MultiService):
@@ -98,9 +102,11 @@ class ServerApp:
     http: StreamServerEndpointService | None
     grpc: GrpcEntryService | None = None
     admin: AdminService | None = None   # /metrics, /status, dashboard (admin_listen)
+    exit: ProcessExit | None = None   # set: a listener that cannot bind ends the process (status 1, one line)
 
 
-def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
+def build_server(config: ServerConfig, reactor: Any, exit: ProcessExit | None = None) -> ServerApp:
+    """The server's service tree.  With ``exit``, every listener's failure goes to it (the twistd path)."""
     cfg = config.server
     top = ServerRoot(reactor)
     pool = make_pool(reactor, ca=cfg.upstream_ca)
@@ -127,6 +133,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None, before_stop=lambda: hub.drain(cfg.drain_timeout),
         limiter=OpenRateLimiter(cfg.open_rate, cfg.open_burst) if cfg.open_rate else None,
         keepalive=cfg.keepalive_interval, guard=hub.open_guard,
+        on_failure=exit.listen_failed("tunnel_listen", cfg.tunnel_listen) if exit is not None else None,
     )
     tunnel.setServiceParent(bridge_service)
     grpc_entry = None
@@ -139,6 +146,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
                                    proxy_protocol=cfg.proxy_protocol, alpn=(b"h2",))
         grpc_entry = GrpcEntryService(endpoint, factory, reactor, grace=cfg.drain_timeout)
         grpc_entry.setServiceParent(top)
+        if exit is not None:
+            grpc_entry.on_failure = exit.listen_failed("grpc_listen", cfg.grpc_listen)
     http = None
     if cfg.http_listen:
         scheme = "https" if cfg.http_tls_cert else "http"
@@ -151,8 +160,9 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         hub.entry = site
         endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key,
                                    proxy_protocol=cfg.proxy_protocol)
-        http = StreamServerEndpointService(endpoint, site)
-        http._raiseSynchronously = True
+        http = ListenService(endpoint, site)
+        if exit is not None:
+            http.on_failure = exit.listen_failed("http_listen", cfg.http_listen)
         http.setServiceParent(top)
     # Heartbeats go out spread over the interval, one slice per tick, only to quiet streams.
     for interval, tick in ((hub.heartbeats.tick, hub.heartbeat_schedule_tick), (cfg.cleanup_interval, hub.cleanup_tick)):
@@ -162,9 +172,13 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     admin = None
     if cfg.admin_listen:
         admin = server_admin(hub, reactor, cfg.admin_listen)
+        if exit is not None:
+            admin.on_failure = exit.listen_failed("admin_listen", cfg.admin_listen)
         admin.setServiceParent(top)
         top.last = admin
-    return ServerApp(top, hub, tunnel, http, grpc_entry, admin)
+    if exit is not None:
+        exit.setServiceParent(top)
+    return ServerApp(top, hub, tunnel, http, grpc_entry, admin, exit)
 
 
 class ReloadOnHangup(HangupService):
@@ -192,6 +206,12 @@ def makeService(options: Options) -> MultiService:
     config = options["loaded"]
     for warning in config.warnings:   # unsafe but allowed on loopback (shown once logging starts)
         Logger().warn("unsafe setting: {problem}", problem=warning)
-    app = build_server(config, reactor)
+    check_tls_files(config.path, [(pair, getattr(config.server, pair[0]), getattr(config.server, pair[1]))
+                                  for pair in (("tls_cert", "tls_key"), ("http_tls_cert", "http_tls_key"),
+                                               ("grpc_tls_cert", "grpc_tls_key"))], "tunneld-server")
+    cfg = config.server
+    preflight("tunneld-server", config.path, [(key, getattr(cfg, key)) for key in
+                                              ("tunnel_listen", "http_listen", "grpc_listen", "admin_listen")])
+    app = build_server(config, reactor, ProcessExit(reactor, config.path))
     ReloadOnHangup(config.path, app.hub, reactor).setServiceParent(app.service)
     return with_log_format(app.service, config.server.log_format, getattr(options, "parent", None))

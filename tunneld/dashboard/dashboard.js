@@ -21,12 +21,31 @@ function dur(s) {
   if (s < 86400) return Math.floor(s / 3600) + "h " + Math.floor(s % 3600 / 60) + "m";
   return Math.floor(s / 86400) + "d " + Math.floor(s % 86400 / 3600) + "h";
 }
+// Times carry their date and time zone: a failure row from yesterday, or read from another zone, stays true.
+function zone(date) {
+  const off = -date.getTimezoneOffset(), a = Math.abs(off);
+  if (!off) return "UTC";
+  return "UTC" + (off > 0 ? "+" : "-") + String(Math.floor(a / 60)).padStart(2, "0") + ":" + String(a % 60).padStart(2, "0");
+}
+function stamp(t) {
+  const d = new Date(t * 1000), p = (n) => String(n).padStart(2, "0");
+  return d.getFullYear() + "-" + p(d.getMonth() + 1) + "-" + p(d.getDate()) + " " + p(d.getHours()) + ":" +
+    p(d.getMinutes()) + ":" + p(d.getSeconds()) + " " + zone(d);
+}
 function ms(s) { return s === null || s === undefined ? "-" : (s * 1000).toFixed(1) + " ms"; }
 function failed(k) { return !["1xx", "2xx", "3xx", "OK"].includes(k); }
+// A 4xx may be the backend's own answer (not a failure) or tunneld's (no route, access refused): amber, not red.
 function classes(counts) {
   const keys = Object.keys(counts || {}).sort();
   if (!keys.length) return [el("span", "arrow", "none yet")];
-  return keys.map((k) => pill(k + " " + counts[k], failed(k) ? "bad" : "ok"));
+  return keys.map((k) => pill(k + " " + counts[k], !failed(k) ? "ok" : (k === "4xx" ? "warn" : "bad")));
+}
+// Failures by who made them (older servers send only "errors").
+function failureTiles(t) {
+  if (t.errors_tunneld === undefined) return [tile(t.errors, "failed", t.errors ? "bad" : "")];
+  return [tile(t.errors_tunneld, "failed by tunneld", t.errors_tunneld ? "bad" : ""),
+    tile(t.errors_backend, "backend 5xx", t.errors_backend ? "bad" : ""),
+    tile(t.backend_4xx, "backend 4xx (not failures)")];
 }
 function table(headers, rows, empty) {
   if (!rows.length) return el("div", "empty", empty);
@@ -46,12 +65,14 @@ function refusals(r) {
 
 function failures(d) {
   const rows = d.recent_errors.map((e) => el("tr", null,
-    td(new Date(e.time * 1000).toLocaleTimeString(), "mono"), td(e.protocol), td(e.route, "mono"),
-    td(pill(String(e.status), "bad")), td(e.path || "", "mono"), td(ms(e.duration), "num"),
-    td(e.request_id, "mono"), td(e.trace_id, "mono")));
-  return section("Recent failures", "last " + d.recent_errors.length + ", newest first",
-    table(["time", "protocol", "route", "status", "path", "duration#", "request_id", "trace_id"], rows,
-          "No failed requests."));
+    td(stamp(e.time), "mono"), td(e.protocol), td(e.route, "mono"),
+    td(pill(String(e.status), "bad")), td(e.reason || "-"),
+    td(e.answered_by === "backend" ? "backend" : (e.answered_by ? "tunneld" : "-")), td(e.served_by || "-", "mono"),
+    td(e.path || "", "mono"), td(ms(e.duration), "num"), td(e.request_id || "-", "mono"), td(e.trace_id, "mono")));
+  return section("Recent failures", "last " + d.recent_errors.length + ", newest first; tunneld's own error answers " +
+      "and backend 5xx (a backend's 4xx is its answer, not a failure)",
+    table(["time", "protocol", "route", "status", "reason", "by", "served by", "path", "duration#", "request_id",
+           "trace_id"], rows, "No failed requests."));
 }
 
 function renderServer(d) {
@@ -60,7 +81,7 @@ function renderServer(d) {
     (d.draining ? " \u00b7 DRAINING" : "");
   const t = d.totals;
   const tiles = [tile(t.clients, "clients", t.clients ? "good" : "bad"), tile(t.streams, "streams"),
-    tile(t.in_flight, "in flight"), tile(t.requests, "requests"), tile(t.errors, "failed", t.errors ? "bad" : ""),
+    tile(t.in_flight, "in flight"), tile(t.requests, "requests"), ...failureTiles(t),
     tile(d.counters.messages_dropped, "dropped msgs", d.counters.messages_dropped ? "bad" : ""),
     tile(d.counters.flow_stalls, "flow stalls"),
     tile(d.counters.access_refusals || 0, "access refused", d.counters.access_refusals ? "bad" : "")];
@@ -115,16 +136,17 @@ function renderClient(d) {
   const tiles = [tile(d.connected ? "connected" : "down", "tunnel", d.connected ? "good" : "bad"),
     tile(d.connected_since ? dur(d.now - d.connected_since) : "-", "connected for"), tile(ms(d.rtt), "rtt"),
     tile(d.in_flight, "in flight"), tile(d.totals.requests, "requests"),
-    tile(d.totals.errors, "failed", d.totals.errors ? "bad" : ""), tile(d.reconnects, "reconnects")];
+    ...failureTiles(d.totals), tile(d.reconnects, "reconnects")];
   const routes = d.routes.map((r) => el("tr", null, td(el("b", null, r.name)), td(r.match, "mono"),
     td([el("span", "arrow", "\u2192 "), r.backend], "mono"), td(classes(r.requests))));
   const servers = (d.servers || []).map((v) => el("tr", null, td(el("b", null, v.address), "mono"),
     td(pill(v.state, v.state === "connected" ? "ok" : (v.state === "draining" ? "warn" : "bad"))),
     td(v.connected_since ? dur(d.now - v.connected_since) : "-", "num"), td(ms(v.rtt), "num"),
-    td(v.in_flight, "num"), td(v.reconnects, "num"), td(v.routes.length, "num")));
+    td(v.in_flight, "num"), td(v.reconnects, "num"), td(v.routes.length, "num"),
+    td(v.state === "connected" ? "" : (v.diagnosis || ""))));
   $("body").replaceChildren(el("div", "tiles", tiles),
     section("Servers", "one tunnel stream to each",
-      table(["server", "state", "connected#", "rtt#", "in flight#", "reconnects#", "routes#"], servers,
+      table(["server", "state", "connected#", "rtt#", "in flight#", "reconnects#", "routes#", "why not connected"], servers,
             "No servers.")),
     section("Routes", "granted by the server, config " + (d.config_version || "-"),
       table(["route", "match", "backend", "requests by status"], routes, "No routes (not connected yet?).")),
@@ -177,7 +199,7 @@ function renderTraffic(list) {
   const shown = list.filter(matches);
   const rows = shown.map((e) => {
     const tr = el("tr", "click" + (e.request_id === opened ? " sel" : ""),
-      td(new Date(e.started * 1000).toLocaleTimeString(), "mono"), td(pill(e.protocol)), td(e.route, "mono"),
+      td(stamp(e.started), "mono"), td(pill(e.protocol)), td(e.route, "mono"), td(e.client_id || "-", "mono"),
       td(what(e), "mono path"), td(pill(e.done ? String(e.status) : "open", statusKind(e))), td(ms(e.duration), "num"),
       td(size(e.bytes_in) + " / " + size(e.bytes_out), "num"),
       td(e.messages.length ? String(e.messages.length) : "", "num"), td(e.replay_of ? "replay" : "", "arrow"));
@@ -193,7 +215,7 @@ function renderTraffic(list) {
       controls, el("div", null)));
   }
   box.querySelector("section > div:last-child").replaceChildren(
-    table(["time", "protocol", "route", "request", "status", "duration#", "in / out#", "msgs#", ""], rows,
+    table(["time", "protocol", "route", "served by", "request", "status", "duration#", "in / out#", "msgs#", ""], rows,
           list.length ? "Nothing matches the filters." : "No traffic yet."));
 }
 
@@ -293,7 +315,7 @@ function routeCounts(d) {
   for (const r of d.routes || []) {
     let total = 0, bad = 0;
     for (const [k, n] of Object.entries(r.requests || {})) { total += n; if (failed(k)) bad += n; }
-    counts[r.name] = {total: total, failed: bad};
+    counts[r.name] = {total: total, failed: r.failed === undefined ? bad : r.failed};
   }
   return counts;
 }
@@ -331,8 +353,22 @@ function updateCharts(d, exchanges) {
       td([spark(s.map((p) => p.errors), "errors"), " ", last.errors.toFixed(1) + " failed/s"], "chart"),
       td([spark(s.map((p) => p.latency), "latency"), " ", ms(last.latency)], "chart"));
   });
+  const quiet = !(d.totals && d.totals.requests);
   $("charts").replaceChildren(section("Per route, last minutes", "request rate, failures and mean latency, one point per poll",
-    table(["route", "requests", "failures", "latency"], rows, "Collecting (two polls needed)...")));
+    [quiet ? el("div", "empty", howToMakeTraffic(d)) : null,
+     table(["route", "requests", "failures", "latency"], rows, "Collecting (two polls needed)...")]));
+}
+// An empty chart says how to fill it.
+function howToMakeTraffic(d) {
+  if (d.role === "client") {
+    return "No traffic yet. Requests reach this client through its server's entry (or its own http_entry" +
+      (d.http_entry ? " at http://" + d.http_entry + "/" : "") + "); the charts draw from the second poll on.";
+  }
+  const http = d.listen && d.listen.http;
+  return "No traffic yet. Send a request to the HTTP entry" + (http ? " at http://" + http + "/" : "") +
+    " with a route's host and path (the Routes table lists them), e.g. curl -H 'Host: <route host>' " +
+    (http ? "http://" + http : "http://<http_listen>") + "/<path>; `make demo` prints ready-made commands." +
+    " The charts draw from the second poll on.";
 }
 
 // The client list is one page of /status: at most CLIENT_ROWS rows, filtered by the search box

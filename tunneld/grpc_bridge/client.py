@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tunneld import tunnel_pb2 as pb
+from tunneld.dial_report import DialHistory
 from tunneld.frames import DEFAULT_MAX_FRAME_SIZE
 from tunneld.grpc_bridge.stream import Bridge, StreamHandle, keepalive_options, message_size_options
 from tunneld.grpc_bridge.stream import ChannelCredentialsFactory
@@ -104,6 +105,8 @@ class TunnelClientService(Service):
         self._ended: Deferred[None] | None = None
         self.attempts = 0
         self.reconnects = 0
+        # "cannot reach" vs "lost", one warning after a few failures, and /status in words.
+        self.history = DialHistory(target, tls=credentials is not None)
 
     def startService(self) -> None:
         super().startService()
@@ -144,13 +147,19 @@ class TunnelClientService(Service):
         return ended.addCallback(abort)
 
     def reset(self) -> None:
+        """The server accepted the stream."""
         self.backoff.reset()
+        if self.history.failures >= 3:
+            self.log.info("tunnel to {target} is up after {n} failed dials", target=self.target,
+                          n=self.history.failures)
+        self.history.accepted()
 
     def dial(self) -> None:
         self._retry = None
         if not self.running:
             return
         self.attempts += 1
+        self.history.dialing()
         handle = StreamHandle(self.bridge, peer=self.target, max_frame_size=self.max_frame_size)
         handle.on_lost = lambda reason: self._lost(handle, reason)
         self.handle = handle
@@ -171,8 +180,21 @@ class TunnelClientService(Service):
         spread = dial_spread(self.dial_jitter, self.backoff.rand) if self.backoff.attempt == 0 else 0.0
         delay = self.backoff.next_delay() + spread
         self.reconnects += 1
-        self.log.info("tunnel to {target} lost ({reason}); reconnecting in {delay:.2f} s",
-                      target=self.target, reason=reason, delay=delay)
+        report = self.history.failed(reason)
+        if report.kind == "lost":
+            self.log.info("tunnel to {target} lost ({reason}); reconnecting in {delay:.2f} s",
+                          target=self.target, reason=report.words, delay=delay)
+        elif report.kind == "cannot_reach":
+            self.log.info("cannot reach the server at {target} ({reason}); retrying in {delay:.2f} s",
+                          target=self.target, reason=report.words, delay=delay)
+        elif report.kind == "warn":
+            self.log.warn("cannot reach the server at {target}: {n} dials in a row failed; last error: {reason}"
+                          "{cause_text}. Retrying quietly (at most every 10 s) until it answers; /status says the same",
+                          target=self.target, n=report.failures, reason=report.words, cause=report.cause,
+                          cause_text=f"; likely cause: {report.cause}" if report.cause else "")
+        else:
+            self.log.debug("cannot reach the server at {target} ({reason}); retrying in {delay:.2f} s",
+                           target=self.target, reason=report.words, delay=delay)
         self._retry = self.clock.callLater(delay, self.dial)
 
     async def _run(self, handle: StreamHandle) -> None:

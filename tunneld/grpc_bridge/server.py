@@ -294,8 +294,9 @@ class TunnelServerService(Service):
                  *, max_message_size: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, credentials: ServerCredentialsFactory | None = None,
                  before_stop: Callable[[], Deferred[None]] | None = None,
                  limiter: OpenRateLimiter | None = None, keepalive: float = 10.0,
-                 guard: OpenGuard | None = None) -> None:
+                 guard: OpenGuard | None = None, on_failure: Callable[[Any], None] | None = None) -> None:
         self.bridge = bridge
+        self.on_failure = on_failure   # the tap's one-line, exit-status path; without it: log and stop
         self.limiter = limiter
         self.guard = guard if guard is not None else OpenGuard(0, 60.0)
         self._flusher: asyncio.Task[None] | None = None
@@ -325,6 +326,11 @@ class TunnelServerService(Service):
         self.ready.callback(port)
 
     def _failed(self, failure: Any) -> None:
+        if self.on_failure is not None:
+            self.on_failure(failure)
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)   # reported by on_failure, not as an unhandled error
+            return
         self.log.failure("tunnel port failed to start on {listen}", failure, listen=self.listen)
         self.ready.errback(failure)
         from twisted.internet import reactor

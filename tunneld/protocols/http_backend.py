@@ -60,6 +60,7 @@ class BackendExchange:
         self.head_sent = False
         self.done = False
         self.status = 0
+        self.reason = ""   # why this side ended it itself ("" = the backend's own answer)
         self.bytes_out = 0
         self.bytes_in = 0
         self.started = time.monotonic()
@@ -118,6 +119,8 @@ class BackendExchange:
         self._stop_timer()
         if self.request is not None:
             self.request.cancel()
+        if not self.status:
+            self.reason = "client went away" if code == s.CANCELLED else f"ended by the server ({message})"
         self.status = self.status or code
         self._log_finished()
 
@@ -184,6 +187,7 @@ class BackendExchange:
             self.log.warn("backend response from {origin} broke off: {reason}", origin=self.origin,
                           reason=error.message, request_id=self.request_id, trace_id=self.trace_id)
             self.tunnel.cancel(self.request_id, s.BAD_GATEWAY, "backend response broke off")
+            self.reason = "backend broke off"
             self._log_finished()
             return
         if error.kind == "unreachable":
@@ -192,6 +196,7 @@ class BackendExchange:
             message = f"backend {self.origin} failed: {error.message}"
         self.log.info("{message}", message=message, request_id=self.request_id, trace_id=self.trace_id)
         self.status = 502
+        self.reason = "backend refused" if error.kind == "unreachable" else "backend failed"
         # The caller sees the route, never the address behind the tunnel (SPEC §8.2).
         public = h.without_address(f"backend of route {self.route!r} {'unreachable' if error.kind == 'unreachable' else 'failed'}: "
                                  f"{error.message}", self.origin)
@@ -226,6 +231,7 @@ class BackendExchange:
         self.log.info("no response from {origin} within {timeout:g} s", origin=self.origin, timeout=self.timeout,
                       request_id=self.request_id, trace_id=self.trace_id)
         self.status = 504
+        self.reason = "backend timeout"
         self.tunnel.cancel(self.request_id, s.TIMEOUT, message)
         self._log_finished()
 
@@ -241,6 +247,7 @@ class BackendExchange:
                 "duration": time.monotonic() - self.started, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "request_id": self.request_id, "trace_id": self.trace_id, "origin": self.origin,
                 "method": self.method, "path": self.head.http_request.path,
+                "reason": self.reason, "answered_by": "tunneld" if self.reason else "backend",
             })
 
 

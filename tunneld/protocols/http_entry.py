@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -66,6 +67,38 @@ class Refusal:
     route: str = ""   # the route it matched, if any (for logs and metrics)
     reason: str = ""  # access refusals: ip_denied, ip_not_allowed, no_credentials, ... (metrics label)
     headers: tuple[tuple[bytes, bytes], ...] = ()   # e.g. WWW-Authenticate with a 401
+
+
+def answer_reason(status: int, message: str, access: str = "") -> str:
+    """Why tunneld itself answered ``status`` (the finished record's ``reason``; the dashboard's failure rows).
+
+    ``message`` is the text of the answer (a Refusal's, or the tunnel's
+    ErrorMessage); ``access`` an access refusal's metrics reason.
+    """
+    if access:
+        return f"access refused ({access})"
+    text = message.lower()
+    if "shutting down" in text:
+        return "shutting down"
+    if status == 404:
+        return "no route"
+    if "no client connected" in text or "not connected to the server" in text:
+        return "no client connected"
+    if status == 413:
+        return "body too large"
+    if "tunnel stream lost" in text or "tunnel not available" in text:
+        return "tunnel lost"   # the client's stream ended with the request in flight
+    if status == 504 or "timed out" in text or "within" in text:
+        return "backend timeout"
+    if "unreachable" in text or "refused" in text:
+        return "backend refused"
+    if "broke off" in text:
+        return "backend broke off"
+    if "backend" in text:
+        return "backend failed"
+    if "tunnel" in text or "stream" in text or "client" in text:
+        return "tunnel lost"
+    return message or f"answered {status}"
 
 
 class Dispatcher(Protocol):
@@ -131,6 +164,8 @@ class HttpExchange:
     socket_paused = False
     request_ended = False
     rec: Exchange | None = None   # the inspector's record (None: inspector off)
+    reason = ""        # why tunneld answered itself ("" = the backend's answer)
+    made_here = False  # the status is tunneld's own answer, not the backend's
 
     def __init__(self, request: EntryRequest, dispatcher: Dispatcher, clock: IReactorTime, scheme: str,
                  inspector: Inspector | None = None) -> None:
@@ -271,7 +306,7 @@ class HttpExchange:
         """Called from the resource once the whole request was read."""
         self.rendered = True
         if self.refusal is not None:
-            self._answer_error(self.refusal.status, self.refusal.message, self.refusal.headers)
+            self._answer_error(self.refusal.status, self.refusal.message, self.refusal.headers, self.refusal.reason)
             return
         early, self.early = self.early, None
         for msg, end in early or ():
@@ -385,14 +420,19 @@ class HttpExchange:
             self.tunnel.cancel(self.request_id, s.CANCELLED, "external client went away")
         self.tunnel = None
         self.pending_head = None
+        if not self.head_received:
+            self.made_here, self.reason = True, self.reason or "client went away"
         self.status = self.status or 499
         self._end(abort=False, write=False)
 
-    def _answer_error(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    def _answer_error(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = (),
+                      access: str = "") -> None:
         if self.done:
             return
         req = self.request
         self.status = status
+        self.made_here = True
+        self.reason = self.reason or answer_reason(status, message, access)
         body = f"{status} {RESPONSES.get(status, b'').decode()}: {message}\n".encode()
         req.setResponseCode(status)
         req.responseHeaders = Headers()
@@ -427,10 +467,13 @@ class HttpExchange:
         if self.rec is not None:
             self.rec.end(self.status)
         client_ip = req.client_ip
+        request_id = self.request_id or (self.rec.request_id if self.rec is not None else "") or local_request_id()
         self.dispatcher.finished({
             "protocol": "http", "route": self._route(), "status": self.status,
             "duration": time.monotonic() - self.started, "bytes_in": self.body_in, "bytes_out": self.body_out,
-            "request_id": self.request_id, "trace_id": self.trace_id,
+            "request_id": request_id, "trace_id": self.trace_id,
+            "reason": self.reason, "answered_by": "tunneld" if self.made_here else "backend",
+            "client_id": self.target.client_id if self.target is not None else "",
             "method": req.method.decode("latin-1"), "path": req.path.decode("latin-1", "replace"),
             "client": client_ip,
             "refusal": self.refusal.reason if self.refusal is not None else "",
@@ -451,6 +494,11 @@ class HttpExchange:
         if self.target is not None:
             return self.target.route
         return self.refusal.route if self.refusal is not None and self.refusal.route else "-"
+
+
+def local_request_id() -> str:
+    """A request_id for a request tunneld answered before it reached any tunnel (logs, failure rows)."""
+    return f"local-{uuid.uuid4().hex[:12]}"
 
 
 def _discard_credit(n: int) -> None:

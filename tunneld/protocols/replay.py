@@ -19,7 +19,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.inspector import Exchange, Inspector
 from tunneld.protocols import headers as h
-from tunneld.protocols.http_entry import Refusal, trace_id_of, without_authorization
+from tunneld.protocols.http_entry import Refusal, answer_reason, trace_id_of, without_authorization
 from tunneld.tunnel import Tunnel
 
 
@@ -42,6 +42,7 @@ class _ReplayExchange:
         self.dispatcher = dispatcher
         self.tunnel: Tunnel | None = None
         self.request_id = ""
+        self.reason = ""   # why tunneld ended it itself ("" = the backend's answer)
         self.started = time.monotonic()
         self.timer = clock.callLater(timeout, self._timed_out, timeout) if clock is not None else None
 
@@ -62,11 +63,14 @@ class _ReplayExchange:
         pass
 
     def closed(self) -> None:
+        if not self.rec.response_status:
+            self.reason = "tunnel lost"
         self._end(self.rec.response_status or 502)
 
     def aborted(self, code: int, message: str, by_peer: bool) -> None:
         self.tunnel = None
         self.rec.details = message
+        self.reason = answer_reason(code if code >= 100 else 502, message)
         self._end(code if code >= 100 else 502)
 
     def _timed_out(self, timeout: float) -> None:
@@ -74,6 +78,7 @@ class _ReplayExchange:
         if self.tunnel is not None:
             self.tunnel.cancel(self.request_id, s.TIMEOUT, "replay: no response")
         self.rec.details = f"no response from the backend within {timeout:g} s"
+        self.reason = "backend timeout"
         self._end(504)
 
     def _cancel_timer(self) -> None:
@@ -91,7 +96,8 @@ class _ReplayExchange:
             "duration": time.monotonic() - self.started, "bytes_in": self.rec.bytes_in,
             "bytes_out": self.rec.bytes_out, "request_id": self.request_id, "trace_id": self.rec.trace_id,
             "method": self.rec.method, "path": self.rec.path.partition("?")[0], "client": "replay",
-            "refusal": "", "address": "",
+            "refusal": "", "address": "", "reason": self.reason, "answered_by": "tunneld" if self.reason else "backend",
+            "client_id": self.rec.client_id,
         })
 
 
@@ -150,6 +156,7 @@ def replay(original: Exchange, dispatcher: Any, inspector: Inspector, clock: Any
     try:
         handler.request_id = decision.tunnel.start(msg, handler)
     except s.SessionError as e:
+        handler.reason = "tunnel lost"
         handler._end(502)
         raise ReplayRefused(502, f"tunnel not available: {e}") from None
     handler.tunnel = decision.tunnel

@@ -36,7 +36,8 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import headers as h
 from tunneld.inspector import Exchange, Inspector
-from tunneld.protocols.http_entry import Refusal, Target, trace_id_of, without_authorization
+from tunneld.protocols.http_entry import (Refusal, Target, answer_reason, local_request_id, trace_id_of,
+                                          without_authorization)
 from tunneld.tunnel import CreditGate, Tunnel
 
 PIECE = 64 * 1024
@@ -227,6 +228,8 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self._path = ""
         self.refusal = ""        # access refusal reason (metrics label), "" if none
         self.address = ""
+        self.reason = ""         # why tunneld refused or ended the handshake itself ("" = the backend's answer)
+        self.client_id = ""      # the client serving it
         self._deny_headers: list[tuple[str, str]] = []
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
@@ -268,10 +271,12 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             self.status = decision.status
             self.route = decision.route or "-"
             self.refusal = decision.reason
+            self.reason = answer_reason(decision.status, decision.message, decision.reason)
             self.address = client_ip
             self._deny_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in decision.headers]
             raise ConnectionDeny(decision.status, decision.message)
         self.route = decision.route
+        self.client_id = decision.client_id
         if decision.max_message_size:
             self.maxMessagePayloadSize = decision.max_message_size
         if decision.strip_authorization:
@@ -289,6 +294,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             self.request_id = decision.tunnel.start(msg, self)
         except s.SessionError as e:
             self.status = 502
+            self.reason = "tunnel lost"
             raise ConnectionDeny(502, f"tunnel not available: {e}") from None
         self._timer = self.clock.callLater(decision.timeout, self._timed_out, decision.timeout)
         if self.rec is not None:
@@ -301,8 +307,10 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             self.tunnel.cancel(self.request_id, s.TIMEOUT, "no handshake answer")
         self._deny(504, f"no handshake answer from the backend within {timeout:g} s")
 
-    def _deny(self, status: int, reason: str) -> None:
+    def _deny(self, status: int, reason: str, by_backend: bool = False) -> None:
         self.status = status
+        if not by_backend:
+            self.reason = self.reason or answer_reason(status, reason)
         d, self._handshake = self._handshake, None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -322,7 +330,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
                 self.rec.response_status = 101 if resp.accepted else (resp.status_code or 502)
                 self.rec.response_headers = h.from_pb(resp.headers)
             if not resp.accepted:
-                self._deny(resp.status_code or 502, resp.reason or "refused by the backend")
+                self._deny(resp.status_code or 502, resp.reason or "refused by the backend", by_backend=True)
                 return
             d, self._handshake = self._handshake, None
             if self._timer is not None and self._timer.active():
@@ -352,6 +360,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             self.tunnel.cancel(self.request_id, s.CANCELLED, "external client went away")
             self._handshake = None
             self.status = self.status or 499
+            self.reason = self.reason or "client went away"
         self.relay_close(wasClean, code, reason)
         if self.rec is not None:
             # A WebSocket's status is its close code; a refused handshake's, the HTTP status.
@@ -369,8 +378,10 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             "protocol": "websocket", "method": "GET", "path": self._path, "route": self.route,
             "status": self.status or 502, "duration": time.monotonic() - self.started,
             "bytes_in": self.bytes_from_socket, "bytes_out": self.bytes_to_socket,
-            "request_id": self.request_id, "trace_id": self.trace_id,
+            "request_id": self.request_id or (self.rec.request_id if self.rec is not None else "")
+            or local_request_id(), "trace_id": self.trace_id,
             "refusal": self.refusal, "address": self.address,
+            "reason": self.reason, "answered_by": "tunneld" if self.reason else "backend", "client_id": self.client_id,
         })
 
 

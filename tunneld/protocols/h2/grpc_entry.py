@@ -36,7 +36,6 @@ from typing import Any
 
 from typing import Callable
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ServerFactory
@@ -45,6 +44,7 @@ from twisted.logger import Logger
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.dispatch import GrpcDispatcher, GrpcRefusal, GrpcTarget
+from tunneld.endpoints import ListenService
 from tunneld.inspector import Exchange, Inspector
 from tunneld.protocols import grpc_wire as gw
 from tunneld.protocols import headers as hd
@@ -491,7 +491,7 @@ class GrpcEntryFactory(ServerFactory):
             conn.terminate(NO_ERROR)
 
 
-class GrpcEntryService(StreamServerEndpointService):
+class GrpcEntryService(ListenService):
     """``grpc_listen``: listens; on stop, GOAWAY to every caller, calls in flight get ``grace`` seconds."""
 
     def __init__(self, endpoint: Any, factory: GrpcEntryFactory, clock: Any, grace: float) -> None:
@@ -499,7 +499,6 @@ class GrpcEntryService(StreamServerEndpointService):
         self.entry = factory
         self.clock = clock
         self.grace = grace
-        self._raiseSynchronously = True
         self.port = 0
         self.ready: Deferred[int] = Deferred()   # fires with the bound port
 
@@ -508,15 +507,12 @@ class GrpcEntryService(StreamServerEndpointService):
         assert self._waitingForPort is not None
 
         def listening(port: Any) -> Any:
-            self.port = port.getHost().port
-            self.ready.callback(self.port)
+            if port is not None:   # None: the listen failed and went to on_failure
+                self.port = port.getHost().port
+                self.ready.callback(self.port)
             return port
 
-        def failed(failure: Any) -> Any:
-            self.ready.errback(failure)
-            return failure
-
-        self._waitingForPort.addCallbacks(listening, failed)
+        self._waitingForPort.addCallback(listening)
 
     def stopService(self) -> Deferred[None]:
         stopped = super().stopService()      # no new connections
