@@ -370,10 +370,13 @@ class GrpcEndToEndTests(PooledTestCase):
 
     @inlineCallbacks
     def test_unreachable_backend_is_unavailable(self) -> Any:
-        """A backend nobody listens on gives grpc's own UNAVAILABLE, relayed from the client."""
+        """A backend nobody listens on: UNAVAILABLE naming the route, never the address behind the tunnel."""
         method = self.channel.unary_unary("/tunneld.test.Dead/Call")
-        code = yield code_of(deferToThread(method, b"", timeout=10))
-        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
+        failure = yield deferToThread(method, b"", timeout=10).addCallbacks(lambda r: self.fail(r), lambda f: f)
+        error = failure.value
+        self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("route 'dead'", error.details())
+        self.assertNotIn("127.0.0.1", error.details())
         yield self.assertReleased()
 
     @inlineCallbacks

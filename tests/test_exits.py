@@ -177,8 +177,8 @@ class ListenFailedTests(TestCase):
 
     @inlineCallbacks
     def test_taps_wire_every_listener(self) -> Any:
-        """build_server with a ProcessExit: a taken tunnel_listen or grpc_listen (grpc binds in the bridge
-        thread, after the preflight) ends in the one line and status 1."""
+        """build_server with a ProcessExit: a taken tunnel_listen (grpc binds in the bridge thread, after the
+        preflight) or grpc_listen ends in the one line and status 1."""
         from tunneld.config import parse_server_config
         from tunneld.server_tap import build_server
 
@@ -198,7 +198,6 @@ class ListenFailedTests(TestCase):
                 yield wait_for(lambda: ending.status == 1, timeout=20, what=f"{key} failure")
             finally:
                 yield app.service.stopService()
-            # Today's grpc.aio gRPC entry also logs its own traceback of the bind (grpc_bridge/entry.py).
             self.flushLoggedErrors(RuntimeError, OSError)
             self.assertEqual(fake.stops, 1)
             self.assertIn(f"{key} 127.0.0.1:{port}: address already in use (is another tunneld running? "

@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import grpc_wire as gw
+from tunneld.protocols.headers import without_address
 from tunneld.protocols.h2.connection import (CANCEL, CONNECTION_LOST, H2ClientConnection, H2Connection, H2Limits,
                                              Headers, Incoming, StreamRefused)
 from tunneld.tunnel import Tunnel
@@ -307,7 +308,11 @@ class GrpcBackendCall:
     def _unreachable(self, failure: Any) -> None:
         if not self.done:
             why = failure.getErrorMessage() if hasattr(failure, "getErrorMessage") else str(failure)
-            self._answer(gw.STATUS["UNAVAILABLE"], f"backend {self.route.backend} unreachable: {why}")
+            self.log.info("gRPC backend {backend} of route {route} unreachable: {why}", backend=self.route.backend,
+                          route=self.route.name, why=why, request_id=self.request_id, trace_id=self.trace_id)
+            # The caller sees the route, never the address behind the tunnel (SPEC §8.2).
+            self._answer(gw.STATUS["UNAVAILABLE"], without_address(
+                f"backend of route {self.route.name!r} unreachable: {why}", self.route.backend))
 
     def _send(self, body: bytes, end: bool) -> None:
         conn = self.conn
@@ -446,7 +451,7 @@ class GrpcBackendCall:
         if self.done:
             return
         if error_code == CONNECTION_LOST:
-            self._answer(gw.STATUS["UNAVAILABLE"], f"connection to backend {self.route.backend} lost")
+            self._answer(gw.STATUS["UNAVAILABLE"], f"connection to the backend of route {self.route.name!r} lost")
         elif error_code == 0:
             self._answer(gw.STATUS["INTERNAL"], "backend ended the stream without a status")
         else:
