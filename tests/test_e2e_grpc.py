@@ -372,8 +372,7 @@ class GrpcEndToEndTests(PooledTestCase):
     def test_unreachable_backend_is_unavailable(self) -> Any:
         """A backend nobody listens on: UNAVAILABLE naming the route, never the address behind the tunnel."""
         method = self.channel.unary_unary("/tunneld.test.Dead/Call")
-        failure = yield deferToThread(method, b"", timeout=10).addCallbacks(lambda r: self.fail(r), lambda f: f)
-        error = failure.value
+        error = yield deferToThread(method, b"", timeout=10).addCallbacks(lambda r: self.fail(r), lambda f: f.value)
         self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
         self.assertIn("route 'dead'", error.details())
         self.assertNotIn("127.0.0.1", error.details())
