@@ -243,19 +243,35 @@ class H2Connection(Protocol):
     # -- output ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what nghttp2 has framed and report each stream's framed body as ``sent``."""
-        if self._receiving or self._paused or self.transport is None:
+        """Write what nghttp2 has framed, report each stream's framed body as ``sent``, and handle the
+        events that writing produced (streams that closed once their last frame went out, GOAWAY done)."""
+        if self._receiving or self._paused or self._lingering or self.transport is None:
             return
-        try:
-            out = self.h2.data_to_send()
-        except _Errors as e:
-            self._fail(e)
-            return
-        if out:
-            self.transport.write(out)
-        if self._queued:
-            self._report_sent()
-        if self._closing and not self.handlers and not self.h2.want_write:
+        h2 = self.h2
+        while True:
+            try:
+                out = h2.data_to_send()
+            except _Errors as e:
+                self._fail(e)
+                return
+            if out:
+                self.transport.write(out)
+            if self._queued:
+                self._report_sent()
+            events = h2.events()
+            if not events:
+                break
+            self._receiving = True
+            try:
+                self._handle(events)
+            finally:
+                self._receiving = False
+            if self._lingering or self.transport is None:
+                return
+        if not h2.want_read and not h2.want_write:
+            # nghttp2 is done with this connection (GOAWAY sent and no stream left, or a protocol error).
+            self._linger(b"")
+        elif self._closing and not self.handlers and not h2.want_write:
             self.transport.loseConnection()
 
     def _report_sent(self) -> None:
