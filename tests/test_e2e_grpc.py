@@ -25,7 +25,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.backends import test_site
 from tests.grpc_services import MAX_MESSAGE, RAW_SERVICE, GrpcBackend
-from tests.harness import Stack, wait_for
+from tests.harness import Stack, rss_bytes, wait_for
 from tests.test_e2e_http import HashingReader, PooledTestCase, free_port
 
 MiB = 1024 * 1024
@@ -250,6 +250,32 @@ class GrpcEndToEndTests(PooledTestCase):
         self.backend.raw.gate.set()
         answer = yield deferToThread(future.result)
         self.assertEqual(struct.unpack("!QQ", answer), (n, n * len(chunk)))
+        yield self.assertReleased()
+
+    @inlineCallbacks
+    def test_slow_caller_stalls_only_itself_and_memory_stays_bounded(self) -> Any:
+        """A caller reading 10 messages/s while the backend streams 100 MiB flat out: others are answered at once,
+        memory stays bounded (the windows hold the backend back), cancelling releases everything."""
+        rss_before = rss_bytes()
+        call = self.raw("Count", "unary_stream")(struct.pack("!II", 100_000, 1024), timeout=60)
+        got = [0]
+
+        def read_slowly() -> None:
+            for _ in call:
+                got[0] += 1
+                if got[0] >= 30:
+                    return
+                time.sleep(0.1)   # the slow reader itself, not a timing assertion
+
+        reader = deferToThread(read_slowly)
+        for i in range(10):
+            started = time.monotonic()
+            body = yield deferToThread(self.raw("Echo"), b"other %d" % i, timeout=10)
+            self.assertEqual(body, b"other %d" % i)
+            self.assertLess(time.monotonic() - started, 2.0)
+        yield reader
+        self.assertLess(rss_bytes() - rss_before, 64 * MiB)
+        call.cancel()
         yield self.assertReleased()
 
     @inlineCallbacks
