@@ -170,6 +170,7 @@ def build_rows(results: dict[str, Any], m: dict[str, Any]) -> list[dict[str, Any
             spec.append(("  p50 latency ms", f"grpc_unary_c{callers}", "p50_ms", 1))
     spec.append((f"gRPC server streaming {grpc_bench.STREAM_SIZE // 1024} KiB: msgs/s", "grpc_stream",
                  "messages_per_s", 1))
+    spec.append(("1,000 idle gRPC caller connections: entry KiB each", "grpc_idle", "kib_per_connection", 1))
     rtt = f"{2 * m['delay_ms']:g} ms RTT link"
     spec += [(f"{mib} MiB download over {rtt}: MB/s", "delay_download", "mb_s", 1),
              (f"{mib} MiB upload over {rtt}: MB/s", "delay_upload", "mb_s", 1)]
@@ -512,6 +513,10 @@ class Run:
                 self.step(f"grpc_unary_c{callers}",
                           lambda target: grpc_bench.run_unary(pin, target, callers, duration), "grpc")
             self.step("grpc_stream", lambda target: grpc_bench.run_stream(pin, target, duration), "grpc")
+            pids = {"tunneld": lambda: self.procs.pid("server"), "direct": lambda: self.procs.pid("backend-grpc")}
+            for path, pid in pids.items():
+                self.step("grpc_idle", lambda target, pid=pid: grpc_bench.idle_connections(target, 1000, pid()),
+                          "grpc", (path,))
         if "delay" in s:
             delayed = ("tunneld", "ssh")
             self.step("delay_download", lambda t: http_bench.median_of(

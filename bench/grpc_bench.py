@@ -227,3 +227,46 @@ def wait_grpc(target: str, what: str, procs: Procs, limit: float) -> float:
 
 if __name__ == "__main__":
     sys.exit(child_main({"backend": _backend_role, "loadgen": _loadgen_role}))
+
+
+# --- idle caller connections -------------------------------------------------------------------------
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"          # an empty SETTINGS frame
+H2_SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+
+
+def idle_connections(target: str, n: int, pid: int, settle: float = 1.0) -> dict[str, Any]:
+    """RSS of the process ``pid`` (the gRPC entry's server) per idle HTTP/2 caller connection.
+
+    ``n`` connections each send the HTTP/2 preface and SETTINGS (what a
+    grpc channel does when it connects) and then nothing; the server's
+    VmRSS growth over its value just before, divided by ``n``. Held for
+    ``settle`` seconds, well inside the entry's header_timeout.
+    """
+    import socket
+    from common import proc_status   # noqa: E402  (bench/ is on sys.path)
+
+    host, _, port = target.rpartition(":")
+    time.sleep(settle)
+    before = proc_status(pid).get("VmRSS", 0)
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(H2_PREFACE + H2_SETTINGS + H2_SETTINGS_ACK)
+            socks.append(s)
+        time.sleep(settle)
+        alive = 0
+        for s in socks:
+            s.setblocking(False)
+            try:
+                alive += s.recv(65536) != b""
+            except BlockingIOError:
+                alive += 1
+        during = proc_status(pid).get("VmRSS", 0)
+    finally:
+        for s in socks:
+            s.close()
+    return {"connections": n, "alive": alive, "rss_before": before, "rss_open": during,
+            "kib_per_connection": round((during - before) / 1024 / n, 2)}
