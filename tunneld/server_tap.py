@@ -3,7 +3,7 @@
 The tree (children start in this order, stop in reverse):
   bridge (thread)  -> tunnel port (grpc.aio; drains the hub before stopping)
   gRPC entry       (HTTP/2 on the reactor on grpc_listen, when set: GOAWAY on stop, calls get drain_timeout)
-  HTTP entry       (twisted.web Site on http_listen)
+  HTTP entry       (twisted.web Site on http_listen; with http2, behind the HTTP/2 switch)
   heartbeat, cleanup TimerServices
   admin port       (/metrics, /status, /healthz; stops last, so /healthz says "draining" to the end)
 SIGTERM (``ServerRoot.stopService``): /healthz turns 503 at once, the entries
@@ -36,6 +36,8 @@ from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, server_credentials
 from tunneld.protocols.h2.connection import H2Limits
 from tunneld.protocols.h2.grpc_entry import GrpcEntryFactory, GrpcEntryService
+from tunneld.protocols.h2.http_entry import H2Entry
+from tunneld.protocols.h2.switch import EntrySwitchFactory
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
@@ -147,9 +149,11 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
                          header_timeout=cfg.header_timeout, max_connections=cfg.max_connections,
                          inspector=hub.inspector)
         hub.entry = site
+        # http2: the switch picks HTTP/2 (ALPN h2, or the h2c preface) or the site (HTTP/1.1, WebSocket).
+        entry_factory: Any = EntrySwitchFactory(site, H2Entry(site, idle_timeout=cfg.idle_timeout)) if cfg.http2 else site
         endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key,
-                                   proxy_protocol=cfg.proxy_protocol)
-        http = StreamServerEndpointService(endpoint, site)
+                                   proxy_protocol=cfg.proxy_protocol, alpn=(b"h2", b"http/1.1") if cfg.http2 else ())
+        http = StreamServerEndpointService(endpoint, entry_factory)
         http._raiseSynchronously = True
         http.setServiceParent(top)
     # Heartbeats go out spread over the interval, one slice per tick, only to quiet streams.
