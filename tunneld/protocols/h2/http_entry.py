@@ -24,8 +24,8 @@ HTTP/2 only once the tunnel took them (``send_body`` returned True, else at
 (``sent``).  A slow reader stalls its own stream only.
 
 Unlike HTTP/1.1, a response may stream while the request body still
-arrives.  Once the answer is complete and framed, a request body still
-coming is stopped with RST_STREAM(NO_ERROR) (RFC 9113 §8.1).  Response
+arrives.  Once the answer is complete, a request body still coming is read
+and dropped (as HTTP/1.1 reads it before answering).  Response
 headers are lower-cased; hop-by-hop ones (connection, keep-alive,
 transfer-encoding, upgrade, ...) are not valid in HTTP/2 and are dropped.
 """
@@ -43,7 +43,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.inspector import Exchange
 from tunneld.protocols import headers as h
-from tunneld.protocols.h2.connection import (CANCEL, INTERNAL_ERROR, NO_ERROR, H2Connection, H2Limits, Headers,
+from tunneld.protocols.h2.connection import (CANCEL, INTERNAL_ERROR, H2Connection, H2Limits, Headers,
                                              Incoming, StreamHandler)
 from tunneld.protocols.http_entry import _PASSED_CODES, Refusal, Target, trace_id_of
 
@@ -114,7 +114,6 @@ class H2EntryStream:
         self.request_ended = False       # the client ended its body
         self.response_ended = False      # the tunnel delivered the last response message
         self.held = 0                    # request bytes the tunnel has not taken yet (acked at writable)
-        self.out_queued = 0              # response bytes queued in HTTP/2, not framed yet
         self.timer: IDelayedCall | None = None
         self.started = time.monotonic()
         self.body_in = 0
@@ -226,11 +225,8 @@ class H2EntryStream:
 
     def sent(self, n: int) -> None:
         """Response bytes were framed for the client: the tunnel may send that much more."""
-        self.out_queued -= n
         if self.tunnel is not None and not self.response_ended:
             self.tunnel.consumed(self.request_id, n)
-        if self.done:
-            self._stop_upload()
 
     def closed(self, error_code: int) -> None:
         """The HTTP/2 stream is gone; if our answer was not complete, the client went away."""
@@ -268,7 +264,6 @@ class H2EntryStream:
             self.body_out += len(data)
             if self.rec is not None:
                 self.rec.response_chunk(data)
-            self.out_queued += len(data)
             conn.send_data(sid, data, end=end)
         if end:
             self._finish()
@@ -327,7 +322,6 @@ class H2EntryStream:
             self.rec.response_chunk(body)
         conn, sid = self.conn, self.stream_id
         conn.send_headers(sid, head)
-        self.out_queued += len(body)
         conn.send_data(sid, body, end=True)
         self._finish()
 
@@ -336,17 +330,18 @@ class H2EntryStream:
         self._stop_upload()
 
     def _stop_upload(self) -> None:
-        """Our answer is out: a request body still coming is stopped (RST_STREAM NO_ERROR, RFC 9113 §8.1)."""
+        """Our answer is out: a request body still coming is read and dropped, as the HTTP/1.1 entry does.
+
+        (RFC 9113 §8.1 would allow RST_STREAM(NO_ERROR) here, but curl 7.88
+        then drops the answer it has already received: measured, a 413 became
+        "stream error".)  The tunnel request, if still on, ends here.
+        """
         if self.held:
             n, self.held = self.held, 0
             self.conn.ack(self.stream_id, n)
-        if self.request_ended or self.out_queued > 0:
-            return
-        self.request_ended = True
-        if self.tunnel is not None and self.request_id:
+        if not self.request_ended and self.tunnel is not None and self.request_id:
             self.tunnel.cancel(self.request_id, s.CANCELLED, "response complete before the request body")
             self.tunnel = None
-        self.conn.reset(self.stream_id, NO_ERROR)
 
     def _end(self) -> None:
         if self.done:
