@@ -327,3 +327,35 @@ class Http2EntryTests(TestCase):
         meta, body = yield deferToThread(run_curl, "--http2-prior-knowledge", "-H", "Host: api.internal",
                                          f"http://127.0.0.1:{port}/bytes/500000")
         self.assertEqual((meta, body), ("2 200", expected_bytes(500000)))
+
+    # -- limits --------------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_header_list_over_max_header_size_never_crosses_the_tunnel(self) -> Any:
+        """A 20 KB header over HTTP/2 ends that connection (GOAWAY) before dispatch, as HTTP/1.1 closes its own."""
+        stack = yield self.started()
+        hub = stack.server.hub
+        before = hub.counters["requests"]
+        meta, _ = yield self.h2c(stack, "/echo", "-H", "X-Big: " + "a" * 20000)
+        self.assertEqual(meta, "0 000")
+        self.assertEqual(hub.counters["requests"], before)
+        meta, _ = yield self.h2c(stack, "/echo", "-H", "X-Big: " + "a" * 10000)
+        self.assertEqual(meta, "2 200")
+
+    @inlineCallbacks
+    def test_http2_connection_without_a_request_goes_after_header_timeout(self) -> Any:
+        """Preface and SETTINGS, then nothing: closed after header_timeout (slowloris over HTTP/2)."""
+        stack = yield self.started(header_timeout=1)
+
+        def silent() -> bytes:
+            with socket.create_connection(("127.0.0.1", stack.http_port), timeout=10) as sock:
+                sock.sendall(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                got = b""
+                while True:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        return got
+                    got += chunk
+
+        got = yield deferToThread(silent)
+        self.assertIn(b"\x07\x00\x00\x00\x00", got)   # a GOAWAY frame (type 7) came before the close
