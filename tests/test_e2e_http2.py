@@ -359,3 +359,64 @@ class Http2EntryTests(TestCase):
 
         got = yield deferToThread(silent)
         self.assertIn(b"\x07\x00\x00\x00\x00", got)   # a GOAWAY frame (type 7) came before the close
+
+
+BROWSER_PAGE = b"""<!doctype html><html><head><title>h2</title></head><body><p id="out">waiting</p>
+<script>
+Promise.all([fetch("/bytes/100000"), fetch("/echo")].map(p => p.then(r => r.arrayBuffer())))
+  .then(bodies => { document.getElementById("out").textContent = "fetched " + bodies.map(b => b.byteLength > 0).join(","); });
+</script></body></html>"""
+
+
+class BrowserHttp2Tests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_chromium_loads_a_page_over_h2_through_the_tls_entry(self) -> Any:
+        """Headless Chromium on the TLS entry negotiates h2: the page and its fetches travel over HTTP/2."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from twisted.web import resource, server
+
+        from bench.backend import make_site
+        from tests.cdp import Browser, DevTools
+
+        pki = make_pki(os.path.abspath(self.mktemp()))
+        with open(pki.server_cert, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+        demo = make_site()
+
+        class Root(resource.Resource):
+            def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+                if path == b"page":
+                    page = resource.Resource()
+                    page.render_GET = lambda request: BROWSER_PAGE   # type: ignore[method-assign]
+                    page.isLeaf = True
+                    return page
+                request.postpath.insert(0, request.prepath.pop())
+                return demo.resource
+
+        backend = reactor.listenTCP(0, server.Site(Root()), interface="127.0.0.1")
+        self.addCleanup(backend.stopListening)
+        stack = Stack([{"name": "app", "group": "default", "backend": f"http://127.0.0.1:{backend.getHost().port}"}],
+                      server={"http_tls_cert": pki.server_cert, "http_tls_key": pki.server_key})
+        self.addCleanup(stack.stop)
+        yield stack.start()
+        yield stack.add_client()
+        # The browser trusts exactly this test certificate's key (no CA installed anywhere).
+        browser = Browser(self, (f"--ignore-certificate-errors-spki-list={pin}",))
+        yield wait_for(lambda: browser.port() is not None, timeout=30, what="Chromium's DevTools port")
+        page: DevTools = yield browser.run(browser.attach)
+        yield browser.run(page.call, "Page.navigate", url=f"https://127.0.0.1:{stack.http_port}/page")
+        yield browser.run(page.wait_for_text, "fetched true,true", timeout=30)
+        protocols = yield browser.run(page.evaluate,
+                                      "performance.getEntries().filter(e => e.nextHopProtocol)"
+                                      ".map(e => e.nextHopProtocol)")
+        self.assertEqual(protocols[0], "h2")   # the navigation itself
+        self.assertEqual(protocols, ["h2"] * len(protocols))
+        self.assertGreaterEqual(len(protocols), 3)
+        yield wait_for(lambda: stack.server_in_flight() == 0, what="requests released")
