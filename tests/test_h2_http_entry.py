@@ -360,3 +360,19 @@ class StreamTests(TestCase):
         self.stream.incoming(Incoming(body=b"456"))
         self.assertEqual(self.conn.heads[0][0][0], (b":status", b"413"))
         self.assertEqual(self.tunnel.cancelled[0][0], s.CANCELLED)
+
+    def test_a_response_http2_refuses_resets_the_stream_and_cancels(self) -> None:
+        self.stream.incoming(Incoming(headers=HEAD, end=True))
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("a response is already pending")
+
+        self.conn.send_headers = refuse   # type: ignore[method-assign]
+        resp = pb.TunnelMessage()
+        resp.http_response.status_code = 200
+        resp.http_response.is_first_chunk = True
+        self.tunnel.handler.message_received(resp, False)
+        self.assertEqual(self.conn.resets, [0x2])   # INTERNAL_ERROR
+        self.assertEqual(self.tunnel.cancelled[0][0], s.CANCELLED)
+        self.assertEqual(self.dispatcher.records[0]["status"], 502)   # the head never went out
+        self.flushLoggedErrors(RuntimeError)

@@ -244,20 +244,35 @@ class H2EntryStream:
     def message_received(self, msg: pb.TunnelMessage, end: bool) -> None:
         if self.done:
             return
+        try:
+            self._relay(msg, end)
+        except Exception:
+            # nghttp2 refused what we queued (a stream it already closed, a head it will not send):
+            # the stream goes, the tunnel request with it; never a stream left hanging.
+            self.log.failure("HTTP/2 response on {route} failed", route=self._route(), request_id=self.request_id,
+                             trace_id=self.trace_id)
+            if self.tunnel is not None and self.request_id:
+                self.tunnel.cancel(self.request_id, s.CANCELLED, "HTTP/2 response failed")
+            self.tunnel = None
+            self.conn.reset(self.stream_id, INTERNAL_ERROR)
+            self.status = self.status or 502
+            self._end()
+
+    def _relay(self, msg: pb.TunnelMessage, end: bool) -> None:
         resp = msg.http_response
         conn, sid = self.conn, self.stream_id
         data = resp.body
         if end:
             self.response_ended = True
         if not self.head_sent:
-            self.head_sent = True
             self._cancel_timer()
-            self.status = resp.status_code
             pairs = h.from_pb(resp.headers)
+            conn.send_headers(sid, response_head(resp.status_code, pairs), end=end and not data)
+            self.head_sent = True
+            self.status = resp.status_code
             if self.rec is not None:
                 self.rec.response_status = resp.status_code
                 self.rec.response_headers = pairs
-            conn.send_headers(sid, response_head(resp.status_code, pairs), end=end and not data)
         elif end and not data:
             conn.end_stream(sid)
         if data:
