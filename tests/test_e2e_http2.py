@@ -112,6 +112,7 @@ class Http2EntryTests(TestCase):
         self.assertIn(("x-forwarded-host", f"127.0.0.1:{stack.http_port}"), headers)
         self.assertFalse([n for n, _ in headers if n in ("te", "connection", "http2-settings")])
         yield wait_for(lambda: stack.server_in_flight() == 0, what="requests released")
+        self.assertEqual([e for e in page.console_errors() if "favicon.ico" not in e], [])
 
     @inlineCallbacks
     def test_streamed_upload_and_download(self) -> Any:
@@ -204,6 +205,7 @@ class Http2EntryTests(TestCase):
         with open(dump, "rb") as f:
             self.assertIn(b"\nwww-authenticate: Basic realm=", f.read())   # lower-case names over HTTP/2
         yield wait_for(lambda: stack.server_in_flight() == 0, what="requests released")
+        self.assertEqual([e for e in page.console_errors() if "favicon.ico" not in e], [])
 
     def _file(self, n: int) -> str:
         path = os.path.join(self.dir, f"body-{n}")
@@ -390,8 +392,17 @@ class Http2EntryTests(TestCase):
 
 BROWSER_PAGE = b"""<!doctype html><html><head><title>h2</title></head><body><p id="out">waiting</p>
 <script>
+const echoed = new Promise((resolve, reject) => {
+  const ws = new WebSocket("wss://" + location.host + "/ws");   // HTTP/1.1 beside the page's h2 connection
+  ws.onopen = () => ws.send("over-tls");
+  ws.onmessage = (e) => { resolve(e.data); ws.close(1000); };
+  ws.onerror = () => reject("websocket error");
+});
 Promise.all([fetch("/bytes/100000"), fetch("/echo")].map(p => p.then(r => r.arrayBuffer())))
-  .then(bodies => { document.getElementById("out").textContent = "fetched " + bodies.map(b => b.byteLength > 0).join(","); });
+  .then(bodies => echoed.then(data => {
+    document.getElementById("out").textContent = "fetched " + bodies.map(b => b.byteLength > 0).join(",") + " " + data;
+  }))
+  .catch(e => { document.getElementById("out").textContent = "failed " + e; });
 </script></body></html>"""
 
 
@@ -400,13 +411,17 @@ class BrowserHttp2Tests(TestCase):
 
     @inlineCallbacks
     def test_chromium_loads_a_page_over_h2_through_the_tls_entry(self) -> Any:
-        """Headless Chromium on the TLS entry negotiates h2: the page and its fetches travel over HTTP/2."""
+        """Headless Chromium on the TLS entry negotiates h2 for the page and its fetches; its wss:// goes on HTTP/1.1."""
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
         from twisted.web import resource, server
 
+        from autobahn.twisted.resource import WebSocketResource
+        from autobahn.twisted.websocket import WebSocketServerFactory
+
         from bench.backend import make_site
         from tests.cdp import Browser, DevTools
+        from tests.test_browser_websocket import Echo
 
         pki = make_pki(os.path.abspath(self.mktemp()))
         with open(pki.server_cert, "rb") as f:
@@ -416,9 +431,14 @@ class BrowserHttp2Tests(TestCase):
         pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
         demo = make_site()
+        ws_factory = WebSocketServerFactory()
+        ws_factory.protocol = Echo
+        ws = WebSocketResource(ws_factory)
 
         class Root(resource.Resource):
             def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+                if path == b"ws":
+                    return ws
                 if path == b"page":
                     page = resource.Resource()
                     page.render_GET = lambda request: BROWSER_PAGE   # type: ignore[method-assign]
@@ -439,7 +459,7 @@ class BrowserHttp2Tests(TestCase):
         yield wait_for(lambda: browser.port() is not None, timeout=30, what="Chromium's DevTools port")
         page: DevTools = yield browser.run(browser.attach)
         yield browser.run(page.call, "Page.navigate", url=f"https://127.0.0.1:{stack.http_port}/page")
-        yield browser.run(page.wait_for_text, "fetched true,true", timeout=30)
+        yield browser.run(page.wait_for_text, "fetched true,true echo:over-tls", timeout=30)
         protocols = yield browser.run(page.evaluate,
                                       "performance.getEntries().filter(e => e.nextHopProtocol)"
                                       ".map(e => e.nextHopProtocol)")
@@ -447,3 +467,4 @@ class BrowserHttp2Tests(TestCase):
         self.assertEqual(protocols, ["h2"] * len(protocols))
         self.assertGreaterEqual(len(protocols), 3)
         yield wait_for(lambda: stack.server_in_flight() == 0, what="requests released")
+        self.assertEqual([e for e in page.console_errors() if "favicon.ico" not in e], [])
