@@ -295,6 +295,31 @@ class Http2EntryTests(TestCase):
                        what="requests released")
 
     @inlineCallbacks
+    def test_entry_stop_sends_goaway_and_streams_in_flight_finish(self) -> Any:
+        """http_listen stops: HTTP/2 connections get GOAWAY, a stream in flight still completes."""
+        if shutil.which("nghttp") is None:
+            raise SkipTest("nghttp (nghttp2-client) is not installed")
+        stack = yield self.started()
+        log = os.path.join(self.dir, "nghttp.log")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["nghttp", "-nv", "-t", "60", f"http://127.0.0.1:{stack.http_port}/held"],
+                                    stdout=out, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        yield wait_for(lambda: len(self.held.requests) == 1, what="/held at the backend")
+
+        def text() -> str:
+            with open(log, encoding="utf-8", errors="replace") as f:
+                return f.read()
+
+        yield stack.server.http.stopService()
+        yield wait_for(lambda: "recv GOAWAY" in text(), what="GOAWAY")
+        self.assertIsNone(proc.poll())
+        self.held.release()
+        code = yield deferToThread(proc.wait, 30)
+        self.assertEqual(code, 0, text())
+        self.assertIn("flags=0x01, stream_id=13", text())   # END_STREAM: the answer was complete
+
+    @inlineCallbacks
     def test_client_going_away_cancels_the_tunnel_request(self) -> Any:
         """curl ending mid-download (RST_STREAM / close) releases the request on both sides."""
         stack = yield self.started()

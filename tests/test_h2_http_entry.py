@@ -376,3 +376,22 @@ class StreamTests(TestCase):
         self.assertEqual(self.tunnel.cancelled[0][0], s.CANCELLED)
         self.assertEqual(self.dispatcher.records[0]["status"], 502)   # the head never went out
         self.flushLoggedErrors(RuntimeError)
+
+    def test_the_inspector_records_an_http2_exchange_like_an_http11_one(self) -> None:
+        from tunneld.inspector import make
+
+        inspector = make(10, 1024)
+        self.conn.site.inspector = inspector   # type: ignore[assignment]
+        self.stream.incoming(Incoming(headers=HEAD, body=b"0123456789", end=True))
+        resp = pb.TunnelMessage()
+        resp.http_response.status_code = 201
+        resp.http_response.is_first_chunk = True
+        resp.http_response.is_last_chunk = True
+        resp.http_response.body = b"done"
+        self.tunnel.handler.message_received(resp, True)
+        assert inspector is not None
+        [rec] = list(inspector)
+        self.assertEqual((rec.protocol, rec.method, rec.path, rec.host, rec.scheme, rec.remote, rec.route),
+                         ("http", "POST", "/up?q=1", "app.test", "https", "10.1.2.3", "web"))
+        self.assertEqual((rec.request_id, rec.response_status, rec.done), ("r1", 201, True))
+        self.assertEqual((bytes(rec.request_body), bytes(rec.response_body)), (b"0123456789", b"done"))
