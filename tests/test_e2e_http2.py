@@ -434,7 +434,7 @@ class BrowserHttp2Tests(TestCase):
 
     @inlineCallbacks
     def test_chromium_loads_a_page_over_h2_through_the_tls_entry(self) -> Any:
-        """Headless Chromium on the TLS entry negotiates h2 for the page and its fetches; its wss:// goes on HTTP/1.1."""
+        """Headless Chromium on the TLS entry: h2 for the page and its fetches; its wss:// goes on HTTP/1.1."""
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
         from twisted.web import resource, server

@@ -150,9 +150,13 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
                          inspector=hub.inspector)
         hub.entry = site
         # http2: the switch picks HTTP/2 (ALPN h2, or the h2c preface) or the site (HTTP/1.1, WebSocket).
-        entry_factory: Any = EntrySwitchFactory(site, H2Entry(site, idle_timeout=cfg.idle_timeout)) if cfg.http2 else site
+        entry_factory: Any = site
+        alpn: tuple[bytes, ...] = ()
+        if cfg.http2:
+            entry_factory = EntrySwitchFactory(site, H2Entry(site, idle_timeout=cfg.idle_timeout))
+            alpn = (b"h2", b"http/1.1")
         endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key,
-                                   proxy_protocol=cfg.proxy_protocol, alpn=(b"h2", b"http/1.1") if cfg.http2 else ())
+                                   proxy_protocol=cfg.proxy_protocol, alpn=alpn)
         http = StreamServerEndpointService(endpoint, entry_factory)
         http._raiseSynchronously = True
         http.setServiceParent(top)
