@@ -41,10 +41,11 @@ def curl_has_http2() -> bool:
     return "HTTP2" in out
 
 
-def run_curl(*args: str, timeout: float = 60) -> tuple[str, bytes]:
+def run_curl(*args: str, timeout: float = 60, stdin: bytes | None = None) -> tuple[str, bytes]:
     """curl's ``-w`` line (version and status) and the body; runs in a thread."""
     done = subprocess.run(["curl", "-sS", "--max-time", str(timeout), "-o", "-", "-w",
-                           "\n%{http_version} %{http_code}", *args], capture_output=True, timeout=timeout + 10)
+                           "\n%{http_version} %{http_code}", *args], capture_output=True, timeout=timeout + 10,
+                          input=stdin)
     body, _, meta = done.stdout.rpartition(b"\n")
     return meta.decode(), body
 
@@ -130,6 +131,19 @@ class Http2EntryTests(TestCase):
         self.assertEqual(hashlib.sha256(body).hexdigest(), hashlib.sha256(expected_bytes(n)).hexdigest())
         yield wait_for(lambda: stack.server_in_flight() == 0 and stack.client_in_flight() == 0,
                        what="requests released")
+
+    @inlineCallbacks
+    def test_upload_of_unknown_length_and_head(self) -> Any:
+        """A body without content-length (curl -T - from a pipe) arrives whole; HEAD keeps its content-length."""
+        stack = yield self.started()
+        data = os.urandom(3 * 1024 * 1024 + 17)
+        meta, body = yield deferToThread(run_curl, "--http2-prior-knowledge", "-T", "-",
+                                         f"http://127.0.0.1:{stack.http_port}/upload", stdin=data)
+        self.assertEqual(meta, "2 200")
+        self.assertEqual(json.loads(body), {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        meta, head = yield self.h2c(stack, "/bytes/1000", "-I")
+        self.assertEqual(meta, "2 200")
+        self.assertIn(b"content-length: 1000", head)
 
     @inlineCallbacks
     def test_h2_over_tls_with_alpn_and_http11_beside_it(self) -> Any:
