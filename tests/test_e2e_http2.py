@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from typing import Any
 
 import bcrypt
@@ -407,6 +408,35 @@ class Http2EntryTests(TestCase):
         self.assertEqual(hub.counters["requests"], before)
         meta, _ = yield self.h2c(stack, "/echo", "-H", "X-Big: " + "a" * 10000)
         self.assertEqual(meta, "2 200")
+
+    @inlineCallbacks
+    def test_idle_http2_connection_goes_after_idle_timeout(self) -> Any:
+        """One request answered, then no stream open: GOAWAY and close after the server's idle_timeout."""
+        stack = yield self.started(idle_timeout=1)
+
+        def one_request_then_idle() -> tuple[bytes, float]:
+            def literal(name: bytes, value: bytes) -> bytes:   # HPACK: literal field, new name, no indexing
+                return bytes([0, len(name)]) + name + bytes([len(value)]) + value
+
+            block = (literal(b":method", b"GET") + literal(b":path", b"/bytes/10") + literal(b":scheme", b"http")
+                     + literal(b":authority", b"127.0.0.1"))
+            headers = len(block).to_bytes(3, "big") + bytes([0x1, 0x5]) + (1).to_bytes(4, "big") + block
+            with socket.create_connection(("127.0.0.1", stack.http_port), timeout=10) as sock:
+                sock.sendall(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + headers)
+                got = b""
+                answered_at = 0.0
+                while True:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        return got, time.monotonic() - answered_at
+                    got += chunk
+                    if not answered_at and got.count(b"\x00\x00\x00\x01") and b"\x00\x0a\x00\x01\x00\x00\x00\x01" in got:
+                        answered_at = time.monotonic()   # the 10-byte DATA frame with END_STREAM on stream 1
+
+        got, idle_for = yield deferToThread(one_request_then_idle)
+        self.assertIn(b"\x00\x0a\x00\x01\x00\x00\x00\x01" + expected_bytes(10), got)
+        self.assertIn(b"\x07\x00\x00\x00\x00", got)   # GOAWAY before the close
+        self.assertLess(idle_for, 8.0)
 
     @inlineCallbacks
     def test_http2_connection_without_a_request_goes_after_header_timeout(self) -> Any:

@@ -243,15 +243,29 @@ class H2Connection(Protocol):
         """Write what nghttp2 has framed and report each stream's framed body as ``sent``."""
         if self._receiving or self._paused or self.transport is None:
             return
-        try:
-            out = self.h2.data_to_send()
-        except _Errors as e:
-            self._fail(e)
-            return
-        if out:
-            self.transport.write(out)
-        if self._queued:
-            self._report_sent()
+        while True:
+            try:
+                out = self.h2.data_to_send()
+            except _Errors as e:
+                self._fail(e)
+                return
+            if out:
+                self.transport.write(out)
+            if self._queued:
+                self._report_sent()
+            if self.transport is None:
+                return
+            # Sending can close streams (our END_STREAM after the peer's): nghttp2 reports that as
+            # events now, not at the next read, so the stream's handler is told and the idle timer
+            # armed even if the peer sends nothing more.
+            events = self.h2.events()
+            if not events:
+                break
+            self._receiving = True
+            try:
+                self._handle(events)
+            finally:
+                self._receiving = False
         if self._closing and not self.handlers and not self.h2.want_write:
             self.transport.loseConnection()
 
