@@ -76,9 +76,10 @@ class FakeH2:
     def __init__(self) -> None:
         self.built: list[tuple[Recording, Any]] = []
 
-    def build(self, addr: Any, place: Any) -> Recording:
+    def build(self, addr: Any, place: Any, since: float) -> Recording:
         protocol = Recording()
         self.built.append((protocol, place))
+        self.since = since
         return protocol
 
     def doStart(self) -> None: ...
@@ -127,6 +128,7 @@ class SwitchTests(TestCase):
         self.assertEqual(protocol.data, PREFACE + b"SETTINGS")
         self.assertTrue(protocol.made)
         self.assertEqual((self.site.count, place.counted), (1, True))   # the unused channel holds the place
+        self.assertEqual(self.h2.since, 100)   # its header_timeout counts from the connect
         self.clock.advance(10)
         self.assertFalse(transport.disconnecting)   # the undecided timer is gone
 
@@ -395,3 +397,28 @@ class StreamTests(TestCase):
                          ("http", "POST", "/up?q=1", "app.test", "https", "10.1.2.3", "web"))
         self.assertEqual((rec.request_id, rec.response_status, rec.done), ("r1", 201, True))
         self.assertEqual((bytes(rec.request_body), bytes(rec.response_body)), (b"0123456789", b"done"))
+
+
+class ConnectionTests(TestCase):
+    def test_header_timeout_counts_from_the_connect_not_the_preface(self) -> None:
+        """The switch waited 0.8 s for the preface: the HTTP/2 connection has 0.2 s left for its first request."""
+        from tunneld.protocols.h2.http_entry import H2Entry
+
+        clock = Clock()
+        clock.advance(50)
+        site = FakeSiteForStreams(FakeDispatcher(None), clock)
+        site.max_header_size = 16384   # type: ignore[attr-defined]
+        site.header_timeout = 1.0      # type: ignore[attr-defined]
+        entry = H2Entry(site)
+        place = FakeChannel(FakeSite(clock))
+        place.site.count = 1
+        conn = entry.build(None, place, since=49.2)
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        self.assertIn(conn, entry.connections)
+        clock.advance(0.15)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        conn.connectionLost(None)
+        self.assertEqual((place.counted, place.site.count, entry.connections), (False, 0, set()))

@@ -436,11 +436,12 @@ class _TunnelSide:
 class H2EntryConnection(H2Connection):
     """One external client's HTTP/2 connection to the HTTP entry."""
 
-    def __init__(self, entry: H2Entry, place: Any) -> None:
+    def __init__(self, entry: H2Entry, place: Any, since: float | None = None) -> None:
         super().__init__(entry.limits, entry.site.clock)
         self.entry = entry
         self.site = entry.site
         self.place = place      # the site's unused HTTP/1.1 channel: this connection's place in its count
+        self.since = since      # when the connection came (before the switch read the preface)
         self.address = ""
 
     def connectionMade(self) -> None:
@@ -448,6 +449,10 @@ class H2EntryConnection(H2Connection):
         self.address = h.address_ip(self.transport.getPeer())
         self.entry.connections.add(self)
         super().connectionMade()
+        timeout = self.limits.header_timeout
+        if timeout > 0 and self.since is not None and not self.handlers:
+            # header_timeout counts from the connect, as on HTTP/1.1, not from the preface.
+            self._arm(max(timeout - (self.clock.seconds() - self.since), 0.001), "no request within header_timeout")
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
@@ -473,8 +478,8 @@ class H2Entry:
         self.connections: set[H2EntryConnection] = set()
         self.draining = False
 
-    def build(self, addr: Any, place: Any) -> H2EntryConnection:
-        return H2EntryConnection(self, place)
+    def build(self, addr: Any, place: Any, since: float | None = None) -> H2EntryConnection:
+        return H2EntryConnection(self, place, since)
 
     def doStart(self) -> None:
         self.draining = False

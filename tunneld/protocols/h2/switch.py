@@ -42,8 +42,9 @@ def sniff(data: bytes) -> bool | None:
 class H2Side(TypingProtocol):
     """What the switch needs of the HTTP/2 side."""
 
-    def build(self, addr: Any, place: Any) -> Protocol:
-        """An HTTP/2 server connection; ``place`` (the unused HTTP/1.1 channel) is released when it ends."""
+    def build(self, addr: Any, place: Any, since: float) -> Protocol:
+        """An HTTP/2 server connection; ``place`` (the unused HTTP/1.1 channel) is released when it ends;
+        ``since``: when the connection came (its header_timeout counts from then)."""
 
     def doStart(self) -> None: ...
 
@@ -94,7 +95,7 @@ class ProtocolSwitch(Protocol):
         if h2:
             channel = self.http1._channel
             self.http1 = None
-            self._hand_over(self.factory.h2.build(self.addr, channel))
+            self._hand_over(self.factory.h2.build(self.addr, channel, self.started))
         else:
             protocol, self.http1 = self.http1, None
             self._hand_over(protocol)
