@@ -45,10 +45,9 @@ from tunneld.inspector import Exchange
 from tunneld.protocols import headers as h
 from tunneld.protocols.h2.connection import (CANCEL, INTERNAL_ERROR, H2Connection, H2Limits, Headers,
                                              Incoming, StreamHandler)
-from tunneld.protocols.http_entry import _PASSED_CODES, Refusal, Target, trace_id_of
+from tunneld.protocols.http_entry import (_NOT_FORWARDED, _NOT_FORWARDED_AUTH, _PASSED_CODES, Refusal, Target,
+                                          trace_id_of)
 
-_NOT_FORWARDED = frozenset({b"expect"})
-_NOT_FORWARDED_AUTH = frozenset({b"expect", b"authorization"})
 _MAX_CHUNK = s.MAX_CHUNK
 
 
