@@ -138,12 +138,12 @@ class DevTools:
 class Browser:
     """One headless Chromium for a test case, stopped in cleanup; ``page()`` gives a DevTools session."""
 
-    def __init__(self, case: TestCase) -> None:
+    def __init__(self, case: TestCase, extra_flags: tuple[str, ...] = ()) -> None:
         self.case = case
         self.profile = tempfile.mkdtemp(prefix="tunneld-chromium-")
         case.addCleanup(shutil.rmtree, self.profile, True)
         self.proc = subprocess.Popen(
-            [chromium_binary(), *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            [chromium_binary(), *FLAGS, *extra_flags, f"--user-data-dir={self.profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="cdp")

@@ -34,6 +34,8 @@ from tunneld.logs import with_log_format
 from tunneld.endpoints import ListenService, server_endpoint
 from tunneld.lifecycle import ProcessExit, check_tls_files, preflight
 from tunneld.protocols.h2.grpc_backend import GrpcBackendCall, GrpcBackends, GrpcBackendsService
+from tunneld.protocols.h2.http_entry import H2Entry
+from tunneld.protocols.h2.switch import EntrySwitchFactory
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool, trust_root
 from tunneld.protocols.websocket import BackendWebSocketExchange
@@ -153,7 +155,10 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_mask) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:
-        entry = ListenService(server_endpoint(reactor, cfg.http_entry), EntrySite(hub, reactor, inspector=hub.inspector))
+        site = EntrySite(hub, reactor, inspector=hub.inspector)
+        # http2: h2c prior knowledge beside HTTP/1.1 (the switch reads the preface).
+        entry_factory: Any = EntrySwitchFactory(site, H2Entry(site)) if cfg.http2 else site
+        entry = ListenService(server_endpoint(reactor, cfg.http_entry), entry_factory)
         if exit is not None:
             entry.on_failure = exit.listen_failed("http_entry", cfg.http_entry)
         entry.setServiceParent(top)

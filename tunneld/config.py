@@ -137,6 +137,7 @@ class ServerSettings:
     drain_delay: float = 0.0  # SIGTERM: entries keep serving this long with /healthz 503, then the drain
     proxy_protocol: bool = False  # http_listen and grpc_listen expect HAProxy's PROXY header (v1/v2) on every connection
     idle_timeout: float = 60.0  # an HTTP/2 connection with no open stream is closed after this (PINGs do not count)
+    http2: bool = True  # http_listen: HTTP/2 beside HTTP/1.1 (ALPN h2 on TLS, the h2c preface on a plain port)
     inspect: int = 200  # inspector: the last N exchanges kept for the admin port's /inspect; 0 = off
     inspect_body_bytes: int = 0  # inspector: bytes kept of each body / WebSocket or gRPC message; 0 = heads only
     auth_fail_limit: int = 10  # tunnel port: refused opens from one address within auth_fail_window before it is throttled; 0 = never
@@ -262,6 +263,7 @@ class ClientSettings:
     token: str = field(default="change-me", repr=False)
     client_id: str = ""  # the loader fills f"{hostname}-{6 hex digits}"
     http_entry: str = ""  # "" disables the forward direction
+    http2: bool = True  # http_entry: HTTP/2 (h2c prior knowledge) beside HTTP/1.1
     heartbeat_interval: float = 30.0
     heartbeat_timeout: float = 90.0
     keepalive_interval: float = 10.0  # gRPC keepalive ping to each server every this many seconds
@@ -698,6 +700,7 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         drain_delay=t.seconds("drain_delay", d.drain_delay, zero_ok=True),
         proxy_protocol=t.boolean("proxy_protocol", d.proxy_protocol),
         idle_timeout=t.seconds("idle_timeout", d.idle_timeout, zero_ok=True),
+        http2=t.boolean("http2", d.http2),
         inspect=t.integer("inspect", d.inspect, 0),
         inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
         auth_fail_limit=t.integer("auth_fail_limit", d.auth_fail_limit, 0),
@@ -1050,6 +1053,7 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         client_id=client_id or f"{socket.gethostname()}-{secrets.token_hex(3)}",
         client_id_generated=not client_id,
         http_entry=t.listen("http_entry", d.http_entry, optional=True),
+        http2=t.boolean("http2", d.http2),
         heartbeat_interval=t.seconds("heartbeat_interval", d.heartbeat_interval),
         heartbeat_timeout=t.seconds("heartbeat_timeout", d.heartbeat_timeout),
         keepalive_interval=_keepalive(t, d.keepalive_interval),

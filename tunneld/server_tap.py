@@ -3,7 +3,7 @@
 The tree (children start in this order, stop in reverse):
   bridge (thread)  -> tunnel port (grpc.aio; drains the hub before stopping)
   gRPC entry       (HTTP/2 on the reactor on grpc_listen, when set: GOAWAY on stop, calls get drain_timeout)
-  HTTP entry       (twisted.web Site on http_listen)
+  HTTP entry       (twisted.web Site on http_listen; with http2, behind the HTTP/2 switch)
   heartbeat, cleanup TimerServices
   admin port       (/metrics, /status, /healthz; stops last, so /healthz says "draining" to the end)
 SIGTERM (``ServerRoot.stopService``): /healthz turns 503 at once, the entries
@@ -38,6 +38,8 @@ from tunneld.grpc_bridge.server import TunnelServerService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, server_credentials
 from tunneld.protocols.h2.connection import H2Limits
 from tunneld.protocols.h2.grpc_entry import GrpcEntryFactory, GrpcEntryService
+from tunneld.protocols.h2.http_entry import H2Entry
+from tunneld.protocols.h2.switch import EntrySwitchFactory
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
@@ -158,9 +160,15 @@ def build_server(config: ServerConfig, reactor: Any, exit: ProcessExit | None = 
                          header_timeout=cfg.header_timeout, max_connections=cfg.max_connections,
                          inspector=hub.inspector)
         hub.entry = site
+        # http2: the switch picks HTTP/2 (ALPN h2, or the h2c preface) or the site (HTTP/1.1, WebSocket).
+        entry_factory: Any = site
+        alpn: tuple[bytes, ...] = ()
+        if cfg.http2:
+            entry_factory = EntrySwitchFactory(site, H2Entry(site, idle_timeout=cfg.idle_timeout))
+            alpn = (b"h2", b"http/1.1")
         endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key,
-                                   proxy_protocol=cfg.proxy_protocol)
-        http = ListenService(endpoint, site)
+                                   proxy_protocol=cfg.proxy_protocol, alpn=alpn)
+        http = ListenService(endpoint, entry_factory)
         if exit is not None:
             http.on_failure = exit.listen_failed("http_listen", cfg.http_listen)
         http.setServiceParent(top)

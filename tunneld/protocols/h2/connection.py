@@ -258,6 +258,11 @@ class H2Connection(Protocol):
                 self.transport.write(out)
             if self._queued:
                 self._report_sent()
+            if self.transport is None:
+                return
+            # Sending can close streams (our END_STREAM after the peer's): nghttp2 reports that as
+            # events now, not at the next read, so the stream's handler is told and the idle timer
+            # armed even if the peer sends nothing more.
             events = h2.events()
             if not events:
                 break
