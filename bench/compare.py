@@ -157,6 +157,7 @@ def build_rows(results: dict[str, Any], m: dict[str, Any]) -> list[dict[str, Any
         spec += [(f"GET /small, {conns} conn: req/s", f"small_c{conns}", "rps", 1),
                  ("  p50 latency ms", f"small_c{conns}", "p50_ms", 1),
                  ("  p99 latency ms", f"small_c{conns}", "p99_ms", 1)]
+    spec.append(("GET /small over HTTP/2, 1 conn x 64 streams: req/s", "small_h2_m64", "rps", 1))
     mib = m["transfer_mib"]
     spec += [(f"{mib} MiB download MB/s", "download", "mb_s", 1),
              (f"{mib} MiB upload MB/s (sha256 checked)", "upload", "mb_s", 1)]
@@ -500,6 +501,9 @@ class Run:
                 small = http_bench.run_wrk if self.use_wrk else http_bench.run_pyload
                 self.step(f"small_c{conns}", lambda base: small(pin, f"{base}/small", conns, duration), "http",
                           HTTP_PATHS)
+            # HTTP/2 on the entry (h2c): only tunneld's entry speaks it (the origin is HTTP/1.1).
+            self.step("small_h2_m64", lambda base: http_bench.run_h2load(pin, f"{base}/small", 64, duration), "http",
+                      ("tunneld",))
             self.step("download", lambda base: http_bench.median_of(
                 n, lambda: http_bench.download(pin, base, transfer, max_time)), "http", HTTP_PATHS)
             self.step("upload", lambda base: http_bench.median_of(

@@ -91,6 +91,28 @@ def run_wrk(pin: list[str], url: str, conns: int, duration: int) -> dict[str, An
     return result
 
 
+def run_h2load(pin: list[str], url: str, streams: int, duration: int) -> dict[str, Any]:
+    """Small GETs over HTTP/2 (h2c prior knowledge): h2load, one connection, ``streams`` concurrent streams."""
+    import re
+    import shutil
+
+    if shutil.which("h2load") is None:
+        raise BenchError("h2load not installed (apt-get install nghttp2-client)")
+    argv = pin + ["h2load", "-c1", f"-m{streams}", "-D", str(duration), "--warm-up-time=1", url]
+    log(" ".join(argv))
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if out.returncode != 0:
+        raise BenchError(f"h2load failed ({out.returncode}): {out.stderr.strip()}")
+    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out.stdout)
+    counts = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out.stdout)
+    codes = re.search(r"status codes: (\d+) 2xx", out.stdout)
+    if rate is None or counts is None:
+        raise BenchError(f"h2load output not understood: {out.stdout[-500:]}")
+    if int(counts.group(2)) or (codes is not None and int(codes.group(1)) != int(counts.group(1))):
+        raise BenchError(f"h2load: failed or non-2xx requests: {out.stdout[-500:]}")
+    return {"rps": float(rate.group(1)), "requests": int(counts.group(1)), "raw": out.stdout}
+
+
 # --- small GETs: the Python fallback (role "loadgen") ------------------------------------------
 
 

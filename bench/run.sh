@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)   # the HTTP/2 row
 { command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; } || missing+=(openssh-server)
 { command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1; } || missing+=(openssh-client)
 # node + npm for the gRPC peers (grpc-js); without them the gRPC rows use Python's grpc.aio, said in the output.
