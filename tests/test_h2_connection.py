@@ -234,3 +234,13 @@ class GrpcWireTests(SynchronousTestCase):
         self.assertIn("larger than max (2000 vs. 1000)",
                       gw.MessageScanner(limit=1000).feed(b"\0" + (2000).to_bytes(4, "big")).error)
         self.assertIn("flags", gw.MessageScanner().feed(b"\x07\0\0\0\0").error)
+
+    def test_metadata_between_fields_and_the_wire(self) -> None:
+        """Pseudo-headers and transport keys never cross; -bin values are raw on the wire, base64 on HTTP/2."""
+        fields = [(b":path", b"/a/b"), (b"te", b"trailers"), (b"x-a", b"1"), (b"x-b-bin", b"AAH/"),
+                  (b"grpc-timeout", b"1S"), (b"x-a", b"2"), (b"authorization", b"Basic eA==")]
+        wire = gw.metadata_from_h2(fields, frozenset({b"authorization"}))
+        self.assertEqual([(h.name, h.value) for h in wire], [("x-a", b"1"), ("x-b-bin", b"\x00\x01\xff"), ("x-a", b"2")])
+        self.assertEqual(gw.metadata_to_h2(wire), [(b"x-a", b"1"), (b"x-b-bin", b"AAH/"), (b"x-a", b"2")])
+        self.assertEqual(gw.status_fields(5, "not found", wire[:1]),
+                         [(b"grpc-status", b"5"), (b"grpc-message", b"not found"), (b"x-a", b"1")])

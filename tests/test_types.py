@@ -11,7 +11,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ["tunneld/config.py", "tunneld/session.py", "tunneld/window.py", "tunneld/tunnel.py",
         "tunneld/registry", "tunneld/protocols/headers.py", "tunneld/__main__.py", "tunneld/inspector.py",
-        "tunneld/dial_report.py", "tunneld/lifecycle.py"]
+        "tunneld/dial_report.py", "tunneld/lifecycle.py", "tunneld/protocols/grpc_wire.py", "tunneld/dispatch.py"]
 
 
 class TypeCheckTests(SynchronousTestCase):

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Iterable
 from urllib.parse import quote, unquote
+
+from tunneld import tunnel_pb2 as pb
+
+Fields = list[tuple[bytes, bytes]]
 
 # grpc status codes by value (grpc.StatusCode without importing grpcio).
 STATUS_NAMES: Final = (
@@ -75,6 +79,44 @@ def decode_bin(value: bytes) -> bytes:
 
 def encode_bin(value: bytes) -> bytes:
     return base64.b64encode(value).rstrip(b"=")
+
+
+# -- metadata between HTTP/2 fields and the wire -----------------------------------------------
+
+#: Fields that are HTTP/2 or transport mechanics, not call metadata (each hop sets its own).
+NOT_METADATA: Final = frozenset({b"te", b"grpc-timeout", b"connection", b"keep-alive", b"proxy-connection",
+                                 b"transfer-encoding", b"upgrade", b"host", b"content-length"})
+STATUS_KEYS: Final = frozenset({b"grpc-status", b"grpc-message"})
+
+
+def metadata_from_h2(fields: Iterable[tuple[bytes, bytes]], skip: frozenset[bytes] = frozenset()) -> list[pb.Header]:
+    """HTTP/2 fields -> wire ``Header``s: no pseudo-headers or transport keys; ``-bin`` values decoded to raw bytes."""
+    out = []
+    for name, value in fields:
+        if name[:1] == b":" or name in NOT_METADATA or name in skip:
+            continue
+        out.append(pb.Header(name=name.decode("latin-1"), value=decode_bin(value) if name.endswith(b"-bin") else value))
+    return out
+
+
+def metadata_to_h2(headers: Iterable[pb.Header], skip: frozenset[bytes] = frozenset()) -> Fields:
+    """Wire ``Header``s -> HTTP/2 fields (``-bin`` re-encoded); pseudo and transport keys from a peer never relayed."""
+    out = []
+    for item in headers:
+        name = item.name.lower().encode("latin-1")
+        if name[:1] == b":" or name in NOT_METADATA or name in skip:
+            continue
+        out.append((name, encode_bin(item.value) if name.endswith(b"-bin") else item.value))
+    return out
+
+
+def status_fields(code: int, details: str, trailers: Iterable[pb.Header] = ()) -> Fields:
+    """The trailers that end a call: grpc-status, grpc-message (when there is one), trailing metadata."""
+    out = [(b"grpc-status", str(code).encode("ascii"))]
+    if details:
+        out.append((b"grpc-message", encode_message(details)))
+    out.extend(metadata_to_h2(trailers, STATUS_KEYS))
+    return out
 
 
 # -- statuses from HTTP ------------------------------------------------------------------

@@ -48,11 +48,9 @@ from tunneld.protocols.h2.connection import (CANCEL, CONNECTION_LOST, H2ClientCo
 from tunneld.tunnel import Tunnel
 
 _MAX_CHUNK = s.MAX_CHUNK
+_CONTENT_TYPE = frozenset({b"content-type"})
 #: The start of an answer to a finished request waits this long for the rest (its status) to join it.
 HOLD_GRACE = 0.002
-_NOT_METADATA = frozenset({b"te", b"grpc-timeout", b"connection", b"keep-alive", b"proxy-connection",
-                           b"transfer-encoding", b"upgrade", b"host", b"content-length"})
-_STATUS_KEYS = (b"grpc-status", b"grpc-message")
 
 
 def backend_target(url: str) -> tuple[str, int, bool]:
@@ -72,16 +70,6 @@ def backend_target(url: str) -> tuple[str, int, bool]:
     return host, port, secure
 
 
-def _to_pb(headers: Headers, skip: tuple[bytes, ...] = ()) -> list[pb.Header]:
-    out = []
-    for name, value in headers:
-        if name[:1] == b":" or name in skip:
-            continue
-        out.append(pb.Header(name=name.decode("latin-1"),
-                             value=gw.decode_bin(value) if name.endswith(b"-bin") else value))
-    return out
-
-
 class _Origin:
     """The connections to one backend."""
 
@@ -89,7 +77,7 @@ class _Origin:
         self.backends = backends
         self.url = url
         self.host, self.port, self.secure = backend_target(url)
-        self.connections: list[H2ClientConnection] = []
+        self.connections: list[BackendConnection] = []
         self.dialling: Deferred[H2ClientConnection] | None = None
         self.waiters: list[Deferred[H2ClientConnection]] = []
 
@@ -277,17 +265,9 @@ class GrpcBackendCall:
              else self.backends.authority(self.route.backend)),
             (b"te", b"trailers"),
         ]
-        metadata = []
-        content_type = b"application/grpc"
-        for item in req.metadata:
-            name = item.name.lower().encode("latin-1")
-            if name[:1] == b":" or name in _NOT_METADATA:
-                continue
-            if name == b"content-type":
-                content_type = item.value
-                continue
-            metadata.append((name, gw.encode_bin(item.value) if name.endswith(b"-bin") else item.value))
+        content_type = next((h.value for h in req.metadata if h.name.lower() == "content-type"), b"application/grpc")
         headers.append((b"content-type", content_type))
+        metadata = gw.metadata_to_h2(req.metadata, _CONTENT_TYPE)
         if req.timeout > 0:
             headers.append((b"grpc-timeout", gw.format_timeout(req.timeout)))
         headers.extend(metadata)
@@ -357,7 +337,7 @@ class GrpcBackendCall:
                 self._status_into(resp, [(n, v) for n, v in inc.headers if n != b"content-type"])
                 self._relay(resp, b"")
                 return
-            resp.initial_metadata.extend(_to_pb(inc.headers))
+            resp.initial_metadata.extend(gw.metadata_from_h2(inc.headers))
         if inc.body:
             scanned = self.scanner.feed(inc.body)
             if scanned.error:
@@ -403,7 +383,7 @@ class GrpcBackendCall:
         else:
             resp.status_code = gw.STATUS["INTERNAL" if raw is not None else "UNKNOWN"]
             resp.details = "backend sent no grpc-status" if raw is None else f"malformed grpc-status {raw!r}"
-        resp.trailing_metadata.extend(_to_pb(trailers, _STATUS_KEYS))
+        resp.trailing_metadata.extend(gw.metadata_from_h2(trailers, gw.STATUS_KEYS))
         resp.is_last_chunk = True
 
     def _relay(self, resp: pb.GrpcResponse, body: bytes) -> None:

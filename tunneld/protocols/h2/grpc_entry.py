@@ -53,10 +53,8 @@ from tunneld.protocols.h2.connection import (CANCEL, NO_ERROR, H2Connection, H2L
 from tunneld.protocols.http_entry import trace_id_of
 from tunneld.tunnel import Tunnel
 
-# Request headers that are HTTP/2 mechanics, not call metadata.
-_NOT_METADATA = frozenset({b"te", b"grpc-timeout", b"connection", b"keep-alive", b"proxy-connection",
-                           b"transfer-encoding", b"upgrade", b"host", b"content-length"})
 _MAX_CHUNK = s.MAX_CHUNK
+_AUTHORIZATION = frozenset({b"authorization"})   # checked here by basic_auth: never forwarded
 
 
 def parse_method(path: str) -> tuple[str, str] | None:
@@ -67,36 +65,6 @@ def parse_method(path: str) -> tuple[str, str] | None:
     if not service or not method or "/" in method:
         return None
     return service, method
-
-
-def metadata_of(headers: Headers, strip_authorization: bool = False) -> list[tuple[bytes, bytes]]:
-    """Call metadata to forward: no pseudo-headers or transport keys; ``-bin`` values decoded to raw bytes."""
-    out = []
-    for name, value in headers:
-        if name[:1] == b":" or name in _NOT_METADATA or (strip_authorization and name == b"authorization"):
-            continue
-        out.append((name, gw.decode_bin(value) if name.endswith(b"-bin") else value))
-    return out
-
-
-def metadata_to_h2(headers: Any) -> Headers:
-    """Wire ``Header`` messages -> HTTP/2 fields (``-bin`` re-encoded; pseudo and transport keys never relayed)."""
-    out = []
-    for item in headers:
-        name = item.name.lower().encode("latin-1")
-        if name[:1] == b":" or name in _NOT_METADATA or name in (b"grpc-status", b"grpc-message"):
-            continue
-        value = item.value
-        out.append((name, gw.encode_bin(value) if name.endswith(b"-bin") else value))
-    return out
-
-
-def status_headers(code: int, details: str, trailers: Any = ()) -> Headers:
-    out = [(b"grpc-status", str(code).encode("ascii"))]
-    if details:
-        out.append((b"grpc-message", gw.encode_message(details)))
-    out.extend(metadata_to_h2(trailers))
-    return out
 
 
 class GrpcEntryCall:
@@ -178,15 +146,15 @@ class GrpcEntryCall:
         self.client_id = decision.client_id
         self.scanner = gw.MessageScanner(decision.max_message_size,
                                          inspector.body_bytes if self.rec is not None and inspector is not None else 0)
-        metadata = metadata_of(headers, decision.strip_authorization)
+        metadata = gw.metadata_from_h2(headers, _AUTHORIZATION if decision.strip_authorization else frozenset())
         if address:
-            metadata.append((b"x-forwarded-for", address.encode("latin-1")))
+            metadata.append(pb.Header(name="x-forwarded-for", value=address.encode("latin-1")))
         first, rest = body[:_MAX_CHUNK], body[_MAX_CHUNK:]
         if not self._scan_in(first):
             return
         req = pb.GrpcRequest(
             service=self.service, method=self.method, host=authority, is_first_chunk=True, route=decision.route,
-            metadata=[pb.Header(name=n.decode("latin-1"), value=v) for n, v in metadata],
+            metadata=metadata,
             timeout=timeout, remote_addr=address, body=first, is_last_chunk=end and not rest,
         )
         if not tunnel.is_open:
@@ -259,13 +227,13 @@ class GrpcEntryCall:
         if resp.is_first_chunk and not self.head_sent:
             self.head_sent = True
             head = [(b":status", b"200")]
-            meta = metadata_to_h2(resp.initial_metadata)
+            meta = gw.metadata_to_h2(resp.initial_metadata, gw.STATUS_KEYS)
             if not any(name == b"content-type" for name, _ in meta):
                 head.append((b"content-type", b"application/grpc"))
             head.extend(meta)
             if resp.is_last_chunk and not resp.body:
                 self._end(resp.status_code, resp.details)
-                conn.send_headers(sid, head + status_headers(resp.status_code, resp.details, resp.trailing_metadata),
+                conn.send_headers(sid, head + gw.status_fields(resp.status_code, resp.details, resp.trailing_metadata),
                                   end=True)
                 return
             conn.send_headers(sid, head)
@@ -274,7 +242,7 @@ class GrpcEntryCall:
             conn.send_data(sid, resp.body)
         if resp.is_last_chunk:
             self._end(resp.status_code, resp.details)
-            conn.send_trailers(sid, status_headers(resp.status_code, resp.details, resp.trailing_metadata))
+            conn.send_trailers(sid, gw.status_fields(resp.status_code, resp.details, resp.trailing_metadata))
 
     def writable(self) -> None:
         if self.held:
@@ -314,11 +282,11 @@ class GrpcEntryCall:
         conn, sid = self.conn, self.stream_id
         try:
             if self.head_sent:
-                conn.send_trailers(sid, status_headers(value, message))
+                conn.send_trailers(sid, gw.status_fields(value, message))
             else:
                 self.head_sent = True
                 conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                                  + status_headers(value, message), end=True)
+                                  + gw.status_fields(value, message), end=True)
         except Exception:
             conn.reset(sid, CANCEL)
         if self.held:
