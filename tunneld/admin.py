@@ -241,6 +241,8 @@ class ServerCollector:
                            "max_connections.", entry.refused_connections)
             yield _counter("tunneld_http_header_timeouts", "Connections closed for not sending a complete "
                            "request head within header_timeout.", entry.header_timeouts)
+            yield _counter("tunneld_http_connections_refused_per_ip", "Connections answered 503 and closed "
+                           "at max_connections_per_ip.", entry.refused_per_ip)
 
 
 def _stream_in_flight(entry: Any) -> int:
@@ -353,6 +355,7 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
         counters["http_connections"] = entry.connections
         counters["http_connections_refused"] = entry.refused_connections
         counters["http_header_timeouts"] = entry.header_timeouts
+        counters["http_connections_refused_per_ip"] = entry.refused_per_ip
     counters["access_refusals"] = sum(sum(r.values()) for r in refused.values())
     s = config.server
     return {
@@ -415,6 +418,12 @@ class ClientCollector:
         yield _counter("tunneld_flow_control_stalls", "Times a request's sender paused on an empty window.",
                        stalls_total)
         yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
+        entry = getattr(hub, "entry", None)
+        if entry is not None:
+            yield _gauge("tunneld_http_connections", "Open connections on the http_entry (WebSockets included).",
+                         entry.connections)
+            yield _counter("tunneld_http_connections_refused_per_ip", "Connections answered 503 and closed "
+                           "at max_connections_per_ip.", entry.refused_per_ip)
 
 
 def client_status(hub: ClientHub, metrics: RequestMetrics | None, started: float,

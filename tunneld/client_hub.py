@@ -275,6 +275,7 @@ class ClientHub:
     log = Logger()
     metrics: Any = None   # admin.RequestMetrics when the admin port is on; fed by finished()
     inspector: Any = None   # inspector.Inspector when the admin port has one (config inspect > 0)
+    entry: Any = None   # the http_entry's EntrySite (connection metrics), set by the tap
 
     def __init__(self, settings: ClientSettings, clock: Any, backends: dict[int, BackendFactory]) -> None:
         self.settings = settings

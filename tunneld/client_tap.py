@@ -144,8 +144,9 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
     hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:
-        entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry),
-                                            EntrySite(hub, reactor, inspector=hub.inspector))
+        site = EntrySite(hub, reactor, inspector=hub.inspector, max_connections_per_ip=cfg.max_connections_per_ip)
+        hub.entry = site   # connection metrics on the admin port
+        entry = StreamServerEndpointService(server_endpoint(reactor, cfg.http_entry), site)
         entry._raiseSynchronously = True
         entry.setServiceParent(top)
     admin = None

@@ -127,6 +127,10 @@ class ServerSettings:
     proxy_protocol: bool = False  # http_listen expects HAProxy's PROXY header (v1/v2) on every connection
     inspect: int = 200  # inspector: the last N exchanges kept for the admin port's /inspect; 0 = off
     inspect_body_bytes: int = 0  # inspector: bytes kept of each body / WebSocket or gRPC message; 0 = heads only
+    max_connections_per_ip: int = 256  # public listeners: open connections from one address; beyond, 503 + close
+    max_websockets_per_ip: int = 64  # HTTP entry: open WebSockets from one address; beyond, the handshake gets 503
+    stall_timeout: float = 10.0  # a stream whose windows stay full this long with requests waiting is stalled
+    inspect_header_bytes: int = 16384  # inspector: most bytes of heads kept per exchange
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ class Route:
     basic_auth: tuple[str, ...] = field(default=(), repr=False)  # htpasswd lines "user:$2y$..." (bcrypt)
     allow_ips: tuple[str, ...] = ()  # CIDRs; set = only these client addresses are served (403 otherwise)
     deny_ips: tuple[str, ...] = ()  # CIDRs refused with 403 (checked before allow_ips)
+    max_websockets: int = 1000  # open WebSockets on this route (server-wide); beyond, the handshake gets 503
+    preserve_path: bool = False  # the backend gets the raw path (routing and access rules judge the normalised one)
 
     @property
     def protected(self) -> bool:
@@ -270,6 +276,9 @@ class ClientSettings:
     window_budget: int = 67108864  # per stream: growth of all its receive windows together (>= max_window)
     inspect: int = 200  # inspector on the client's admin port: the last N exchanges kept; 0 = off
     inspect_body_bytes: int = 0  # inspector: bytes kept of each body / message; 0 = heads only
+    max_connections_per_ip: int = 256  # http_entry: open connections from one address; beyond, 503 + close
+    max_websockets: int = 1000  # open WebSockets served for the servers; counted apart from max_concurrency
+    inspect_header_bytes: int = 16384  # inspector: most bytes of heads kept per exchange
     servers: tuple[str, ...] = ()  # all servers when `server` lists several (the loader fills it); else ()
     client_id_generated: bool = field(default=False, compare=False)  # the loader made client_id up (the file left it ""); SIGHUP keeps the running one
 
@@ -679,6 +688,10 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         proxy_protocol=t.boolean("proxy_protocol", d.proxy_protocol),
         inspect=t.integer("inspect", d.inspect, 0),
         inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
+        max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        max_websockets_per_ip=t.integer("max_websockets_per_ip", d.max_websockets_per_ip, 1),
+        stall_timeout=t.seconds("stall_timeout", d.stall_timeout),
+        inspect_header_bytes=t.integer("inspect_header_bytes", d.inspect_header_bytes, 256),
     )
 
 
@@ -784,6 +797,8 @@ def _parse_route(t: _Table, settings: ServerSettings, groups: tuple[str, ...]) -
         basic_auth=basic_auth,
         allow_ips=allow_ips,
         deny_ips=deny_ips,
+        max_websockets=t.integer("max_websockets", d.max_websockets, 1),
+        preserve_path=t.boolean("preserve_path", d.preserve_path),
     )
 
 
@@ -968,6 +983,9 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         window_budget=window_budget,
         inspect=t.integer("inspect", d.inspect, 0),
         inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
+        max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        max_websockets=t.integer("max_websockets", d.max_websockets, 1),
+        inspect_header_bytes=t.integer("inspect_header_bytes", d.inspect_header_bytes, 256),
     )
     return ClientConfig(path=path, client=settings)
 

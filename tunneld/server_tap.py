@@ -149,7 +149,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         websocket = EntryWebSocketResource(ws_factory)
         site = EntrySite(hub, reactor, scheme=scheme, max_header_size=cfg.max_header_size, websocket=websocket,
                          header_timeout=cfg.header_timeout, max_connections=cfg.max_connections,
-                         inspector=hub.inspector)
+                         inspector=hub.inspector, max_connections_per_ip=cfg.max_connections_per_ip,
+                         proxy_protocol=cfg.proxy_protocol)
         hub.entry = site
         endpoint = server_endpoint(reactor, cfg.http_listen, tls_cert=cfg.http_tls_cert, tls_key=cfg.http_tls_key,
                                    proxy_protocol=cfg.proxy_protocol)
