@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.harness import wait_for
 from tests.test_e2e_access import AccessTestCase, get, raw_exchange, status_of
@@ -58,3 +59,98 @@ class PerAddressTests(AccessTestCase):
         self.assertEqual(status_of((yield self.in_thread(get, port, "/ok", source="127.0.0.2"))), 200)
         yield self.assert_released()
         self.assertEqual(self.site.per_ip.counts, {})
+
+
+_UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def open_websockets(port: int, n: int, source: str = "127.0.0.1", batch: int = 100) -> tuple[list[socket.socket], list[bytes]]:
+    """``n`` WebSocket handshakes from ``source`` (sent ``batch`` at a time), left open and idle: (sockets, heads)."""
+    sockets: list[socket.socket] = []
+    heads: list[bytes] = []
+    for start in range(0, n, batch):
+        group = []
+        for _ in range(min(batch, n - start)):
+            s = socket.socket()
+            s.settimeout(30)
+            s.bind((source, 0))
+            s.connect(("127.0.0.1", port))
+            s.sendall(_UPGRADE)
+            group.append(s)
+        for s in group:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            heads.append(head)
+        sockets += group
+    return sockets, heads
+
+
+class WebSocketLimitTests(AccessTestCase):
+    """WebSockets have their own limits, apart from the requests' max_concurrency."""
+
+    server_settings = {"max_websockets_per_ip": 2000, "max_connections_per_ip": 2000}
+
+    def routes(self, backend: str, ws_backend: str) -> list[dict[str, Any]]:
+        # The route allows more than the client does: the client's own max_websockets is what refuses.
+        return [{"name": "ws", "backend": ws_backend, "path_prefix": "/ws", "max_websockets": 2000},
+                {"name": "open", "backend": backend}]
+
+    @inlineCallbacks
+    def test_1000_idle_websockets_leave_requests_alone(self) -> Any:
+        """1,000 idle WebSockets (the client's max_websockets) take no request slot: GETs are 200 meanwhile; the 1,001st WebSocket gets 503 naming max_websockets."""
+        port = self.stack.http_port
+        sockets, heads = yield self.in_thread(open_websockets, port, 1000)
+        self.addCleanup(lambda: [s.close() for s in sockets])
+        self.assertEqual({status_of(h) for h in heads}, {101})
+        client_session = self.client.hub.links[0].tunnel.session
+        self.assertEqual(len(client_session), 1000)
+        for _ in range(20):
+            self.assertEqual(status_of((yield self.in_thread(get, port, "/ok"))), 200)
+        lines: list[str] = []
+        observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        refused = yield self.in_thread(raw_exchange, port, _UPGRADE)
+        self.assertEqual(status_of(refused), 503)
+        self.assertIn(b"client is at its limit: 1000 WebSockets open (max_websockets)", refused)
+        # Both sides say so in words; nobody calls it a protocol violation.
+        self.assertTrue(any(line.startswith("refused a request from") and "max_websockets" in line for line in lines),
+                        lines)
+        self.assertTrue(any(line.startswith("a client refused a WebSocket") for line in lines), lines)
+        self.assertFalse([line for line in lines if "protocol violation" in line])
+        for s in sockets:
+            s.close()
+        yield self.assert_released()
+
+
+class WebSocketPerAddressTests(AccessTestCase):
+    server_settings = {"max_websockets_per_ip": 5}
+
+    def routes(self, backend: str, ws_backend: str) -> list[dict[str, Any]]:
+        return [{"name": "ws", "backend": ws_backend, "path_prefix": "/ws", "max_websockets": 8},
+                {"name": "open", "backend": backend}]
+
+    @inlineCallbacks
+    def test_per_address_and_per_route_websocket_caps(self) -> Any:
+        """max_websockets_per_ip 5: the 6th from 127.0.0.2 gets 503 in words; the route's max_websockets 8 caps all addresses together; closing frees both."""
+        port = self.stack.http_port
+        held, heads = yield self.in_thread(open_websockets, port, 6, "127.0.0.2")
+        self.addCleanup(lambda: [s.close() for s in held])
+        self.assertEqual([status_of(h) for h in heads], [101] * 5 + [503])
+        self.assertIn(b"too many WebSockets from your address", heads[5] + held[5].recv(4096))
+        more, more_heads = yield self.in_thread(open_websockets, port, 4, "127.0.0.1")
+        held += more
+        self.assertEqual([status_of(h) for h in more_heads], [101] * 3 + [503])
+        self.assertIn(b"route ws has 8 WebSockets open", more_heads[3] + more[3].recv(4096))
+        self.assertEqual(status_of((yield self.in_thread(get, port, "/ok", source="127.0.0.2"))), 200)
+        factory = self.site.websocket.entry_factory
+        self.assertEqual((factory.per_ip.held("127.0.0.2"), factory.per_route), (5, {"ws": 8}))
+        for s in held:
+            s.close()
+        yield self.assert_released()
+        self.assertEqual((factory.per_ip.counts, factory.per_route), ({}, {}))

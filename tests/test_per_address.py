@@ -102,3 +102,23 @@ class EntryPerIpTests(SynchronousTestCase):
                          [b"HTTP/1.1 404", b"HTTP/1.1 404", b"HTTP/1.1 503", b"HTTP/1.1 404"])
         self.assertEqual(site.per_ip.held("10.0.0.9"), 0)
         self.assertEqual((site.per_ip.held("198.51.100.1"), site.refused_per_ip), (2, 1))
+
+
+class ThrottledWarningTests(SynchronousTestCase):
+    def test_one_line_per_message_per_period_with_a_count(self) -> None:
+        """A refusal repeated within 10 s is folded into the next line's count, not logged again."""
+        from twisted.logger import Logger, formatEvent
+
+        from tunneld.logs import ThrottledWarning
+        lines: list[str] = []
+        warning = ThrottledWarning(Logger(observer=lambda e: lines.append(formatEvent(e))), "refused a request")
+        for now in (0.0, 1.0, 2.0, 10.5, 11.0):
+            warning.note(now, "client is at its limit: 1 requests in flight (max_concurrency)")
+        warning.note(11.0, "another limit")
+        self.assertEqual(lines, [
+            "refused a request: client is at its limit: 1 requests in flight (max_concurrency)",
+            "refused a request: client is at its limit: 1 requests in flight (max_concurrency) "
+            "(2 more since the last line)",
+            "refused a request: another limit",
+        ])
+        self.assertEqual(warning.total, 6)

@@ -57,6 +57,7 @@ from tunneld.session import (
     RequestAborted,
     RequestClosed,
     RequestReceived,
+    RequestRefused,
     Session,
     SessionError,
     State,
@@ -856,6 +857,43 @@ class ErrorTests(SessionTestCase):
         _, client_events = pair.pump()
         self.assertEqual([e.request_id for e in of_type(client_events, RequestReceived)], [c])
         pair.client.send(c, http_response_head(200, end=True))
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_websockets_do_not_count_against_max_concurrency(self) -> None:
+        """Open WebSockets have their own limit (max_websockets): with 3 open, an HTTP request still fits max_concurrency 1, a 4th WebSocket is refused in words, not as a violation."""
+        pair = opened(client_max_concurrency=1, client_max_websockets=3)
+        sockets = [pair.server.start(ws_head(f"/ws{i}")) for i in range(3)]
+        _, client_events = pair.pump()
+        self.assertEqual([e.request_id for e in of_type(client_events, RequestReceived)], sockets)
+        http = pair.server.start(http_head("GET", "/a", end=True))
+        extra = pair.server.start(ws_head("/ws4"))
+        server_events, client_events = pair.pump()
+        self.assertEqual([e.request_id for e in of_type(client_events, RequestReceived)], [http])
+        [refused] = of_type(client_events, RequestRefused)
+        self.assertEqual(refused.request_id, extra)
+        self.assertIn("3 WebSockets open (max_websockets)", refused.message)
+        self.assertEqual(of_type(client_events, ProtocolViolation), [])
+        [aborted] = of_type(server_events, RequestAborted)
+        self.assertEqual((aborted.request_id, aborted.code), (extra, OVERLOADED))
+        self.assertIn("client is at its limit", aborted.message)
+        pair.client.check_invariants()
+        for rid in sockets:
+            pair.client.cancel(rid)
+        pair.client.send(http, http_response_head(200, end=True))
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_max_concurrency_refusal_is_not_a_violation(self) -> None:
+        """An HTTP request past max_concurrency is a RequestRefused naming the limit."""
+        pair = opened(client_max_concurrency=1)
+        a = pair.server.start(http_head("GET", "/a", end=True))
+        b = pair.server.start(http_head("GET", "/b", end=True))
+        _, client_events = pair.pump()
+        self.assertEqual(of_type(client_events, ProtocolViolation), [])
+        self.assertEqual([(e.request_id, e.message) for e in of_type(client_events, RequestRefused)],
+                         [(b, "client is at its limit: 1 requests in flight (max_concurrency)")])
+        pair.client.send(a, http_response_head(200, end=True))
         pair.pump()
         self.assertReleased(pair.server, pair.client)
 

@@ -40,6 +40,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import ClientConfig, ClientSettings
 from tunneld.grpc_bridge.stream import StreamHandle
+from tunneld.logs import ThrottledWarning
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -82,6 +83,7 @@ class ServerLink:
         self.draining = False
         self.counters: dict[str, int] = {"messages_dropped": 0, "flow_stalls": 0}  # of streams already lost
         self.dial: Any = None   # its TunnelClientService (reconnects, attempts), set by the tap
+        self.refusals = ThrottledWarning(self.log, f"refused a request from {server}")
 
     @property
     def settings(self) -> ClientSettings:
@@ -111,6 +113,7 @@ class ServerLink:
     def connected(self, handle: StreamHandle) -> None:
         """A fresh dial: build the session and send stream_open."""
         session = s.Session(s.Role.CLIENT, client_id=self.client_id, max_concurrency=self.settings.max_concurrency,
+                            max_websockets=self.settings.max_websockets,
                             max_window=self.settings.max_window, window_budget=self.settings.window_budget)
         tunnel = Tunnel(session, handle.send, self, name=handle.peer)
         self.tunnel, self.handle = tunnel, handle
@@ -165,6 +168,8 @@ class ServerLink:
         elif isinstance(event, s.HeartbeatReceived):
             if event.ack:
                 self.rtt = max(0.0, self.clock.seconds() - event.sent_at_ms / 1000.0)
+        elif isinstance(event, s.RequestRefused):
+            self.refusals.note(self.clock.seconds(), event.message, request_id=event.request_id)
         elif isinstance(event, s.ProtocolViolation):
             self.log.warn("protocol violation from the server: {message}", message=event.message,
                           request_id=event.request_id, trace_id="")

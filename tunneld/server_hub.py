@@ -22,6 +22,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import ForwardRule, Route, ServerConfig
 from tunneld.inspector import Inspector
+from tunneld.logs import ThrottledWarning
 from tunneld.grpc_bridge.entry import GrpcRefusal, GrpcTarget
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.headers import get_first
@@ -81,6 +82,7 @@ class ServerHub:
         self.ready = False      # latched: /healthz "ok" from the first moment every group with routes had a client
         self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0, "forwarded": 0,
                                          "messages_dropped": 0, "flow_stalls": 0}  # the last two: closed streams'
+        self.refusals = ThrottledWarning(self.log, "refused a forward request from a client")
 
     # -- authentication (bridge thread: reads immutable config only) -----------
 
@@ -133,6 +135,9 @@ class ServerHub:
         elif isinstance(event, s.ConfigSyncRequested):
             if stream.entry is not None and event.version != self.config.version():
                 tunnel.control(lambda: tunnel.session.push_config(self._config_for(stream.entry.group)))  # type: ignore[union-attr]
+        elif isinstance(event, s.RequestRefused):
+            self.refusals.note(self.clock.seconds(), event.message, request_id=event.request_id,
+                               client=self._who(stream))
         elif isinstance(event, s.ProtocolViolation):
             self.counters["violations"] += 1
             self.log.warn("protocol violation from {client}: {message}", client=self._who(stream),
@@ -338,7 +343,8 @@ class ServerHub:
         if target is None:
             target = self._targets[key] = Target(
                 tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size,
-                strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client)
+                strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client,
+                max_websockets=route.max_websockets)
         return target
 
     def dispatch_grpc(self, service: str, authority: str) -> GrpcTarget | GrpcRefusal:

@@ -144,7 +144,8 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     http = None
     if cfg.http_listen:
         scheme = "https" if cfg.http_tls_cert else "http"
-        ws_factory = EntryWebSocketFactory(hub, reactor, scheme=scheme, ping_interval=cfg.websocket_ping_interval)
+        ws_factory = EntryWebSocketFactory(hub, reactor, scheme=scheme, ping_interval=cfg.websocket_ping_interval,
+                                           max_websockets_per_ip=cfg.max_websockets_per_ip)
         ws_factory.inspector = hub.inspector
         websocket = EntryWebSocketResource(ws_factory)
         site = EntrySite(hub, reactor, scheme=scheme, max_header_size=cfg.max_header_size, websocket=websocket,

@@ -34,6 +34,11 @@ response for a request that went out on another stream is simply an unknown
 
 Errors the peer causes are reported as ``ProtocolViolation`` events (one log
 line each in the adapter); ``fatal=True`` means the stream must be closed.
+A request refused because a limit of ours is full (``max_concurrency`` for
+HTTP and gRPC, ``max_websockets`` for WebSockets, counted apart so idle
+WebSockets never starve requests) is no violation: it is a
+``RequestRefused`` event, and the peer gets ``OVERLOADED`` with the limit
+named in words.
 """
 
 from __future__ import annotations
@@ -191,6 +196,15 @@ class ConfigReceived:
 
 
 @dataclass(frozen=True)
+class RequestRefused:
+    """A peer's new request was refused because one of our limits is full (not the peer's fault)."""
+
+    message: str
+    request_id: str = ""
+    protocol: int = 0
+
+
+@dataclass(frozen=True)
 class ProtocolViolation:
     """The peer broke the protocol; ``fatal`` means the stream must close."""
 
@@ -202,7 +216,7 @@ class ProtocolViolation:
 Event = (
     OpenRequested | OpenAccepted | OpenRejected | RequestReceived | MessageReceived | Writable
     | RequestClosed | RequestAborted | HeartbeatReceived | ConfigSyncRequested | ConfigReceived
-    | ProtocolViolation
+    | ProtocolViolation | RequestRefused
 )
 
 
@@ -295,6 +309,7 @@ class Session:
         window_budget: int = 0,
         max_concurrency: int = 1000,
         max_chunk: int = MAX_CHUNK,
+        max_websockets: int = 1000,
     ) -> None:
         self.role = role
         self.client_id = client_id
@@ -302,7 +317,8 @@ class Session:
         self.max_window = max_window      # receive windows grow up to this (0, or <= window: never)
         self.window_budget = window_budget  # growth of all receive windows together, at most this
         self.grown = 0                    # growth of the receive windows of the exchanges in the table
-        self.max_concurrency = max_concurrency
+        self.max_concurrency = max_concurrency   # the peer's HTTP and gRPC requests open at once
+        self.max_websockets = max_websockets     # the peer's WebSockets open at once (counted apart)
         self.max_chunk = max_chunk
         self.state = State.IDLE if role is Role.CLIENT else State.AWAIT_OPEN
         self.my_direction = pb.CLIENT_TO_SERVER if role is Role.CLIENT else pb.SERVER_TO_CLIENT
@@ -312,6 +328,7 @@ class Session:
         # its streams ordered by load this way instead of asking every stream).
         self.on_load: Callable[[int], None] | None = None
         self._remote_count = 0
+        self._remote_websockets = 0   # of _remote_count: WebSockets (not held to max_concurrency)
         # Made on the first released request: an idle fleet's streams never need them
         # (an empty deque costs ~0.6 KiB; bench/README.md, fleet memory).
         self._recent: deque[str] | None = None
@@ -352,6 +369,8 @@ class Session:
         """Assert the bookkeeping is consistent (used by tests)."""
         remote = sum(1 for ex in self._exchanges.values() if not ex.initiated_here)
         assert remote == self._remote_count, (remote, self._remote_count)
+        websockets = sum(1 for ex in self._exchanges.values() if not ex.initiated_here and ex.protocol == pb.WEBSOCKET)
+        assert websockets == self._remote_websockets, (websockets, self._remote_websockets)
         for ex in self._exchanges.values():
             assert not (ex.local_ended and ex.remote_ended and not ex.outbox), ex.request_id
             assert ex.recv_window.unacked <= ex.recv_window.size + (1 << 26)
@@ -704,10 +723,12 @@ class Session:
             self._events.append(ProtocolViolation(f"{kind} with protocol_type {msg.protocol_type}", rid))
             self._send_error(rid, PROTOCOL_ERROR, "protocol_type does not match the payload", protocol)
             return
-        if self._remote_count >= self.max_concurrency:
-            self._send_error(rid, OVERLOADED, f"at max_concurrency {self.max_concurrency}", protocol)
-            self._remember(rid)
-            self._events.append(ProtocolViolation(f"refused: at max_concurrency {self.max_concurrency}", rid))
+        if protocol == pb.WEBSOCKET:
+            if self._remote_websockets >= self.max_websockets:
+                self._refuse(rid, protocol, f"{self.max_websockets} WebSockets open (max_websockets)")
+                return
+        elif self._remote_count - self._remote_websockets >= self.max_concurrency:
+            self._refuse(rid, protocol, f"{self.max_concurrency} requests in flight (max_concurrency)")
             return
         size = len(body_of(msg))
         if protocol == pb.HTTP and size > self.max_chunk:
@@ -722,7 +743,16 @@ class Session:
         if self.on_load is not None:
             self.on_load(len(self._exchanges))
         self._remote_count += 1
+        if protocol == pb.WEBSOCKET:
+            self._remote_websockets += 1
         self._events.append(RequestReceived(rid, protocol, msg))
+
+    def _refuse(self, rid: str, protocol: int, full: str) -> None:
+        who = "client" if self.role is Role.CLIENT else "server"
+        message = f"{who} is at its limit: {full}"
+        self._send_error(rid, OVERLOADED, message, protocol)
+        self._remember(rid)
+        self._events.append(RequestRefused(message, rid, protocol))
 
     # -- release ----------------------------------------------------------------
 
@@ -738,6 +768,8 @@ class Session:
             self.on_load(len(self._exchanges))
         if not ex.initiated_here:
             self._remote_count -= 1
+            if ex.protocol == pb.WEBSOCKET:
+                self._remote_websockets -= 1
         self.grown -= ex.recv_window.grown   # the stream's budget gets it back
         ex.outbox.clear()
         self._remember(ex.request_id)

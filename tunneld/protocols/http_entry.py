@@ -57,6 +57,7 @@ class Target:
     max_message_size: int = 0   # WebSocket / gRPC message limit of the route
     strip_authorization: bool = False   # basic auth was checked here: the credentials stay here
     client_id: str = field(default="", compare=False)   # the client serving it (inspector)
+    max_websockets: int = 0   # open WebSockets the route allows on this entry (0: no limit)
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,12 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import headers as h
 from tunneld.inspector import Exchange, Inspector
+from tunneld.logs import ThrottledWarning
 from tunneld.protocols.http_entry import Refusal, Target, trace_id_of, without_authorization
+from tunneld.registry.per_address import PerAddressLimit
 from tunneld.tunnel import CreditGate, Tunnel
 
+_log = Logger()
 PIECE = 64 * 1024
 CLOSE_LINGER = 10.0       # seconds to wait for the far side's close before cancelling
 _NO_WIRE_CODES = {1005, 1006, 1015}  # never sent in a close frame
@@ -228,6 +231,8 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self.refusal = ""        # access refusal reason (metrics label), "" if none
         self.address = ""
         self._deny_headers: list[tuple[str, str]] = []
+        self._ip_slot = ""      # the address whose max_websockets_per_ip slot this WebSocket holds
+        self._route_slot = ""   # the route whose max_websockets slot it holds
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         # autobahn's ConnectionDeny carries no headers; a 401 needs WWW-Authenticate.
@@ -236,6 +241,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
     def connectionLost(self, reason: Any) -> None:
         channel = getattr(self.entry_request, "channel", None)
         super().connectionLost(reason)
+        self._release_slots()
         release = getattr(channel, "release", None)
         if release is not None:
             release()   # the HTTP entry counted this connection (max_connections)
@@ -272,6 +278,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             self._deny_headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in decision.headers]
             raise ConnectionDeny(decision.status, decision.message)
         self.route = decision.route
+        self._take_slots(decision, client_ip)
         if decision.max_message_size:
             self.maxMessagePayloadSize = decision.max_message_size
         if decision.strip_authorization:
@@ -294,6 +301,39 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         if self.rec is not None:
             self.rec.request_id = self.request_id
         return self._handshake
+
+    def _take_slots(self, target: Target, address: str) -> None:
+        """Count this WebSocket against max_websockets_per_ip and the route's max_websockets, or deny it (503)."""
+        factory = self.factory
+        self.address = address
+        if not factory.per_ip.acquire(address):
+            self.status = 503
+            self.refusal = "websockets_per_ip"
+            raise ConnectionDeny(503, f"too many WebSockets from your address "
+                                      f"({factory.per_ip.limit} open, max_websockets_per_ip)")
+        self._ip_slot = address
+        limit = target.max_websockets
+        held = factory.per_route.get(target.route, 0)
+        if limit and held >= limit:
+            self._release_slots()
+            self.status = 503
+            self.refusal = "route_max_websockets"
+            raise ConnectionDeny(503, f"route {target.route} has {limit} WebSockets open (max_websockets)")
+        factory.per_route[target.route] = held + 1
+        self._route_slot = target.route
+
+    def _release_slots(self) -> None:
+        factory = self.factory
+        if self._ip_slot:
+            ip, self._ip_slot = self._ip_slot, ""
+            factory.per_ip.release(ip)
+        if self._route_slot:
+            route, self._route_slot = self._route_slot, ""
+            left = factory.per_route.get(route, 0) - 1
+            if left > 0:
+                factory.per_route[route] = left
+            else:
+                factory.per_route.pop(route, None)
 
     def _timed_out(self, timeout: float) -> None:
         self._timer = None
@@ -342,6 +382,10 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self.tunnel = None
         self.closed()
         if self._handshake is not None:
+            if by_peer and code == s.OVERLOADED:
+                # A full limit at the client: said in words here too, not only to the external client.
+                self.factory.refusals.note(self.clock.seconds(), message, request_id=self.request_id,
+                                           trace_id=self.trace_id, route=self.route)
             self._deny(code if code in _PASSED_STATUS else 502, message)
             return
         if self.state == WebSocketServerProtocol.STATE_OPEN:
@@ -380,8 +424,12 @@ class EntryWebSocketFactory(WebSocketServerFactory):
     inspector: Inspector | None = None   # set by the tap when the inspector is on
 
     def __init__(self, dispatcher: Any, clock: Any, *, scheme: str = "http", ping_interval: int = 0,
-                 max_message_size: int = 16 * 1024 * 1024) -> None:
+                 max_message_size: int = 16 * 1024 * 1024, max_websockets_per_ip: int = 64) -> None:
         super().__init__()
+        # Open WebSockets per address (max_websockets_per_ip) and per route (its max_websockets).
+        self.per_ip = PerAddressLimit(max_websockets_per_ip)
+        self.per_route: dict[str, int] = {}
+        self.refusals = ThrottledWarning(_log, "a client refused a WebSocket")
         self.dispatcher = dispatcher
         self.clock = clock
         self.scheme = scheme
