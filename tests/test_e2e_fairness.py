@@ -9,11 +9,13 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.web import server
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.harness import wait_for
-from tests.test_e2e_access import AccessTestCase, get, raw_exchange, status_of
+from tests.test_e2e_access import AccessTestCase, Recorder, get, raw_exchange, status_of
 
 
 class PerAddressTests(AccessTestCase):
@@ -65,7 +67,8 @@ _UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnec
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
-def open_websockets(port: int, n: int, source: str = "127.0.0.1", batch: int = 100) -> tuple[list[socket.socket], list[bytes]]:
+def open_websockets(port: int, n: int, source: str = "127.0.0.1", batch: int = 100,
+                    request: bytes = _UPGRADE) -> tuple[list[socket.socket], list[bytes]]:
     """``n`` WebSocket handshakes from ``source`` (sent ``batch`` at a time), left open and idle: (sockets, heads)."""
     sockets: list[socket.socket] = []
     heads: list[bytes] = []
@@ -76,7 +79,7 @@ def open_websockets(port: int, n: int, source: str = "127.0.0.1", batch: int = 1
             s.settimeout(30)
             s.bind((source, 0))
             s.connect(("127.0.0.1", port))
-            s.sendall(_UPGRADE)
+            s.sendall(request)
             group.append(s)
         for s in group:
             head = b""
@@ -154,3 +157,65 @@ class WebSocketPerAddressTests(AccessTestCase):
             s.close()
         yield self.assert_released()
         self.assertEqual((factory.per_ip.counts, factory.per_route), ({}, {}))
+
+
+class PathTests(AccessTestCase):
+    """Routing, access rules and the backend's path on the normalised path."""
+
+    def routes(self, backend: str, ws_backend: str) -> list[dict[str, Any]]:
+        self.chat = Recorder()
+        port = reactor.listenTCP(0, server.Site(self.chat), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        chat = f"http://127.0.0.1:{port.getHost().port}"
+        return [{"name": "web", "backend": backend},
+                {"name": "chat", "backend": chat, "path_prefix": "/chat/"},
+                {"name": "admin", "backend": chat, "path_prefix": "/admin/", "deny_ips": ["127.0.0.0/8"]},
+                {"name": "raw", "backend": chat, "path_prefix": "/raw/", "preserve_path": True},
+                {"name": "ws", "backend": ws_backend, "path_prefix": "/ws"}]
+
+    @inlineCallbacks
+    def test_path_variants_reach_the_right_route(self) -> Any:
+        """/x/../chat/, /%63hat/ and //chat/ reach route chat (its backend gets /chat/); the same tricks cannot walk around admin's deny_ips."""
+        port = self.stack.http_port
+        for raw in ("/x/../chat/", "/%63hat/", "//chat/", "/chat/./"):
+            self.assertEqual(status_of((yield self.in_thread(get, port, raw))), 200, raw)
+        self.assertEqual(self.chat.paths(), ["/chat/"] * 4)
+        self.assertEqual(self.recorder.paths(), [])
+        for raw in ("/admin/", "/x/../admin/", "/%61dmin/", "//admin/", "/chat/../admin/"):
+            self.assertEqual(status_of((yield self.in_thread(get, port, raw))), 403, raw)
+        self.assertEqual(len(self.chat.seen), 4)
+        yield self.assert_released()
+
+    @inlineCallbacks
+    def test_escapes_and_encoded_slash_or_nul_are_400(self) -> Any:
+        """'..' above the root, %2F and %00 are 400 and reach no backend; the connection stays usable for others."""
+        port = self.stack.http_port
+        for raw in ("/../chat/", "/chat/../../etc/passwd", "/%2e%2e/chat/", "/chat%2Fx", "/chat/%00", "/a%zz"):
+            response = yield self.in_thread(get, port, raw)
+            self.assertEqual(status_of(response), 400, raw)
+        self.assertEqual((self.chat.seen, self.recorder.seen), ([], []))
+        refused = yield self.in_thread(raw_exchange, port, _UPGRADE.replace(b"GET /ws", b"GET /../ws"))
+        self.assertEqual(status_of(refused), 400)
+        self.assertEqual(status_of((yield self.in_thread(get, port, "/ok"))), 200)
+        yield self.assert_released()
+
+    @inlineCallbacks
+    def test_backend_gets_normalised_path_unless_preserve_path(self) -> Any:
+        """The backend gets the normalised path and the query as sent; preserve_path = true sends the raw path."""
+        port = self.stack.http_port
+        self.assertEqual(status_of((yield self.in_thread(get, port, "/chat//a/./b/%7e?q=%2e%2e&x=/"))), 200)
+        self.assertEqual(status_of((yield self.in_thread(get, port, "/x/../raw//a/./%7e?q=1"))), 200)
+        self.assertEqual(self.chat.paths(), ["/chat/a/b/~?q=%2e%2e&x=/", "/x/../raw//a/./%7e?q=1"])
+        yield self.assert_released()
+
+    @inlineCallbacks
+    def test_websocket_upgrade_on_a_path_variant(self) -> Any:
+        """A WebSocket handshake to //ws or /x/../ws reaches route ws."""
+        port = self.stack.http_port
+        for raw in (b"//ws", b"/x/../ws"):
+            sockets, heads = yield self.in_thread(open_websockets, port, 1, request=_UPGRADE.replace(b"GET /ws", b"GET " + raw))
+            for s in sockets:
+                s.close()
+            self.assertEqual(status_of(heads[0]), 101, raw)
+        self.assertEqual(len(self.ws_factory.heads), 2)
+        yield self.assert_released()

@@ -344,7 +344,7 @@ class ServerHub:
             target = self._targets[key] = Target(
                 tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size,
                 strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client,
-                max_websockets=route.max_websockets)
+                max_websockets=route.max_websockets, preserve_path=route.preserve_path)
         return target
 
     def dispatch_grpc(self, service: str, authority: str) -> GrpcTarget | GrpcRefusal:

@@ -36,6 +36,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.inspector import Exchange, Inspector
 from tunneld.protocols import headers as h
+from tunneld.registry.paths import PathError, normalise_path
 from tunneld.registry.per_address import PerAddressLimit
 from tunneld.tunnel import CreditGate, Tunnel
 
@@ -58,6 +59,7 @@ class Target:
     strip_authorization: bool = False   # basic auth was checked here: the credentials stay here
     client_id: str = field(default="", compare=False)   # the client serving it (inspector)
     max_websockets: int = 0   # open WebSockets the route allows on this entry (0: no limit)
+    preserve_path: bool = False   # the backend gets the raw path (else the normalised one)
 
 
 @dataclass(frozen=True)
@@ -156,12 +158,20 @@ class HttpExchange:
         hosts = headers.getRawHeaders(b"host")
         host = hosts[0].decode("latin-1") if hosts else ""
         uri = req.uri.decode("latin-1")
-        path, _, query = uri.partition("?")
+        raw_path, _, query = uri.partition("?")
         traceparent = headers.getRawHeaders(b"traceparent")
         request_id = headers.getRawHeaders(b"x-request-id")
         self.trace_id = trace_id_from(traceparent[0] if traceparent else None, request_id[0] if request_id else None)
         client_ip = req.client_ip
-        decision = self.dispatcher.dispatch(host, path, client_ip, flat)
+        decision: Target | Refusal
+        try:
+            # Routes and access rules judge the path as the backend will understand it.
+            path = normalise_path(raw_path)
+        except PathError as e:
+            path = raw_path
+            decision = Refusal(400, str(e))
+        else:
+            decision = self.dispatcher.dispatch(host, path, client_ip, flat)
         if self.inspector is not None:
             self._record(req, flat, host, uri, client_ip, decision)
         if isinstance(decision, Refusal):
@@ -178,7 +188,10 @@ class HttpExchange:
         msg = pb.TunnelMessage(trace_id=self.trace_id)
         head = msg.http_request
         head.method = req.method.decode("latin-1")
-        head.url = uri
+        if decision.preserve_path or path == raw_path:
+            head.url = uri
+        else:
+            head.url = f"{path}?{query}" if query else path
         head.host = host
         head.path = path
         if query:

@@ -38,6 +38,7 @@ from tunneld.protocols import headers as h
 from tunneld.inspector import Exchange, Inspector
 from tunneld.logs import ThrottledWarning
 from tunneld.protocols.http_entry import Refusal, Target, trace_id_of, without_authorization
+from tunneld.registry.paths import PathError, normalise_path
 from tunneld.registry.per_address import PerAddressLimit
 from tunneld.tunnel import CreditGate, Tunnel
 
@@ -253,11 +254,19 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         flat = [(n, v) for n, vs in req.requestHeaders.getAllRawHeaders() for v in vs]
         host = (h.get_first(flat, b"host") or b"").decode("latin-1")
         uri = req.uri.decode("latin-1")
-        path = uri.partition("?")[0]
+        raw_path, _, query = uri.partition("?")
         self.trace_id = trace_id_of(flat)
-        self._path = path
+        self._path = raw_path
         client_ip = h.client_ip(req)
-        decision = factory.dispatcher.dispatch(host, path, client_ip, flat)
+        decision: Target | Refusal
+        try:
+            # Routes and access rules judge the path as the backend will understand it.
+            path = normalise_path(raw_path)
+        except PathError as e:
+            path = raw_path
+            decision = Refusal(400, str(e))
+        else:
+            decision = factory.dispatcher.dispatch(host, path, client_ip, flat)
         if factory.inspector is not None:
             rec = self.rec = factory.inspector.begin("websocket")
             rec.trace_id = self.trace_id
@@ -287,7 +296,8 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
                                                                  host=host, set_host=decision.set_host)
                if n.lower() not in _HANDSHAKE_HEADERS]
         msg = pb.TunnelMessage(trace_id=self.trace_id, ws_request=pb.WebSocketRequest(
-            url=uri, host=host, headers=h.to_pb(fwd), subprotocols=list(request.protocols), route=decision.route,
+            url=uri if decision.preserve_path or path == raw_path else (f"{path}?{query}" if query else path),
+            host=host, headers=h.to_pb(fwd), subprotocols=list(request.protocols), route=decision.route,
             scheme="wss" if factory.scheme == "https" else "ws", remote_addr=client_ip,
         ))
         self.tunnel = decision.tunnel
