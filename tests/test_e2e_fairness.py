@@ -7,15 +7,23 @@ address"); a normal client on 127.0.0.1 is answered during each attack.
 from __future__ import annotations
 
 import socket
-from typing import Any
+import threading
+import time
+from typing import Any, Iterator
+
+import grpc
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.web import server
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tests.harness import wait_for
+from tests.harness import TOKEN, wait_for
 from tests.test_e2e_access import AccessTestCase, Recorder, get, raw_exchange, status_of
+from tunneld import __version__
+from tunneld import tunnel_pb2 as pb
+from tunneld import tunnel_pb2_grpc
+from tunneld.admin import server_status
 
 
 class PerAddressTests(AccessTestCase):
@@ -218,4 +226,83 @@ class PathTests(AccessTestCase):
                 s.close()
             self.assertEqual(status_of(heads[0]), 101, raw)
         self.assertEqual(len(self.ws_factory.heads), 2)
+        yield self.assert_released()
+
+
+def rogue_client(port: int, stop: threading.Event, client_id: str = "rogue") -> None:
+    """A client with a valid token that opens its stream and heartbeats, but never reads a message."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = tunnel_pb2_grpc.TunnelServiceStub(channel)
+
+    def frames() -> Iterator[pb.TunnelFrame]:
+        yield pb.TunnelFrame(messages=[pb.TunnelMessage(
+            direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
+            stream_open=pb.StreamOpenRequest(client_id=client_id, group="default", version=__version__,
+                                             stream_id="rogue-1", token=TOKEN))])
+        while not stop.wait(0.3):
+            yield pb.TunnelFrame(messages=[pb.TunnelMessage(
+                direction=pb.CLIENT_TO_SERVER, protocol_type=pb.CONTROL,
+                heartbeat=pb.Heartbeat(sent_at_ms=int(time.time() * 1000)))])
+
+    call = stub.Proxy(frames())   # responses never read
+    try:
+        stop.wait(60)
+    finally:
+        call.cancel()
+        channel.close()
+
+
+def post(port: int, path: str, size: int, timeout: float = 20.0) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\nContent-Length: {size}\r\n\r\n").encode()
+    with socket.socket() as s:
+        s.settimeout(timeout)
+        s.connect(("127.0.0.1", port))
+        s.sendall(head)
+        s.sendall(b"u" * size)
+        received = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+class StallTests(AccessTestCase):
+    """A client that heartbeats but never reads is left out after stall_timeout, and dropped later."""
+
+    server_settings = {"stall_timeout": 1, "heartbeat_timeout": 6}
+
+    def routes(self, backend: str, ws_backend: str) -> list[dict[str, Any]]:
+        return [{"name": "up", "backend": backend, "timeout": 4}]
+
+    @inlineCallbacks
+    def test_never_reading_client_is_not_chosen(self) -> Any:
+        """Uploads that went to the rogue stall; once it is marked stalled every upload goes to the working client (200), /status shows it, and it is dropped past heartbeat_timeout."""
+        port = self.stack.http_port
+        registry = self.hub.registry
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        rogue = self.in_thread(rogue_client, self.stack.tunnel_port, stop)
+        yield wait_for(lambda: len(registry) == 2, what="rogue registered")
+        # Enough concurrent uploads that the least-loaded choice sends some to the rogue.
+        first = [self.in_thread(post, port, "/first", 1024 * 1024) for _ in range(4)]
+        yield wait_for(lambda: bool(registry.stalled), timeout=10, what="rogue marked stalled")
+        [stalled] = registry.stalled
+        self.assertEqual(stalled.client_id, "rogue")
+        status = server_status(self.hub, None, 0.0)
+        flags = {c["client_id"]: c["stalled"] for c in status["clients"]}
+        self.assertEqual(flags, {"rogue": True, self.client.hub.client_id: False})
+        for _ in range(12):
+            self.assertEqual(status_of((yield self.in_thread(post, port, "/after", 512 * 1024))), 200)
+        answers = [status_of(r) for r in (yield gatherResults(first))]
+        self.assertIn(504, answers)   # the ones the rogue took before it was found out
+        yield wait_for(lambda: len(registry) == 1, timeout=15, what="rogue dropped")
+        self.assertEqual(registry.stalled, set())
+        self.assertEqual(self.hub.counters["stalls"], 1)
+        stop.set()
+        yield rogue
         yield self.assert_released()

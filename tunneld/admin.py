@@ -233,6 +233,9 @@ class ServerCollector:
         yield _counter("tunneld_flow_control_stalls", "Times a request's sender paused on an empty window.",
                        counters.get("flow_stalls", 0) + stalls)
         yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
+        yield _gauge("tunneld_streams_stalled", "Streams whose requests wait for credit with nothing coming back "
+                     "for stall_timeout (passed over while a healthy stream exists).", len(hub.registry.stalled))
+        yield _counter("tunneld_stream_stalls", "Times a stream was marked stalled.", counters.get("stalls", 0))
         entry = getattr(hub, "entry", None)
         if entry is not None:
             yield _gauge("tunneld_http_connections", "Open connections on the HTTP entry (WebSockets included).",
@@ -309,6 +312,9 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
             "version": e.version, "connected_at": e.connected_at + offset, "last_heartbeat": e.last_heartbeat + offset,
             "rtt": e.rtt, "in_flight": _stream_in_flight(e),
             "healthy": hub.registry.is_healthy(e, hub.clock.seconds()),
+            # Requests wait for credit and nothing comes back: passed over while the group has a healthy stream.
+            "stalled": e.stalled_since is not None,
+            "stalled_since": e.stalled_since + offset if e.stalled_since is not None else None,
         })
     group_names = [g.name for g in config.groups]
     group_names += [g for g in hub.registry.groups() if g not in group_names]
@@ -356,6 +362,7 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
         counters["http_connections_refused"] = entry.refused_connections
         counters["http_header_timeouts"] = entry.header_timeouts
         counters["http_connections_refused_per_ip"] = entry.refused_per_ip
+    counters["streams_stalled"] = len(hub.registry.stalled)
     counters["access_refusals"] = sum(sum(r.values()) for r in refused.values())
     s = config.server
     return {

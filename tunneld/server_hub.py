@@ -81,7 +81,8 @@ class ServerHub:
         self.started_at = clock.seconds()
         self.ready = False      # latched: /healthz "ok" from the first moment every group with routes had a client
         self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0, "forwarded": 0,
-                                         "messages_dropped": 0, "flow_stalls": 0}  # the last two: closed streams'
+                                         "messages_dropped": 0, "flow_stalls": 0,   # these two: closed streams'
+                                         "stalls": 0}
         self.refusals = ThrottledWarning(self.log, "refused a forward request from a client")
 
     # -- authentication (bridge thread: reads immutable config only) -----------
@@ -306,6 +307,30 @@ class ServerHub:
             self.log.warn("client {client_id}: no heartbeat for {timeout:g} s, dropping its stream",
                           client_id=entry.client_id, timeout=self.registry.heartbeat_timeout)
             self._close(stream, "heartbeat timeout", abort=True)
+
+    def stall_tick(self) -> None:
+        """Mark streams that make no progress (requests waiting for credit, nothing received) stalled; drop long ones."""
+        now = self.clock.seconds()
+        observed = []
+        for entry in self.registry.busy():
+            session = entry.handle.tunnel.session  # type: ignore[attr-defined]
+            observed.append((entry, session.blocked(), session.progress))
+        timeout = self.config.server.stall_timeout
+        started, recovered, overdue = self.registry.watch_stalls(now, observed, timeout)
+        for entry in started:
+            self.counters["stalls"] += 1
+            self.log.warn("client {client_id} (stream {stream_id}) is stalled: its requests have waited {timeout:g} s "
+                          "for window credit and nothing came back; new requests of group {group} go to its other "
+                          "streams while there are any", client_id=entry.client_id, stream_id=entry.stream_id,
+                          timeout=timeout, group=entry.group)
+        for entry in recovered:
+            self.log.info("client {client_id} (stream {stream_id}) makes progress again: no longer stalled",
+                          client_id=entry.client_id, stream_id=entry.stream_id)
+        for entry in overdue:
+            self.log.warn("client {client_id} (stream {stream_id}) stalled for more than heartbeat_timeout "
+                          "({timeout:g} s): dropping its stream", client_id=entry.client_id,
+                          stream_id=entry.stream_id, timeout=self.registry.heartbeat_timeout)
+            self._close(entry.handle, "stalled", abort=True)  # type: ignore[arg-type]
 
     # -- the HTTP entry's Dispatcher -------------------------------------------------
 

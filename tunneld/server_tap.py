@@ -159,7 +159,10 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
         http._raiseSynchronously = True
         http.setServiceParent(top)
     # Heartbeats go out spread over the interval, one slice per tick, only to quiet streams.
-    for interval, tick in ((hub.heartbeats.tick, hub.heartbeat_schedule_tick), (cfg.cleanup_interval, hub.cleanup_tick)):
+    # The stall watch looks only at streams with requests in flight (and stalled ones).
+    stall_check = min(1.0, cfg.stall_timeout / 4)
+    for interval, tick in ((hub.heartbeats.tick, hub.heartbeat_schedule_tick), (cfg.cleanup_interval, hub.cleanup_tick),
+                           (stall_check, hub.stall_tick)):
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)

@@ -336,6 +336,10 @@ class Session:
         self._outgoing: list[pb.TunnelMessage] = []
         self._events: list[Event] = []
         self.dropped = 0               # peer messages dropped as invalid
+        # Messages about requests received from the peer (bodies, heads, window
+        # updates, errors; not heartbeats or config): the stall watch's sign that
+        # the peer makes progress.
+        self.progress = 0
         # Each side numbers its own requests; the role letter keeps the two
         # sides' ids apart in the one table.
         self._id_prefix = f"{role.value[0]}{os.urandom(3).hex()}-"
@@ -364,6 +368,10 @@ class Session:
 
     def exchange(self, request_id: str) -> Exchange | None:
         return self._exchanges.get(request_id)
+
+    def blocked(self) -> int:
+        """Requests whose data waits for window credit from the peer (their producers are paused)."""
+        return sum(1 for ex in self._exchanges.values() if ex.blocked)
 
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (used by tests)."""
@@ -585,12 +593,14 @@ class Session:
         elif kind is None:
             self._violation("message without payload", msg.request_id)
         elif kind == "error_message":
+            self.progress += 1
             self._receive_error(msg)  # checked first: an error is never answered
         elif msg.direction != self.peer_direction:
             self._violation(f"{kind} has the wrong direction", msg.request_id)
         elif kind in _CONTROL_KINDS:
             self._receive_control(kind, msg)
         else:
+            self.progress += 1
             self._receive_exchange(kind, msg)
         return self.take_events()
 
