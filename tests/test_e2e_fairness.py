@@ -306,3 +306,56 @@ class StallTests(AccessTestCase):
         stop.set()
         yield rogue
         yield self.assert_released()
+
+
+def frame(payload: bytes) -> bytes:
+    """A masked client text frame (mask key 0: the payload unchanged), payload < 126 bytes."""
+    return bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+def flood(port: int, count: int) -> int:
+    """Open a WebSocket, send ``count`` 1-byte frames in large writes then "done"; the echoes received until "done"."""
+    sockets, heads = open_websockets(port, 1)
+    s = sockets[0]
+    try:
+        assert status_of(heads[0]) == 101, heads[0]
+        s.sendall(frame(b"x") * count + frame(b"done"))
+        received = b""
+        while not received.endswith(b"done"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received.count(b"\x81\x01x")
+    finally:
+        s.close()
+
+
+class FairShareTests(AccessTestCase):
+    def routes(self, backend: str, ws_backend: str) -> list[dict[str, Any]]:
+        return [{"name": "ws", "backend": ws_backend, "path_prefix": "/ws"}, {"name": "open", "backend": backend}]
+
+    @inlineCallbacks
+    def test_flooding_websocket_is_parsed_a_bounded_amount_per_turn(self) -> Any:
+        """30,000 tiny frames in large writes: every frame arrives, never more than TURN_FRAMES are parsed in one reactor turn, and a GET is answered meanwhile."""
+        from tunneld.protocols import websocket as ws
+        per_turn: list[int] = []
+        feed = ws.EntryWebSocket._feed
+
+        def counting(proto: Any) -> None:
+            before = proto._frames
+            feed(proto)
+            per_turn.append(proto._frames - before)
+
+        self.patch(ws.EntryWebSocket, "_feed", counting)
+        port = self.stack.http_port
+        flooding = self.in_thread(flood, port, 30000)
+        statuses = []
+        while not flooding.called:
+            statuses.append(status_of((yield self.in_thread(get, port, "/ok"))))
+        echoed = yield flooding
+        self.assertEqual(echoed, 30000)
+        self.assertEqual(set(statuses), {200})
+        self.assertLessEqual(max(per_turn), ws.TURN_FRAMES)
+        self.assertGreaterEqual(len(per_turn), 30000 // ws.TURN_FRAMES)
+        yield self.assert_released()

@@ -123,15 +123,23 @@ class FrameRelay:
         if self.tunnel is not None and not self.tunnel.send(self.request_id, pb.TunnelMessage(ws_frame=frame)):
             self._pause_socket()
 
+    _turn_hold = False   # reading paused by the per-turn budget (EntryWebSocket's fair share)
+
     def _pause_socket(self) -> None:
         if not self._socket_paused and self.transport is not None:  # type: ignore[attr-defined]
             self._socket_paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if not self._turn_hold:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def writable(self) -> None:
         if self._socket_paused and self.transport is not None:  # type: ignore[attr-defined]
             self._socket_paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            if not self._turn_hold:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self._credit_back()
+
+    def _credit_back(self) -> None:
+        """Window credit came back (EntryWebSocket feeds what it held back)."""
 
     def credit(self, n: int) -> None:
         if self.tunnel is not None:
@@ -213,10 +221,99 @@ class FrameRelay:
 # -- server side: the external client's connection -------------------------------------
 
 
+#: Fair share per connection: what one external WebSocket may have parsed per reactor turn.
+TURN_BYTES = 64 * 1024
+TURN_FRAMES = 64
+_SLICE = 16 * 1024   # bytes handed to autobahn at once (it copies its buffer once per frame)
+
+
 class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
-    """An external WebSocket; the tunnel exchange's handler on the server."""
+    """An external WebSocket; the tunnel exchange's handler on the server.
+
+    Fair share: autobahn parses everything a socket read brought at once, so
+    one client sending 7-byte frames turns each 64 KiB read into ~9,000
+    frames (and tunnel messages) handled in one reactor turn while every other
+    connection waits.  Here a read goes into a backlog handed to autobahn at
+    most ``TURN_BYTES`` per reactor turn, and autobahn's parse loop
+    (``consumeData``) stops after ``TURN_FRAMES`` frames, leaving the rest in
+    its buffer.  What is left waits for the next turn (``callLater(0)``) with
+    the socket paused, so a flooding WebSocket slows itself, not the others,
+    and what it can make the server hold stays bounded.
+    """
 
     factory: EntryWebSocketFactory
+    _backlog = b""
+    _backlog_pos = 0
+    _turn_call: Any = None
+    _frames = 0          # frames parsed so far (autobahn's onFrameBegin)
+    _turn_start = 0      # ... when this turn began
+    _capped = False      # this turn's frame budget ran out with frames left in autobahn's buffer
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._backlog_pos < len(self._backlog):
+            self._backlog = self._backlog[self._backlog_pos:] + data
+        else:
+            self._backlog = data
+        self._backlog_pos = 0
+        if self._turn_call is None and not self._socket_paused:
+            self._feed()
+
+    def onFrameBegin(self) -> None:
+        self._frames += 1
+        super().onFrameBegin()
+
+    def consumeData(self) -> None:
+        if self.state not in (WebSocketServerProtocol.STATE_OPEN, WebSocketServerProtocol.STATE_CLOSING):
+            super().consumeData()   # the handshake
+            return
+        # autobahn's loop, with the turn's frame budget.
+        while self.processData() and self.state != WebSocketServerProtocol.STATE_CLOSED:
+            if self._frames - self._turn_start >= TURN_FRAMES:
+                self._capped = bool(self.data)
+                return
+
+    def _feed(self) -> None:
+        self._turn_call = None
+        self._turn_start = self._frames
+        self._capped = False
+        if self.data and self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.consumeData()   # what the last turn's budget left in autobahn's buffer
+        backlog = self._backlog
+        pos = self._backlog_pos
+        fed = 0
+        while pos < len(backlog) and not self._socket_paused and not self._capped and fed < TURN_BYTES:
+            if self.state == WebSocketServerProtocol.STATE_CLOSED or self.transport is None:
+                backlog, pos = b"", 0   # nothing more will be read
+                break
+            piece = backlog[pos:pos + _SLICE]
+            pos += len(piece)
+            fed += len(piece)
+            # autobahn's own entry point minus dataReceived's eager debug-log formatting.
+            self._dataReceived(piece)
+        self._backlog, self._backlog_pos = (backlog, pos) if pos < len(backlog) else (b"", 0)
+        more = bool(self._backlog) or self._capped
+        if more and not self._socket_paused:
+            # Over budget: the rest next turn, the socket paused meanwhile (bounded backlog).
+            self._hold(True)
+            self._turn_call = self.factory.clock.callLater(0, self._feed)
+        elif not more:
+            self._hold(False)
+
+    def _hold(self, on: bool) -> None:
+        if on == self._turn_hold:
+            return
+        self._turn_hold = on
+        transport = self.transport
+        if transport is None or self._socket_paused:
+            return   # flow control holds the socket anyway
+        if on:
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()
+
+    def _credit_back(self) -> None:
+        if (self._backlog or self._capped) and self._turn_call is None:
+            self._turn_call = self.factory.clock.callLater(0, self._feed)
 
     def __init__(self) -> None:
         super().__init__()
@@ -241,6 +338,10 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
 
     def connectionLost(self, reason: Any) -> None:
         channel = getattr(self.entry_request, "channel", None)
+        if self._turn_call is not None and self._turn_call.active():
+            self._turn_call.cancel()
+        self._turn_call = None
+        self._backlog, self._backlog_pos = b"", 0
         super().connectionLost(reason)
         self._release_slots()
         release = getattr(channel, "release", None)
