@@ -44,6 +44,7 @@ from tunneld.session import (
     BAD_GATEWAY,
     CANCELLED,
     MAX_CHUNK,
+    MIN_FRAME_COST,
     OVERLOADED,
     PROTOCOL_ERROR,
     ConfigReceived,
@@ -63,6 +64,7 @@ from tunneld.session import (
     State,
     Writable,
     body_of,
+    frame_cost,
 )
 from tunneld.window import DEFAULT_WINDOW
 
@@ -1476,5 +1478,49 @@ class WindowGrowthTests(SessionTestCase):
         self.assertEqual((ex.send_window.size, ex.send_window.available), (GIB, GIB))
         events = pair.deliver(pair.server, [window_update(pair.client, rid, 0, grow=1)])
         self.assertEqual([type(e) for e in events], [ProtocolViolation, RequestAborted])
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+
+class FrameCostTests(SessionTestCase):
+    """A WebSocket frame costs at least MIN_FRAME_COST of the window, and tiny frames never grow it."""
+
+    def opened_ws(self, **kwargs: object) -> tuple[SessionPair, str]:
+        pair = opened(window=65536, **kwargs)
+        rid = pair.server.start(ws_head())
+        pair.pump()
+        pair.client.send(rid, ws_accept())
+        pair.pump()
+        return pair, rid
+
+    def test_tiny_frames_in_flight_bounded(self) -> None:
+        """With a 64 KiB window, only 64 KiB / MIN_FRAME_COST one-byte frames go before the sender must wait."""
+        pair, rid = self.opened_ws()
+        sent = 0
+        while pair.server.send(rid, ws_frame(b"x", opcode=1)):
+            sent += 1
+            self.assertLess(sent, 1000)
+        self.assertEqual(sent, 65536 // MIN_FRAME_COST)
+        self.assertEqual(frame_cost(1), MIN_FRAME_COST)
+        self.assertEqual(frame_cost(65536), 65536 + 64)
+        pair.server.cancel(rid)
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_tiny_window_limited_frames_do_not_grow_the_window(self) -> None:
+        """A consumer that keeps up with a flood of tiny frames never grows their window (growth is for bandwidth)."""
+        pair, rid = self.opened_ws(max_window=1 << 22, window_budget=1 << 24)
+        grows = []
+        for _ in range(50):
+            while pair.server.send(rid, ws_frame(b"x", opcode=1)):
+                pass
+            _, client_events = pair.pump()
+            for event in of_type(client_events, MessageReceived):
+                pair.client.consumed(rid, frame_cost(len(event.message.ws_frame.payload)))
+            server_events, _ = pair.pump()
+            grows += [m.window_update.grow for m in pair.to_server
+                      if m.WhichOneof("payload") == "window_update" and m.window_update.grow]
+        self.assertEqual(grows, [])
+        pair.server.cancel(rid)
         pair.pump()
         self.assertReleased(pair.server, pair.client)

@@ -238,6 +238,14 @@ class Exchange:
 
 
 UNIT_COST: Final = 64
+#: The least a WebSocket frame piece costs: the work per frame (parse, relay,
+#: a tunnel message each way) is worth kilobytes of payload, so a flood of
+#: tiny frames gets at most window / MIN_FRAME_COST frames in flight (16 in a
+#: 256 KiB window) instead of thousands queued ahead of everyone else.
+MIN_FRAME_COST: Final = 16384
+#: Receive windows grow only for units at least this big: growth is for
+#: bandwidth, and tiny messages would only queue more of them.
+GROW_MIN_UNIT: Final = 4096
 
 
 def unit_cost(n: int) -> int:
@@ -248,6 +256,11 @@ def unit_cost(n: int) -> int:
     Receivers credit exactly this for each unit their consumer took.
     """
     return n + UNIT_COST
+
+
+def frame_cost(n: int) -> int:
+    """Window cost of one WebSocket frame piece of ``n`` payload bytes (both sides use this)."""
+    return max(n + UNIT_COST, MIN_FRAME_COST)
 
 
 def window_cost(msg: pb.TunnelMessage) -> int:
@@ -263,7 +276,7 @@ def _cost(kind: str, msg: pb.TunnelMessage, n: int) -> int:
     the hot paths measure a body once and pass its length around.
     """
     if kind == "ws_frame":
-        return 0 if msg.ws_frame.opcode == 8 else unit_cost(n)
+        return 0 if msg.ws_frame.opcode == 8 else frame_cost(n)
     if kind == "grpc_request" or kind == "grpc_response":
         return unit_cost(n) if getattr(msg, kind).has_message else 0
     return n
@@ -707,7 +720,7 @@ class Session:
             ex.remote_ended = True
             if kind == "ws_response":
                 ex.local_ended = True  # a refused WebSocket never sends frames
-        elif msg.window_limited and idle:
+        elif msg.window_limited and idle and size >= GROW_MIN_UNIT:
             self._grow(ex)
         self._events.append(MessageReceived(rid, msg, end))
         if end and ex.initiated_here and (not ex.local_ended or ex.outbox) and ex.protocol != pb.WEBSOCKET:

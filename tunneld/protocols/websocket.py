@@ -153,7 +153,7 @@ class FrameRelay:
             self._peer_close(frame.close_code, frame.close_reason)
             return
         if proto.state != WebSocketServerProtocol.STATE_OPEN:
-            self._credit.took(s.unit_cost(len(frame.payload)))
+            self._credit.took(s.frame_cost(len(frame.payload)))
             return
         payload = frame.payload
         self.bytes_to_socket += len(payload)
@@ -176,7 +176,7 @@ class FrameRelay:
                 proto.sendMessageFrameData(payload)
             if frame.fin:
                 proto.endMessage()
-        self._credit.took(s.unit_cost(len(payload)))
+        self._credit.took(s.frame_cost(len(payload)))
 
     def _peer_close(self, code: int, reason: str) -> None:
         """The far side closed: close this socket the same way."""
