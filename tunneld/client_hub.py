@@ -382,7 +382,7 @@ class ClientHub:
         restart += [k for k in changed if k in RESTART_ONLY]
         if any(k in changed for k in ("inspect", "inspect_body_bytes")):
             if self.inspector is not None and new.inspect > 0:
-                self.inspector.resize(new.inspect, new.inspect_body_bytes)
+                self.inspector.resize(new.inspect, new.inspect_body_bytes, new.inspect_header_bytes)
             elif old.admin_listen:   # turning the inspector on or off: the admin port and entry hold it
                 restart += [k for k in ("inspect", "inspect_body_bytes") if k in changed]
         servers_changed = old.server_list != new.server_list

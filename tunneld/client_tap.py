@@ -141,7 +141,7 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         timer.clock = reactor
         timer.setServiceParent(top)
         hub.timers[key] = timer   # a reload retimes it
-    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
+    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_header_bytes) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:
         site = EntrySite(hub, reactor, inspector=hub.inspector, max_connections_per_ip=cfg.max_connections_per_ip)

@@ -113,7 +113,7 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     hub = ServerHub(config, reactor, upstream_factory=upstream_backend)
     top.hub = hub
     # The inspector is read on the admin port only: without one, nothing is recorded.
-    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes) if cfg.admin_listen else None
+    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_header_bytes) if cfg.admin_listen else None
     PoolCloser(pool).setServiceParent(top)
     bridge = Bridge(reactor)
     bridge_service = BridgeService(bridge)
