@@ -205,10 +205,67 @@ def flood_step(args: argparse.Namespace, procs: hb.Procs, ports: dict[str, int])
             "p99_ratio": round(p99_flood / p99_quiet, 2) if p99_quiet else None}
 
 
+def burst_worker(port: int, end: float, size: int, counts: dict[str, int]) -> None:
+    """Until ``end``: POST /upload of ``size`` bytes with ~12 KiB of headers, then GET /bytes/``size``."""
+    headers = {"Host": "bench.test", **{f"X-Big-{n}": "h" * 1000 for n in range(12)}}
+    body = b"u" * size
+    while time.monotonic() < end:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/upload", body=body, headers=headers)
+            conn.getresponse().read()
+            conn.request("GET", f"/bytes/{size}", headers=headers)
+            response = conn.getresponse()
+            while response.read(1 << 20):
+                pass
+            conn.close()
+            counts["ok"] += 1
+        except (OSError, http.client.HTTPException):
+            counts["failed"] += 1
+
+
+def soak_step(args: argparse.Namespace, procs: hb.Procs, ports: dict[str, int]) -> dict[str, Any]:
+    """RSS of server and client: idle, at the peak of a burst of large requests, then over ``--settle`` s of idle."""
+    pids = {"server": procs.pid("server"), "client": procs.pid("client")}
+
+    def rss() -> dict[str, float]:
+        return {name: round(hb.proc_status(pid).get("VmRSS", 0) / hb.MIB, 1) for name, pid in pids.items()}
+
+    time.sleep(2)
+    before = rss()
+    log(f"soak: idle RSS {before} MiB; burst of {args.burst_conns} connections for {args.burst} s")
+    counts = {"ok": 0, "failed": 0}
+    end = time.monotonic() + args.burst
+    workers = [threading.Thread(target=burst_worker, args=(ports["http"], end, args.burst_size, counts), daemon=True)
+               for _ in range(args.burst_conns)]
+    for w in workers:
+        w.start()
+    peak = dict(before)
+    while any(w.is_alive() for w in workers) and time.monotonic() < end + 60:
+        now = rss()
+        peak = {k: max(peak[k], now[k]) for k in peak}
+        time.sleep(0.5)
+    done = time.monotonic()
+    after: list[dict[str, Any]] = []
+    while time.monotonic() - done < args.settle:
+        time.sleep(5)
+        sample = {"t": round(time.monotonic() - done), **rss()}
+        after.append(sample)
+        log(f"soak: {sample}")
+    last = after[-1] if after else rss()
+    return {"idle_mib": before, "peak_mib": peak, "after_mib": after, "requests": counts,
+            "returned_within_50_mib": all(last[k] - before[k] <= 50 for k in before)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per quiet and per flood phase")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", default="flood,soak", help="flood, soak or both")
+    parser.add_argument("--burst", type=float, default=15.0, help="soak: seconds of the burst")
+    parser.add_argument("--burst-conns", type=int, default=64, help="soak: concurrent connections in the burst")
+    parser.add_argument("--burst-size", type=int, default=4 * 1024 * 1024, help="soak: bytes up and down per request")
+    parser.add_argument("--settle", type=float, default=60.0, help="soak: seconds of idle watched after the burst")
     parser.add_argument("--server-set", default="", help="extra [server] TOML lines (experiments), ';'-separated")
     parser.add_argument("--client-set", default="", help="extra [client] TOML lines (experiments), ';'-separated")
     parser.add_argument("--output", default=str(HERE / "results" / "abuse-latest.json"))
@@ -228,13 +285,21 @@ def main() -> int:
         procs.start("server", [twistd, "-n", "--pidfile=", "tunneld-server", "-c", str(server_toml)], env)
         procs.start("client", [twistd, "-n", "--pidfile=", "tunneld-client", "-c", str(client_toml)], env)
         wait_ready(procs, ports["http"])
-        results["flood"] = flood_step(args, procs, ports)
+        steps = args.steps.split(",")
+        if "flood" in steps:
+            results["flood"] = flood_step(args, procs, ports)
+        if "soak" in steps:
+            results["soak"] = soak_step(args, procs, ports)
     finally:
         procs.stop_all()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in results["flood"].items() if k != "rounds"}, indent=2))
+    summary = {k: v for k, v in results.get("flood", {}).items() if k != "rounds"}
+    if "soak" in results:
+        summary["soak"] = {k: v for k, v in results["soak"].items() if k != "after_mib"}
+        summary["soak"]["last_mib"] = results["soak"]["after_mib"][-1] if results["soak"]["after_mib"] else None
+    print(json.dumps(summary, indent=2))
     return 0
 
 

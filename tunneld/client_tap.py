@@ -31,6 +31,7 @@ from tunneld.grpc_bridge.client import TunnelClientService
 from tunneld.grpc_bridge.stream import Bridge, BridgeService, channel_credentials
 from tunneld.hangup import HangupService
 from tunneld.logs import with_log_format
+from tunneld.memory import TRIM_INTERVAL, Trimmer
 from tunneld.endpoints import server_endpoint
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool, trust_root
@@ -141,6 +142,10 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         timer.clock = reactor
         timer.setServiceParent(top)
         hub.timers[key] = timer   # a reload retimes it
+    # After a burst, glibc's freed heap pages go back to the system (tunneld/memory.py).
+    trim_timer = TimerService(TRIM_INTERVAL, Trimmer().tick)
+    trim_timer.clock = reactor
+    trim_timer.setServiceParent(top)
     hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_header_bytes) if cfg.admin_listen else None
     entry = None
     if cfg.http_entry:

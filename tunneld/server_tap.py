@@ -39,6 +39,7 @@ from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_poo
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
 from tunneld.logs import with_log_format
+from tunneld.memory import TRIM_INTERVAL, Trimmer
 from tunneld.registry.admission import OpenRateLimiter
 from tunneld.server_hub import ServerHub
 from tunneld.tunnel import ResponderHandler, Tunnel
@@ -161,8 +162,10 @@ def build_server(config: ServerConfig, reactor: Any) -> ServerApp:
     # Heartbeats go out spread over the interval, one slice per tick, only to quiet streams.
     # The stall watch looks only at streams with requests in flight (and stalled ones).
     stall_check = min(1.0, cfg.stall_timeout / 4)
+    # After a burst, glibc's freed heap pages go back to the system (tunneld/memory.py).
+    trimmer = Trimmer()
     for interval, tick in ((hub.heartbeats.tick, hub.heartbeat_schedule_tick), (cfg.cleanup_interval, hub.cleanup_tick),
-                           (stall_check, hub.stall_tick)):
+                           (stall_check, hub.stall_tick), (TRIM_INTERVAL, trimmer.tick)):
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)
