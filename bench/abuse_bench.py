@@ -224,6 +224,27 @@ def burst_worker(port: int, end: float, size: int, counts: dict[str, int]) -> No
             counts["failed"] += 1
 
 
+def smaps_summary(pid: int) -> dict[str, Any]:
+    """Resident MiB of ``pid`` by kind of mapping: [heap], other anonymous (thread arenas, mmaps), files."""
+    kinds: dict[str, float] = {"heap": 0.0, "anon": 0.0, "file": 0.0}
+    anon_sizes: list[float] = []
+    kind = "anon"
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            parts = line.split()
+            if parts and "-" in parts[0] and not parts[0].endswith(":"):
+                name = parts[5] if len(parts) > 5 else ""
+                kind = "heap" if name == "[heap]" else ("file" if name.startswith("/") else "anon")
+            elif parts and parts[0] == "Rss:":
+                mib = int(parts[1]) / 1024
+                kinds[kind] += mib
+                if kind == "anon" and mib >= 1:
+                    anon_sizes.append(round(mib, 1))
+    except OSError:
+        pass
+    return {**{k: round(v, 1) for k, v in kinds.items()}, "anon_maps_over_1_mib": sorted(anon_sizes, reverse=True)[:12]}
+
+
 def soak_step(args: argparse.Namespace, procs: hb.Procs, ports: dict[str, int]) -> dict[str, Any]:
     """RSS of server and client: idle, at the peak of a burst of large requests, then over ``--settle`` s of idle."""
     pids = {"server": procs.pid("server"), "client": procs.pid("client")}
@@ -253,6 +274,9 @@ def soak_step(args: argparse.Namespace, procs: hb.Procs, ports: dict[str, int]) 
         after.append(sample)
         log(f"soak: {sample}")
     last = after[-1] if after else rss()
+    if args.smaps:
+        for name, pid in pids.items():
+            log(f"soak: {name} {smaps_summary(pid)}")
     return {"idle_mib": before, "peak_mib": peak, "after_mib": after, "requests": counts,
             "returned_within_50_mib": all(last[k] - before[k] <= 50 for k in before)}
 
@@ -266,6 +290,7 @@ def main() -> int:
     parser.add_argument("--burst-conns", type=int, default=64, help="soak: concurrent connections in the burst")
     parser.add_argument("--burst-size", type=int, default=4 * 1024 * 1024, help="soak: bytes up and down per request")
     parser.add_argument("--settle", type=float, default=60.0, help="soak: seconds of idle watched after the burst")
+    parser.add_argument("--smaps", action="store_true", help="soak: print where each process's RSS lies at the end")
     parser.add_argument("--server-set", default="", help="extra [server] TOML lines (experiments), ';'-separated")
     parser.add_argument("--client-set", default="", help="extra [client] TOML lines (experiments), ';'-separated")
     parser.add_argument("--output", default=str(HERE / "results" / "abuse-latest.json"))
