@@ -34,6 +34,7 @@ class SessionPair:
         window_budget: int = 0,
         server_max_concurrency: int = 1000,
         client_max_concurrency: int = 1000,
+        client_max_websockets: int = 1000,
         client_id: str = "c1",
     ) -> None:
         # max_window / window_budget: both sides' receive windows may grow (0: never).
@@ -46,6 +47,7 @@ class SessionPair:
             max_window=max_window,
             window_budget=window_budget,
             max_concurrency=client_max_concurrency,
+            max_websockets=client_max_websockets,
         )
         self.client_id = client_id
         # Messages delivered by the last pump(), per receiving side.

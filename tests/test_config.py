@@ -1378,3 +1378,30 @@ class UnsafeDefaultsLoggedTests(ConfigTestCase):
         hub = ServerHub(load_server_config(path), Clock())
         server_tap.ReloadOnHangup(path, hub, Clock()).reload()
         self.assertEqual(len(seen), 2)
+class FairnessConfigTests(ConfigTestCase):
+    def test_defaults(self) -> None:
+        """Issue 20's keys load with SPEC §8.3's defaults on both sides and on routes."""
+        s = self.load(GROUP + WEB)
+        self.assertEqual((s.server.max_connections_per_ip, s.server.max_websockets_per_ip, s.server.stall_timeout,
+                          s.server.inspect_header_bytes), (256, 64, 10.0, 16384))
+        self.assertEqual((s.routes[0].max_websockets, s.routes[0].preserve_path), (1000, False))
+        c = self.load_client("[client]\n")
+        self.assertEqual((c.client.max_connections_per_ip, c.client.max_websockets, c.client.inspect_header_bytes),
+                         (256, 1000, 16384))
+
+    def test_values_and_errors(self) -> None:
+        """Set values load; out-of-range or mistyped values name file, table and key."""
+        s = self.load("[server]\nmax_connections_per_ip = 3\nmax_websockets_per_ip = 2\nstall_timeout = 1.5\n"
+                      "inspect_header_bytes = 1024\n" + GROUP + WEB.replace(
+                          'backend =', 'max_websockets = 5\npreserve_path = true\nbackend ='))
+        self.assertEqual((s.server.max_connections_per_ip, s.server.max_websockets_per_ip, s.server.stall_timeout,
+                          s.server.inspect_header_bytes), (3, 2, 1.5, 1024))
+        self.assertEqual((s.routes[0].max_websockets, s.routes[0].preserve_path), (5, True))
+        self.assert_error("[server]\nmax_connections_per_ip = 0\n", "[server]", "max_connections_per_ip", ">= 1")
+        self.assert_error("[server]\nmax_websockets_per_ip = 0\n", "[server]", "max_websockets_per_ip", ">= 1")
+        self.assert_error("[server]\nstall_timeout = 0\n", "[server]", "stall_timeout", "> 0")
+        self.assert_error("[server]\ninspect_header_bytes = 10\n", "[server]", "inspect_header_bytes", ">= 256")
+        self.assert_error(GROUP + WEB.replace('backend =', 'preserve_path = 1\nbackend ='), "[[routes]] #1 'web'",
+                          "preserve_path", "true or false")
+        self.assert_client_error("[client]\nmax_websockets = 0\n", "max_websockets", ">= 1")
+        self.assert_client_error("[client]\nmax_connections_per_ip = -1\n", "max_connections_per_ip", ">= 1")

@@ -134,6 +134,42 @@ class GrpcEdgeTests(PooledTestCase):
         self.assertEqual(body, b"hi")
 
 
+class GrpcPerAddressTests(PooledTestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_one_address_cannot_take_every_grpc_connection(self) -> Any:
+        """max_connections_per_ip on grpc_listen: 127.0.0.2 beyond its cap gets GOAWAY; 127.0.0.1 is still served."""
+        backend = GrpcBackend(workers=4)
+        self.addCleanup(deferToThread, backend.stop)
+        stack = Stack([{"name": "raw", "grpc_service": RAW_SERVICE, "backend": backend.url}],
+                      server={"grpc_listen": "127.0.0.1:0", "max_connections_per_ip": 5, "admin_listen": "127.0.0.1:0"})
+        yield stack.start()
+        self.addCleanup(stack.stop)
+        yield stack.add_client()
+        peers = []
+        for _ in range(8):
+            peer = f.RawPeer()
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", stack.grpc_port,
+                                                     bindAddress=("127.0.0.2", 0)), peer)
+            peer.transport.write(f.PREFACE + f.settings())
+            peers.append(peer)
+        yield wait_for(lambda: sum(p.closed for p in peers) == 3, what="three connections refused")
+        self.assertEqual(sorted(p.goaway_code() for p in peers if p.closed), [0xB] * 3)
+
+        def call() -> bytes:
+            with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+                return channel.unary_unary(f"/{RAW_SERVICE}/Echo")(b"from .1", timeout=10)  # type: ignore[no-any-return]
+
+        self.assertEqual((yield deferToThread(call)), b"from .1")
+        assert stack.server is not None
+        self.assertEqual(stack.server.hub.grpc_entry.per_ip.refused, 3)
+        for peer in peers:
+            if not peer.closed:
+                peer.transport.loseConnection()
+        yield wait_for(lambda: all(p.closed for p in peers), what="the peers to close")
+
+
 class GrpcsBackendTests(PooledTestCase):
     timeout = 60
 

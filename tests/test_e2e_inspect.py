@@ -278,6 +278,18 @@ class InspectorTests(_InspectorCase):
         self.assertEqual(json.loads(base64.b64decode(full["response"]["body"])), {"n": 2, "got": 14})
 
     @inlineCallbacks
+    def test_replay_routes_on_the_normalised_path(self) -> Any:
+        """A request made to a path variant replays to the same route and the backend gets the same normalised path."""
+        code, _ = yield self.post("/x/../api//orders?id=8", b"order=1")
+        self.assertEqual(code, 200)
+        [ex] = yield self.wait_done("http")
+        self.assertEqual(ex["request"]["path"], "/x/../api//orders?id=8")   # recorded as it came
+        code, body = yield self.call_admin("POST", f"/inspect/{ex['request_id']}/replay")
+        self.assertEqual(code, 200, body)
+        yield wait_for(lambda: len(self.recorder.seen) == 2, what="the replay at the backend")
+        self.assertEqual([u for _, u, _, _ in self.recorder.seen], [b"/api/orders?id=8"] * 2)
+
+    @inlineCallbacks
     def test_replay_refused_when_body_not_whole_and_unknown_ids(self) -> Any:
         """409 for a body bigger than inspect_body_bytes; 404 for an unknown id; 405 for a GET on replay."""
         code, _ = yield self.post("/big", b"x" * (self.body_bytes + 1))

@@ -133,7 +133,7 @@ class WebSocketEndToEndTests(TestCase):
              "host": "127.0.0.1", "path_prefix": "/plain"},
             {"name": "http", "group": "default", "backend": f"http://127.0.0.1:{http.getHost().port}",
              "host": "127.0.0.1", "path_prefix": "/bytes"},
-        ])
+        ], server={"max_websockets_per_ip": 256})   # 200 concurrent WebSockets come from one address here
         yield self.stack.start()
         self.client = yield self.stack.add_client()
         self.pool = ThreadPool(minthreads=1, maxthreads=220, name="ws-clients")
@@ -372,7 +372,7 @@ class WebSocketLimitsTests(TestCase):
         self.stack = Stack([{"name": "ws", "group": "default",
                              "backend": f"http://127.0.0.1:{self.backend.getHost().port}"}])
         yield self.stack.start()
-        self.client = yield self.stack.add_client(max_concurrency=2, websocket_ping_interval=1)
+        self.client = yield self.stack.add_client(max_websockets=2, max_concurrency=1, websocket_ping_interval=1)
         self.url = f"ws://127.0.0.1:{self.stack.http_port}/"
 
     @inlineCallbacks
@@ -400,8 +400,8 @@ class WebSocketLimitsTests(TestCase):
         self.assertGreater(self.factory.pings, 0)
 
     @inlineCallbacks
-    def test_websockets_beyond_max_concurrency_are_refused_503(self) -> Any:
-        """With the client's max_concurrency at 2, a third WebSocket is refused with 503."""
+    def test_websockets_beyond_max_websockets_are_refused_503(self) -> Any:
+        """With the client's max_websockets at 2 (max_concurrency 1, which WebSockets do not use), a third WebSocket is refused with 503."""
         release = threading.Event()
         opened = threading.Barrier(3)
 

@@ -353,9 +353,10 @@ class DispatchTests(HubCase):
         """A connected route gives a Target with the stream's tunnel and the route's timeout, limits and set_host."""
         link, _, _ = self.link()
         self.assertEqual(self.hub.dispatch(HOST, "/"),
-                         Target(link.server_tunnel, "web", 12.0, 0, "internal.example:8080", 16 * 1024 * 1024))
+                         Target(link.server_tunnel, "web", 12.0, 0, "internal.example:8080", 16 * 1024 * 1024,
+                                max_websockets=1000))
         self.assertEqual(self.hub.dispatch(HOST, "/api/v1"),
-                         Target(link.server_tunnel, "api", 30.0, 1000, "", 16 * 1024 * 1024))
+                         Target(link.server_tunnel, "api", 30.0, 1000, "", 16 * 1024 * 1024, max_websockets=1000))
         self.assertEqual(self.hub.counters["requests"], 2)
 
     def test_host_port_and_case_ignored(self) -> None:

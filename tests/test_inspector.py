@@ -178,3 +178,48 @@ class InspectMaskTests(SynchronousTestCase):
         rec.path = "/?token=t"
         rec.to_json()
         self.assertEqual((rec.request_headers, rec.path), ([(b"X-Api-Key", b"k1")], "/?token=t"))
+class BoundsTests(SynchronousTestCase):
+    def test_heads_capped_per_exchange(self) -> None:
+        """At most header_bytes of heads per exchange (request, response, trailers together); the rest counted, not kept; no replay then."""
+        ring = i.Inspector(3, 0, header_bytes=100)
+        rec = ring.begin("http")
+        rec.request_headers = [(b"a", b"x" * 40), (b"b", b"y" * 40), (b"c", b"z" * 40)]
+        self.assertEqual(rec.request_headers, [(b"a", b"x" * 40), (b"b", b"y" * 40)])
+        rec.response_headers = [(b"d", b"1" * 10), (b"e", b"2" * 10)]
+        self.assertEqual(rec.response_headers, [(b"d", b"1" * 10)])
+        self.assertEqual(rec.headers_dropped, 2)
+        rec.end(200)
+        self.assertFalse(rec.request_complete)
+        self.assertEqual(rec.to_json()["headers_dropped"], 2)
+        small = ring.begin("http")
+        pairs = [(b"host", b"x")]
+        small.request_headers = pairs
+        self.assertIs(small.request_headers, pairs)   # the common case keeps the entry's own list
+
+    def test_total_budget_forgets_oldest(self) -> None:
+        """All records together keep at most budget bytes: the oldest are forgotten first, the current one stays."""
+        ring = i.Inspector(100, 1000, header_bytes=1000, budget=2500)
+        recs = []
+        for n in range(5):
+            rec = ring.begin("http")
+            rec.request_headers = [(b"h", b"v" * 99)]   # 100 bytes
+            rec.request_chunk(b"b" * 900)                # 900 bytes
+            recs.append(rec)
+            self.assertLessEqual(ring.held, 2500)
+        self.assertEqual(list(ring), [recs[4], recs[3]])
+        self.assertEqual(ring.held, 2000)
+        self.assertEqual(ring.evicted, 3)
+        big = ring.begin("http")
+        big.request_chunk(b"c" * 1000)
+        big.response_chunk(b"d" * 1000)
+        self.assertEqual(list(ring), [big])
+        self.assertEqual(ring.held, 1000 + min(1000, 1000))
+
+    def test_ring_size_still_bounds_and_accounts(self) -> None:
+        """Records beyond size are dropped and their bytes no longer counted."""
+        ring = i.Inspector(2, 10)
+        for _ in range(5):
+            ring.begin("http").request_chunk(b"x" * 20)
+        self.assertEqual((len(ring), ring.held), (2, 20))
+        ring.resize(1, 10)
+        self.assertEqual((len(ring), ring.held), (1, 10))

@@ -43,6 +43,7 @@ from tunneld.session import (
     BAD_GATEWAY,
     CANCELLED,
     MAX_CHUNK,
+    MIN_FRAME_COST,
     OVERLOADED,
     PROTOCOL_ERROR,
     ConfigReceived,
@@ -56,11 +57,13 @@ from tunneld.session import (
     RequestAborted,
     RequestClosed,
     RequestReceived,
+    RequestRefused,
     Session,
     SessionError,
     State,
     Writable,
     body_of,
+    frame_cost,
 )
 from tunneld.window import DEFAULT_WINDOW
 
@@ -858,6 +861,43 @@ class ErrorTests(SessionTestCase):
         pair.pump()
         self.assertReleased(pair.server, pair.client)
 
+    def test_websockets_do_not_count_against_max_concurrency(self) -> None:
+        """Open WebSockets have their own limit (max_websockets): with 3 open, an HTTP request still fits max_concurrency 1, a 4th WebSocket is refused in words, not as a violation."""
+        pair = opened(client_max_concurrency=1, client_max_websockets=3)
+        sockets = [pair.server.start(ws_head(f"/ws{i}")) for i in range(3)]
+        _, client_events = pair.pump()
+        self.assertEqual([e.request_id for e in of_type(client_events, RequestReceived)], sockets)
+        http = pair.server.start(http_head("GET", "/a", end=True))
+        extra = pair.server.start(ws_head("/ws4"))
+        server_events, client_events = pair.pump()
+        self.assertEqual([e.request_id for e in of_type(client_events, RequestReceived)], [http])
+        [refused] = of_type(client_events, RequestRefused)
+        self.assertEqual(refused.request_id, extra)
+        self.assertIn("3 WebSockets open (max_websockets)", refused.message)
+        self.assertEqual(of_type(client_events, ProtocolViolation), [])
+        [aborted] = of_type(server_events, RequestAborted)
+        self.assertEqual((aborted.request_id, aborted.code), (extra, OVERLOADED))
+        self.assertIn("client is at its limit", aborted.message)
+        pair.client.check_invariants()
+        for rid in sockets:
+            pair.client.cancel(rid)
+        pair.client.send(http, http_response_head(200, end=True))
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_max_concurrency_refusal_is_not_a_violation(self) -> None:
+        """An HTTP request past max_concurrency is a RequestRefused naming the limit."""
+        pair = opened(client_max_concurrency=1)
+        a = pair.server.start(http_head("GET", "/a", end=True))
+        b = pair.server.start(http_head("GET", "/b", end=True))
+        _, client_events = pair.pump()
+        self.assertEqual(of_type(client_events, ProtocolViolation), [])
+        self.assertEqual([(e.request_id, e.message) for e in of_type(client_events, RequestRefused)],
+                         [(b, "client is at its limit: 1 requests in flight (max_concurrency)")])
+        pair.client.send(a, http_response_head(200, end=True))
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
     def test_refused_request_body_in_flight(self) -> None:
         """Body chunks of a request refused with 503 that were already in flight never start a request."""
         pair = opened(client_max_concurrency=1)
@@ -1433,5 +1473,49 @@ class WindowGrowthTests(SessionTestCase):
         self.assertEqual((ex.send_window.size, ex.send_window.available), (GIB, GIB))
         events = pair.deliver(pair.server, [window_update(pair.client, rid, 0, grow=1)])
         self.assertEqual([type(e) for e in events], [ProtocolViolation, RequestAborted])
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+
+class FrameCostTests(SessionTestCase):
+    """A WebSocket frame costs at least MIN_FRAME_COST of the window, and tiny frames never grow it."""
+
+    def opened_ws(self, **kwargs: object) -> tuple[SessionPair, str]:
+        pair = opened(window=65536, **kwargs)
+        rid = pair.server.start(ws_head())
+        pair.pump()
+        pair.client.send(rid, ws_accept())
+        pair.pump()
+        return pair, rid
+
+    def test_tiny_frames_in_flight_bounded(self) -> None:
+        """With a 64 KiB window, only 64 KiB / MIN_FRAME_COST one-byte frames go before the sender must wait."""
+        pair, rid = self.opened_ws()
+        sent = 0
+        while pair.server.send(rid, ws_frame(b"x", opcode=1)):
+            sent += 1
+            self.assertLess(sent, 1000)
+        self.assertEqual(sent, 65536 // MIN_FRAME_COST)
+        self.assertEqual(frame_cost(1), MIN_FRAME_COST)
+        self.assertEqual(frame_cost(65536), 65536 + 64)
+        pair.server.cancel(rid)
+        pair.pump()
+        self.assertReleased(pair.server, pair.client)
+
+    def test_tiny_window_limited_frames_do_not_grow_the_window(self) -> None:
+        """A consumer that keeps up with a flood of tiny frames never grows their window (growth is for bandwidth)."""
+        pair, rid = self.opened_ws(max_window=1 << 22, window_budget=1 << 24)
+        grows = []
+        for _ in range(50):
+            while pair.server.send(rid, ws_frame(b"x", opcode=1)):
+                pass
+            _, client_events = pair.pump()
+            for event in of_type(client_events, MessageReceived):
+                pair.client.consumed(rid, frame_cost(len(event.message.ws_frame.payload)))
+            server_events, _ = pair.pump()
+            grows += [m.window_update.grow for m in pair.to_server
+                      if m.WhichOneof("payload") == "window_update" and m.window_update.grow]
+        self.assertEqual(grows, [])
+        pair.server.cancel(rid)
         pair.pump()
         self.assertReleased(pair.server, pair.client)

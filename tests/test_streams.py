@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld.registry.streams import DuplicateStream, StreamEntry, StreamRegistry
@@ -278,3 +280,69 @@ class FleetScaleTests(SynchronousTestCase):
         self.assertEqual(self.registry.page("g", 0, 3), (self.N, self.streams[:3]))
         self.assertEqual(self.registry.page("other", 0, 3), (0, []))
         self.assertEqual(self.registry.page(None, 20_000, 3), (self.N, []))
+
+
+class StallTests(SynchronousTestCase):
+    """A stream whose requests wait for credit with no progress for stall_timeout is stalled (Clock-free: now passed)."""
+
+    def setUp(self) -> None:
+        self.registry = StreamRegistry(heartbeat_timeout=60)
+        self.stuck, self.good = entry("stuck"), entry("good")
+        for e in (self.stuck, self.good):
+            self.registry.add(e)
+        self.stuck.in_flight = 3
+        self.good.in_flight = 5   # busier: the least-loaded choice would be the stuck one
+
+    def watch(self, now: float, stuck: tuple[int, int], good: tuple[int, int] = (0, 0)) -> Any:
+        return self.registry.watch_stalls(now, [(self.stuck, *stuck), (self.good, *good)], 10.0)
+
+    def test_stalled_after_stall_timeout_and_passed_over(self) -> None:
+        """Waiting requests and no progress for 10 s: stalled, and the busier healthy stream is chosen instead."""
+        self.assertEqual(self.registry.choose("g", 0.0), self.stuck)
+        self.watch(0.0, (2, 7))   # waiting from here on
+        self.watch(1.0, (2, 7))
+        self.assertEqual(self.watch(9.9, (2, 7))[0], [])
+        started, _, _ = self.watch(10.0, (2, 7))
+        self.assertEqual(started, [self.stuck])
+        self.assertEqual(self.registry.stalled, {self.stuck})
+        for now in (11.0, 12.0, 13.0):
+            self.assertIs(self.registry.choose("g", now), self.good)
+        self.assertEqual(self.registry.busy().count(self.stuck), 1)
+
+    def test_progress_or_no_waiting_is_not_a_stall(self) -> None:
+        """Progress (a counter that moves) or nothing waiting for credit never stalls a stream."""
+        for now in range(0, 40):
+            started, _, _ = self.watch(float(now), (2, now))   # waiting, but receiving
+            self.assertEqual(started, [])
+            started, _, _ = self.registry.watch_stalls(float(now), [(self.good, 0, 5)], 10.0)   # nothing waiting
+            self.assertEqual(started, [])
+        self.assertEqual(self.registry.stalled, set())
+
+    def test_stalled_stream_used_when_it_is_the_only_one(self) -> None:
+        """With no other healthy stream, a stalled one still serves (better slow than 502)."""
+        self.watch(0.0, (1, 1))
+        self.watch(10.0, (1, 1))
+        self.good.last_heartbeat = -100.0   # silent: unhealthy
+        self.assertIs(self.registry.choose("g", 10.0), self.stuck)
+
+    def test_recovers_on_progress_even_after_going_idle(self) -> None:
+        """A stalled stream stays stalled when its requests end (idle), until it makes progress."""
+        self.watch(0.0, (1, 1))
+        self.watch(10.0, (1, 1))
+        self.stuck.in_flight = 0
+        self.assertIn(self.stuck, self.registry.busy())
+        self.assertIs(self.registry.choose("g", 20.0), self.good)
+        _, recovered, _ = self.registry.watch_stalls(20.0, [(self.stuck, 0, 2)], 10.0)
+        self.assertEqual(recovered, [self.stuck])
+        self.assertEqual(self.registry.stalled, set())
+        self.assertNotIn(self.stuck, self.registry.busy())
+        self.assertIs(self.registry.choose("g", 21.0), self.stuck)
+
+    def test_overdue_past_heartbeat_timeout_and_forgotten_on_remove(self) -> None:
+        """Stalled longer than heartbeat_timeout: returned for dropping; removal forgets the stall."""
+        self.watch(0.0, (1, 1))
+        self.watch(10.0, (1, 1))
+        self.assertEqual(self.watch(70.0, (1, 1))[2], [])
+        self.assertEqual(self.watch(70.5, (1, 1))[2], [self.stuck])
+        self.registry.remove(self.stuck.key)
+        self.assertEqual(self.registry.stalled, set())

@@ -293,6 +293,9 @@ class ServerCollector:
         for result, n in _tunnel_opens(hub).items():
             opens.add_metric([result], n)
         yield opens
+        yield _gauge("tunneld_streams_stalled", "Streams whose requests wait for credit with nothing coming back "
+                     "for stall_timeout (passed over while a healthy stream exists).", len(hub.registry.stalled))
+        yield _counter("tunneld_stream_stalls", "Times a stream was marked stalled.", counters.get("stalls", 0))
         entry = getattr(hub, "entry", None)
         if entry is not None:
             yield _gauge("tunneld_http_connections", "Open connections on the HTTP entry (WebSockets included).",
@@ -301,6 +304,17 @@ class ServerCollector:
                            "max_connections.", entry.refused_connections)
             yield _counter("tunneld_http_header_timeouts", "Connections closed for not sending a complete "
                            "request head within header_timeout.", entry.header_timeouts)
+            yield _counter("tunneld_http_connections_refused_per_ip", "Connections answered 503 and closed "
+                           "at max_connections_per_ip.", entry.refused_per_ip)
+        grpc_entry = getattr(hub, "grpc_entry", None)
+        if grpc_entry is not None:
+            yield _gauge("tunneld_grpc_connections", "Open HTTP/2 connections on the gRPC entry.",
+                         len(grpc_entry.connections))
+            refused = CounterMetricFamily("tunneld_grpc_connections_refused", "Connections to the gRPC entry "
+                                          "closed with GOAWAY at a limit.", labels=["limit"])
+            refused.add_metric(["max_connections"], grpc_entry.refused)
+            refused.add_metric(["max_connections_per_ip"], grpc_entry.per_ip.refused)
+            yield refused
 
 
 def _tunnel_opens(hub: Any) -> dict[str, int]:
@@ -376,6 +390,9 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
             "version": e.version, "connected_at": e.connected_at + offset, "last_heartbeat": e.last_heartbeat + offset,
             "rtt": e.rtt, "in_flight": _stream_in_flight(e),
             "healthy": hub.registry.is_healthy(e, hub.clock.seconds()),
+            # Requests wait for credit and nothing comes back: passed over while the group has a healthy stream.
+            "stalled": e.stalled_since is not None,
+            "stalled_since": e.stalled_since + offset if e.stalled_since is not None else None,
         })
     group_names = [g.name for g in config.groups]
     group_names += [g for g in hub.registry.groups() if g not in group_names]
@@ -423,6 +440,8 @@ def server_status(hub: ServerHub, metrics: RequestMetrics | None, started: float
         counters["http_connections"] = entry.connections
         counters["http_connections_refused"] = entry.refused_connections
         counters["http_header_timeouts"] = entry.header_timeouts
+        counters["http_connections_refused_per_ip"] = entry.refused_per_ip
+    counters["streams_stalled"] = len(hub.registry.stalled)
     counters["access_refusals"] = sum(sum(r.values()) for r in refused.values())
     s = config.server
     return {
@@ -487,6 +506,12 @@ class ClientCollector:
         yield _counter("tunneld_flow_control_stalls", "Times a request's sender paused on an empty window.",
                        stalls_total)
         yield _gauge("tunneld_draining", "1 while shutting down (SIGTERM), else 0.", 1 if hub.draining else 0)
+        entry = getattr(hub, "entry", None)
+        if entry is not None:
+            yield _gauge("tunneld_http_connections", "Open connections on the http_entry (WebSockets included).",
+                         entry.connections)
+            yield _counter("tunneld_http_connections_refused_per_ip", "Connections answered 503 and closed "
+                           "at max_connections_per_ip.", entry.refused_per_ip)
 
 
 def _failure_split(summary: dict[str, Any]) -> dict[str, object]:

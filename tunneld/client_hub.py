@@ -41,6 +41,7 @@ from tunneld import tunnel_pb2 as pb
 from tunneld.config import ClientConfig, ClientSettings
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.inspector import Mask
+from tunneld.logs import ThrottledWarning
 from tunneld.protocols.http_entry import Refusal, Target
 from tunneld.tunnel import ResponderHandler, Tunnel
 
@@ -83,6 +84,7 @@ class ServerLink:
         self.draining = False
         self.counters: dict[str, int] = {"messages_dropped": 0, "flow_stalls": 0}  # of streams already lost
         self.dial: Any = None   # its TunnelClientService (reconnects, attempts), set by the tap
+        self.refusals = ThrottledWarning(self.log, f"refused a request from {server}")
 
     @property
     def settings(self) -> ClientSettings:
@@ -112,6 +114,7 @@ class ServerLink:
     def connected(self, handle: StreamHandle) -> None:
         """A fresh dial: build the session and send stream_open."""
         session = s.Session(s.Role.CLIENT, client_id=self.client_id, max_concurrency=self.settings.max_concurrency,
+                            max_websockets=self.settings.max_websockets,
                             max_window=self.settings.max_window, window_budget=self.settings.window_budget)
         tunnel = Tunnel(session, handle.send, self, name=handle.peer)
         self.tunnel, self.handle = tunnel, handle
@@ -166,6 +169,8 @@ class ServerLink:
         elif isinstance(event, s.HeartbeatReceived):
             if event.ack:
                 self.rtt = max(0.0, self.clock.seconds() - event.sent_at_ms / 1000.0)
+        elif isinstance(event, s.RequestRefused):
+            self.refusals.note(self.clock.seconds(), event.message, request_id=event.request_id)
         elif isinstance(event, s.ProtocolViolation):
             self.log.warn("protocol violation from the server: {message}", message=event.message,
                           request_id=event.request_id, trace_id="")
@@ -276,6 +281,7 @@ class ClientHub:
     log = Logger()
     metrics: Any = None   # admin.RequestMetrics when the admin port is on; fed by finished()
     inspector: Any = None   # inspector.Inspector when the admin port has one (config inspect > 0)
+    entry: Any = None   # the http_entry's EntrySite (connection metrics), set by the tap
 
     def __init__(self, settings: ClientSettings, clock: Any, backends: dict[int, BackendFactory]) -> None:
         self.settings = settings
@@ -379,7 +385,7 @@ class ClientHub:
             self.inspector.mask = Mask(new.inspect_mask)
         if any(k in changed for k in ("inspect", "inspect_body_bytes")):
             if self.inspector is not None and new.inspect > 0:
-                self.inspector.resize(new.inspect, new.inspect_body_bytes)
+                self.inspector.resize(new.inspect, new.inspect_body_bytes, new.inspect_header_bytes)
             elif old.admin_listen:   # turning the inspector on or off: the admin port and entry hold it
                 restart += [k for k in ("inspect", "inspect_body_bytes") if k in changed]
         servers_changed = old.server_list != new.server_list

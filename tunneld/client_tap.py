@@ -36,6 +36,7 @@ from tunneld.lifecycle import ProcessExit, check_tls_files, preflight
 from tunneld.protocols.h2.grpc_backend import GrpcBackendCall, GrpcBackends, GrpcBackendsService
 from tunneld.protocols.h2.http_entry import H2Entry
 from tunneld.protocols.h2.switch import EntrySwitchFactory
+from tunneld.memory import TRIM_INTERVAL, Trimmer
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_pool, trust_root
 from tunneld.protocols.websocket import BackendWebSocketExchange
@@ -152,10 +153,16 @@ def build_client(config: ClientConfig, reactor: Any, *, max_message_size: int = 
         timer.clock = reactor
         timer.setServiceParent(top)
         hub.timers[key] = timer   # a reload retimes it
-    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_mask) if cfg.admin_listen else None
+    # After a burst, glibc's freed heap pages go back to the system (tunneld/memory.py).
+    trim_timer = TimerService(TRIM_INTERVAL, Trimmer().tick)
+    trim_timer.clock = reactor
+    trim_timer.setServiceParent(top)
+    hub.inspector = (inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_mask,
+                                    header_bytes=cfg.inspect_header_bytes) if cfg.admin_listen else None)
     entry = None
     if cfg.http_entry:
-        site = EntrySite(hub, reactor, inspector=hub.inspector)
+        site = EntrySite(hub, reactor, inspector=hub.inspector, max_connections_per_ip=cfg.max_connections_per_ip)
+        hub.entry = site   # connection metrics on the admin port
         # http2: h2c prior knowledge beside HTTP/1.1 (the switch reads the preface).
         entry_factory: Any = EntrySwitchFactory(site, H2Entry(site)) if cfg.http2 else site
         entry = ListenService(server_endpoint(reactor, cfg.http_entry), entry_factory)

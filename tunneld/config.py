@@ -144,6 +144,10 @@ class ServerSettings:
     auth_fail_window: float = 60.0  # tunnel port: seconds a throttled address's opens are refused (RESOURCE_EXHAUSTED)
     admin_hosts: tuple[str, ...] = ()  # admin port: Host names answered besides its address, localhost, 127.0.0.1, [::1]
     inspect_mask: tuple[str, ...] = INSPECT_MASK  # inspector: header / metadata / query names masked ("*" = any run)
+    max_connections_per_ip: int = 256  # public listeners: open connections from one address; beyond, 503 + close
+    max_websockets_per_ip: int = 64  # HTTP entry: open WebSockets from one address; beyond, the handshake gets 503
+    stall_timeout: float = 10.0  # a stream whose windows stay full this long with requests waiting is stalled
+    inspect_header_bytes: int = 16384  # inspector: most bytes of heads kept per exchange
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,8 @@ class Route:
     basic_auth: tuple[str, ...] = field(default=(), repr=False)  # htpasswd lines "user:$2y$..." (bcrypt)
     allow_ips: tuple[str, ...] = ()  # CIDRs; set = only these client addresses are served (403 otherwise)
     deny_ips: tuple[str, ...] = ()  # CIDRs refused with 403 (checked before allow_ips)
+    max_websockets: int = 1000  # open WebSockets on this route (server-wide); beyond, the handshake gets 503
+    preserve_path: bool = False  # the backend gets the raw path (routing and access rules judge the normalised one)
 
     @property
     def protected(self) -> bool:
@@ -291,6 +297,9 @@ class ClientSettings:
     inspect_body_bytes: int = 0  # inspector: bytes kept of each body / message; 0 = heads only
     admin_hosts: tuple[str, ...] = ()  # admin port: Host names answered besides its address, localhost, 127.0.0.1, [::1]
     inspect_mask: tuple[str, ...] = INSPECT_MASK  # inspector: header / metadata / query names masked ("*" = any run)
+    max_connections_per_ip: int = 256  # http_entry: open connections from one address; beyond, 503 + close
+    max_websockets: int = 1000  # open WebSockets served for the servers; counted apart from max_concurrency
+    inspect_header_bytes: int = 16384  # inspector: most bytes of heads kept per exchange
     servers: tuple[str, ...] = ()  # all servers when `server` lists several (the loader fills it); else ()
     client_id_generated: bool = field(default=False, compare=False)  # the loader made client_id up (the file left it ""); SIGHUP keeps the running one
 
@@ -707,6 +716,10 @@ def _parse_settings(file: str, raw: Mapping[str, object]) -> ServerSettings:
         auth_fail_window=t.seconds("auth_fail_window", d.auth_fail_window),
         admin_hosts=_admin_hosts(t, d.admin_hosts),
         inspect_mask=_inspect_mask(t, d.inspect_mask),
+        max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        max_websockets_per_ip=t.integer("max_websockets_per_ip", d.max_websockets_per_ip, 1),
+        stall_timeout=t.seconds("stall_timeout", d.stall_timeout),
+        inspect_header_bytes=t.integer("inspect_header_bytes", d.inspect_header_bytes, 256),
     )
 
 
@@ -892,6 +905,8 @@ def _parse_route(t: _Table, settings: ServerSettings, groups: tuple[str, ...]) -
         basic_auth=basic_auth,
         allow_ips=allow_ips,
         deny_ips=deny_ips,
+        max_websockets=t.integer("max_websockets", d.max_websockets, 1),
+        preserve_path=t.boolean("preserve_path", d.preserve_path),
     )
 
 
@@ -1077,6 +1092,9 @@ def parse_client_config(data: Mapping[str, object], path: str) -> ClientConfig:
         inspect_body_bytes=t.integer("inspect_body_bytes", d.inspect_body_bytes, 0),
         admin_hosts=_admin_hosts(t, d.admin_hosts),
         inspect_mask=_inspect_mask(t, d.inspect_mask),
+        max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        max_websockets=t.integer("max_websockets", d.max_websockets, 1),
+        inspect_header_bytes=t.integer("inspect_header_bytes", d.inspect_header_bytes, 256),
     )
     _open_admin(path, "[client]", settings.admin_listen, settings.admin_token)
     return ClientConfig(path=path, client=settings)

@@ -9,8 +9,12 @@ admin port asks (``Exchange.to_json``).  With ``inspect = 0`` the entries hold
 no ``Inspector`` at all and do nothing per request.
 
 Memory is bounded: at most ``size`` records; each keeps at most
-``body_bytes`` of each body direction and of each of at most
-``MAX_MESSAGES`` WebSocket/gRPC messages (later messages are only counted).
+``header_bytes`` of heads (request and response headers, metadata and
+trailers together, name and value bytes; the pairs beyond are left out and
+counted in ``headers_dropped``), ``body_bytes`` of each body direction and of
+each of at most ``MAX_MESSAGES`` WebSocket/gRPC messages (later messages are
+only counted); and all records together hold at most ``budget`` bytes of
+heads, bodies and messages: beyond it the oldest records are forgotten.
 Raw header values (credentials included) stay in memory for replay; every
 output masks them: header and metadata values and query parameter values
 whose name is in the inspector's ``Mask`` (config ``inspect_mask``), for
@@ -28,6 +32,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 MAX_MESSAGES = 100   # messages kept per WebSocket / gRPC exchange; later ones are counted only
+DEFAULT_BUDGET = 32 * 1024 * 1024   # bytes all records together keep (heads, bodies, messages)
 MASK = "***"
 _SECRET_NAMES = frozenset({"authorization", "cookie", "proxy-authorization", "set-cookie"})
 _SECRET_WORDS = ("auth", "token", "secret", "password", "cookie", "credential", "session", "key")
@@ -131,9 +136,10 @@ class Exchange:
     """One exchange as the inspector keeps it; filled by its entry, read by the admin port."""
 
     __slots__ = ("inspector", "request_id", "trace_id", "protocol", "route", "client_id", "started", "duration",
-                 "status", "method", "path", "host", "scheme", "remote", "request_headers", "response_status",
-                 "response_headers", "bytes_in", "bytes_out", "request_body", "response_body", "messages",
-                 "messages_dropped", "details", "trailers", "done", "replay_of", "_t0")
+                 "status", "method", "path", "host", "scheme", "remote", "_request_headers", "response_status",
+                 "_response_headers", "bytes_in", "bytes_out", "request_body", "response_body", "messages",
+                 "messages_dropped", "details", "_trailers", "done", "replay_of", "_t0", "head_room",
+                 "headers_dropped", "held")
 
     def __init__(self, inspector: Inspector, protocol: str) -> None:
         self.inspector = inspector
@@ -151,9 +157,12 @@ class Exchange:
         self.host = ""
         self.scheme = ""
         self.remote = ""
-        self.request_headers: Any = ()    # raw pairs (bytes, bytes) or gRPC (str, bytes)
+        self.head_room = inspector.header_bytes   # head bytes this record may still keep
+        self.headers_dropped = 0   # header / metadata pairs left out (over header_bytes)
+        self.held = 0              # bytes this record keeps (the inspector's budget)
+        self._request_headers: Any = ()    # raw pairs (bytes, bytes) or gRPC (str, bytes)
         self.response_status = 0
-        self.response_headers: Any = ()
+        self._response_headers: Any = ()
         self.bytes_in = 0
         self.bytes_out = 0
         self.request_body = b""
@@ -161,23 +170,75 @@ class Exchange:
         self.messages: list[Message] | None = None
         self.messages_dropped = 0
         self.details = ""
-        self.trailers: Any = ()
+        self._trailers: Any = ()
         self.done = False
         self.replay_of = ""
 
     # -- filled by the entries ---------------------------------------------------------
 
+    def _heads(self, pairs: Any) -> Any:
+        """``pairs`` as far as this record's head room goes (the list itself when it all fits)."""
+        if not isinstance(pairs, (list, tuple)):
+            pairs = list(pairs)
+        room = self.head_room
+        size = 0
+        for index, (name, value) in enumerate(pairs):
+            size += len(name) + len(value)
+            if size > room:
+                kept = list(pairs[:index])
+                self.headers_dropped += len(pairs) - index
+                size -= len(name) + len(value)
+                break
+        else:
+            kept = pairs
+        self.head_room = room - size
+        self._grew(size)
+        return kept
+
+    @property
+    def request_headers(self) -> Any:
+        return self._request_headers
+
+    @request_headers.setter
+    def request_headers(self, pairs: Any) -> None:
+        self._request_headers = self._heads(pairs)
+
+    @property
+    def response_headers(self) -> Any:
+        return self._response_headers
+
+    @response_headers.setter
+    def response_headers(self, pairs: Any) -> None:
+        self._response_headers = self._heads(pairs)
+
+    @property
+    def trailers(self) -> Any:
+        return self._trailers
+
+    @trailers.setter
+    def trailers(self, pairs: Any) -> None:
+        self._trailers = self._heads(pairs)
+
+    def _grew(self, n: int) -> None:
+        if n:
+            self.held += n
+            self.inspector.grew(self, n)
+
     def request_chunk(self, data: bytes) -> None:
         self.bytes_in += len(data)
         room = self.inspector.body_bytes - len(self.request_body)
         if room > 0:
-            self.request_body += data[:room]
+            piece = data[:room]
+            self.request_body += piece
+            self._grew(len(piece))
 
     def response_chunk(self, data: bytes) -> None:
         self.bytes_out += len(data)
         room = self.inspector.body_bytes - len(self.response_body)
         if room > 0:
-            self.response_body += data[:room]
+            piece = data[:room]
+            self.response_body += piece
+            self._grew(len(piece))
 
     def message(self, direction: str, data: bytes, opcode: int = 0, size: int | None = None) -> None:
         """A new WebSocket / gRPC message (its first piece; ``size``: the whole message's, when known)."""
@@ -191,8 +252,9 @@ class Exchange:
         if len(self.messages) >= MAX_MESSAGES:
             self.messages_dropped += 1
             return
-        self.messages.append(Message(direction, time.monotonic() - self._t0, opcode, n,
-                                     data[: self.inspector.body_bytes]))
+        kept = data[: self.inspector.body_bytes]
+        self.messages.append(Message(direction, time.monotonic() - self._t0, opcode, n, kept))
+        self._grew(len(kept))
 
     def message_more(self, direction: str, data: bytes, count: bool = True) -> None:
         """A later piece of the last message in ``direction`` (``count``: its size was not known at its start)."""
@@ -208,7 +270,9 @@ class Exchange:
                     m.size += len(data)
                 room = self.inspector.body_bytes - len(m.data)
                 if room > 0:
-                    m.data += data[:room]
+                    piece = data[:room]
+                    m.data += piece
+                    self._grew(len(piece))
                 return
 
     def end(self, status: object) -> None:
@@ -225,7 +289,7 @@ class Exchange:
     @property
     def request_complete(self) -> bool:
         """Was the whole request body captured (replay needs it)?"""
-        return self.done and len(self.request_body) == self.bytes_in
+        return self.done and len(self.request_body) == self.bytes_in and not self.headers_dropped
 
     def to_json(self, bodies: bool = False) -> dict[str, Any]:
         mask = self.inspector.mask
@@ -248,6 +312,7 @@ class Exchange:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "messages": [m.to_json() for m in self.messages or ()],
             "messages_dropped": self.messages_dropped,
+            "headers_dropped": self.headers_dropped,
             "replayable": self.protocol == "http" and self.request_complete,
         }
         if self.replay_of:
@@ -264,27 +329,48 @@ class Inspector:
     """The ring: the last ``size`` exchanges (``size`` > 0), newest last."""
 
     def __init__(self, size: int, body_bytes: int = 0, wall: Callable[[], float] = time.time,
-                 mask: Iterable[str] = DEFAULT_MASK) -> None:
+                 mask: Iterable[str] = DEFAULT_MASK, *, header_bytes: int = 16384, budget: int = DEFAULT_BUDGET) -> None:
         assert size > 0
         self.size = size
         self.body_bytes = body_bytes
         self.mask = Mask(mask)   # a config reload may replace it
+        self.header_bytes = header_bytes
+        self.budget = budget
+        self.held = 0   # bytes the records in the ring keep
+        self.evicted = 0   # records forgotten early to stay within the budget
         self.wall = wall
-        self.ring: deque[Exchange] = deque(maxlen=size)
+        self.ring: deque[Exchange] = deque()
         self.local_ids = itertools.count(1)
         self.replayer: Callable[[Exchange], str] | None = None   # set by the tap: HTTP replay
 
-    def resize(self, size: int, body_bytes: int) -> None:
-        """A config reload: keep the newest ``size`` exchanges; ``body_bytes`` for what is captured from now on."""
+    def resize(self, size: int, body_bytes: int, header_bytes: int | None = None) -> None:
+        """A config reload: keep the newest ``size`` exchanges; the byte limits for what is captured from now on."""
         assert size > 0
         self.size = size
         self.body_bytes = body_bytes
-        self.ring = deque(self.ring, maxlen=size)
+        if header_bytes is not None:
+            self.header_bytes = header_bytes
+        while len(self.ring) > size:
+            self._drop_oldest()
 
     def begin(self, protocol: str) -> Exchange:
         rec = Exchange(self, protocol)
-        self.ring.append(rec)   # deque(maxlen) drops the oldest
+        if len(self.ring) >= self.size:
+            self._drop_oldest()
+        self.ring.append(rec)
         return rec
+
+    def grew(self, rec: Exchange, n: int) -> None:
+        """``rec`` keeps ``n`` more bytes: forget the oldest other records while over the budget."""
+        self.held += n
+        while self.held > self.budget and len(self.ring) > 1 and self.ring[0] is not rec:
+            self._drop_oldest()
+            self.evicted += 1
+
+    def _drop_oldest(self) -> None:
+        old = self.ring.popleft()
+        self.held -= old.held
+        old.held = 0
 
     def __iter__(self) -> Iterator[Exchange]:
         return reversed(self.ring)   # newest first
@@ -303,6 +389,8 @@ class Inspector:
                 "inspect_body_bytes": self.body_bytes}
 
 
-def make(size: int, body_bytes: int, mask: Iterable[str] = DEFAULT_MASK) -> Inspector | None:
-    """The inspector for ``inspect`` / ``inspect_body_bytes`` / ``inspect_mask``; None when off."""
-    return Inspector(size, body_bytes, mask=mask) if size > 0 else None
+def make(size: int, body_bytes: int, mask: Iterable[str] = DEFAULT_MASK, *,
+         header_bytes: int = 16384) -> Inspector | None:
+    """The inspector for ``inspect`` / ``inspect_body_bytes`` / ``inspect_mask`` / ``inspect_header_bytes``;
+    None when off."""
+    return Inspector(size, body_bytes, mask=mask, header_bytes=header_bytes) if size > 0 else None

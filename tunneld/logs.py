@@ -94,3 +94,31 @@ def with_log_format(service: MultiService, log_format: str, twistd_options: Any)
     if log_format != "json" or twistd_options is None:
         return service
     return _JsonLogging(service, twistd_options)
+
+
+class ThrottledWarning:
+    """A warning said at most once per ``every`` seconds per message, with how many it stands for.
+
+    For refusals an attacker can cause by the thousand (a full limit): each
+    is worth saying in words, none is worth a line of its own.
+    """
+
+    def __init__(self, log: Any, what: str, every: float = 10.0) -> None:
+        self.log = log
+        self.what = what   # e.g. "refused a request from the server"
+        self.every = every
+        self.last: dict[str, tuple[float, int]] = {}   # message -> (when last said, folded in since)
+        self.total = 0
+
+    def note(self, now: float, message: str, **fields: Any) -> None:
+        self.total += 1
+        said, folded = self.last.get(message, (None, 0))
+        if said is not None and now - said < self.every:
+            self.last[message] = (said, folded + 1)
+            return
+        if len(self.last) > 64:   # a bounded table: messages name limits, not addresses
+            self.last.clear()
+        self.last[message] = (now, 0)
+        more = f" ({folded} more since the last line)" if folded else ""
+        self.log.warn("{what}: {reason}{more}", what=self.what, reason=message, more=more,
+                      **{"request_id": "", "trace_id": "", **fields})

@@ -22,6 +22,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.config import ForwardRule, Route, ServerConfig
 from tunneld.inspector import Inspector, Mask
+from tunneld.logs import ThrottledWarning
 from tunneld.dispatch import GrpcRefusal, GrpcTarget
 from tunneld.grpc_bridge.stream import StreamHandle
 from tunneld.protocols.headers import get_first
@@ -77,6 +78,7 @@ class ServerHub:
         self.routes: RouteTable[Route] = RouteTable(config.routes)
         self.access = AccessControl(config.routes)
         self.entry: Any = None   # the HTTP entry's EntrySite (connection metrics), set by the tap
+        self.grpc_entry: Any = None   # the gRPC entry's GrpcEntryFactory (connection metrics), set by the tap
         self.forward_rules: RouteTable[ForwardRule] = RouteTable(config.forward)
         self.upstreams = {u.name: UpstreamPool(u.name, u.backends, u.cooldown) for u in config.upstreams}
         self.upstream_factory = upstream_factory
@@ -89,7 +91,9 @@ class ServerHub:
         self.started_at = clock.seconds()
         self.ready = False      # latched: /healthz "ok" from the first moment every group with routes had a client
         self.counters: dict[str, int] = {"requests": 0, "violations": 0, "streams_opened": 0, "forwarded": 0,
-                                         "messages_dropped": 0, "flow_stalls": 0}  # the last two: closed streams'
+                                         "messages_dropped": 0, "flow_stalls": 0,   # these two: closed streams'
+                                         "stalls": 0}
+        self.refusals = ThrottledWarning(self.log, "refused a forward request from a client")
 
     # -- authentication (bridge thread: reads immutable config only) -----------
 
@@ -142,6 +146,9 @@ class ServerHub:
         elif isinstance(event, s.ConfigSyncRequested):
             if stream.entry is not None and event.version != self.config.version():
                 tunnel.control(lambda: tunnel.session.push_config(self._config_for(stream.entry.group)))  # type: ignore[union-attr]
+        elif isinstance(event, s.RequestRefused):
+            self.refusals.note(self.clock.seconds(), event.message, request_id=event.request_id,
+                               client=self._who(stream))
         elif isinstance(event, s.ProtocolViolation):
             self.counters["violations"] += 1
             self.log.warn("protocol violation from {client}: {message}", client=self._who(stream),
@@ -315,6 +322,30 @@ class ServerHub:
                           client_id=entry.client_id, timeout=self.registry.heartbeat_timeout)
             self._close(stream, "heartbeat timeout", abort=True)
 
+    def stall_tick(self) -> None:
+        """Mark streams that make no progress (requests waiting for credit, nothing received) stalled; drop long ones."""
+        now = self.clock.seconds()
+        observed = []
+        for entry in self.registry.busy():
+            session = entry.handle.tunnel.session  # type: ignore[attr-defined]
+            observed.append((entry, session.blocked(), session.progress))
+        timeout = self.config.server.stall_timeout
+        started, recovered, overdue = self.registry.watch_stalls(now, observed, timeout)
+        for entry in started:
+            self.counters["stalls"] += 1
+            self.log.warn("client {client_id} (stream {stream_id}) is stalled: its requests have waited {timeout:g} s "
+                          "for window credit and nothing came back; new requests of group {group} go to its other "
+                          "streams while there are any", client_id=entry.client_id, stream_id=entry.stream_id,
+                          timeout=timeout, group=entry.group)
+        for entry in recovered:
+            self.log.info("client {client_id} (stream {stream_id}) makes progress again: no longer stalled",
+                          client_id=entry.client_id, stream_id=entry.stream_id)
+        for entry in overdue:
+            self.log.warn("client {client_id} (stream {stream_id}) stalled for more than heartbeat_timeout "
+                          "({timeout:g} s): dropping its stream", client_id=entry.client_id,
+                          stream_id=entry.stream_id, timeout=self.registry.heartbeat_timeout)
+            self._close(entry.handle, "stalled", abort=True)  # type: ignore[arg-type]
+
     # -- the HTTP entry's Dispatcher -------------------------------------------------
 
     def choose(self, group: str) -> Tunnel | None:
@@ -351,7 +382,8 @@ class ServerHub:
         if target is None:
             target = self._targets[key] = Target(
                 tunnel, route.name, route.timeout, route.max_body_size, route.set_host, route.max_message_size,
-                strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client)
+                strip_authorization=policy is not None and bool(policy.users), client_id=self.chosen_client,
+                max_websockets=route.max_websockets, preserve_path=route.preserve_path)
         return target
 
     def dispatch_grpc(self, service: str, authority: str, address: str = "",

@@ -44,6 +44,7 @@ from tunneld.protocols.http_backend import BackendExchange, PoolCloser, make_poo
 from tunneld.protocols.http_entry import EntrySite
 from tunneld.protocols.websocket import EntryWebSocketFactory, EntryWebSocketResource
 from tunneld.logs import with_log_format
+from tunneld.memory import TRIM_INTERVAL, Trimmer
 from tunneld.registry.admission import OpenGuard, OpenRateLimiter
 from tunneld.server_hub import ServerHub
 from tunneld.tunnel import ResponderHandler, Tunnel
@@ -122,7 +123,8 @@ def build_server(config: ServerConfig, reactor: Any, exit: ProcessExit | None = 
     hub = ServerHub(config, reactor, upstream_factory=upstream_backend)
     top.hub = hub
     # The inspector is read on the admin port only: without one, nothing is recorded.
-    hub.inspector = inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_mask) if cfg.admin_listen else None
+    hub.inspector = (inspector.make(cfg.inspect, cfg.inspect_body_bytes, cfg.inspect_mask,
+                                    header_bytes=cfg.inspect_header_bytes) if cfg.admin_listen else None)
     PoolCloser(pool).setServiceParent(top)
     # Refused tunnel opens: counted, logged per address, throttled (the tunnel port's bridge thread owns it).
     hub.open_guard = OpenGuard(cfg.auth_fail_limit, cfg.auth_fail_window)
@@ -143,9 +145,10 @@ def build_server(config: ServerConfig, reactor: Any, exit: ProcessExit | None = 
         limits = H2Limits(max_header_list_size=cfg.max_header_size, idle_timeout=cfg.idle_timeout,
                           header_timeout=cfg.header_timeout)
         factory = GrpcEntryFactory(hub, reactor, limits=limits, max_connections=cfg.max_connections,
-                                   inspector=hub.inspector)
+                                   max_connections_per_ip=cfg.max_connections_per_ip, inspector=hub.inspector)
         endpoint = server_endpoint(reactor, cfg.grpc_listen, tls_cert=cfg.grpc_tls_cert, tls_key=cfg.grpc_tls_key,
                                    proxy_protocol=cfg.proxy_protocol, alpn=(b"h2",))
+        hub.grpc_entry = factory
         grpc_entry = GrpcEntryService(endpoint, factory, reactor, grace=cfg.drain_timeout)
         grpc_entry.setServiceParent(top)
         if exit is not None:
@@ -153,12 +156,14 @@ def build_server(config: ServerConfig, reactor: Any, exit: ProcessExit | None = 
     http = None
     if cfg.http_listen:
         scheme = "https" if cfg.http_tls_cert else "http"
-        ws_factory = EntryWebSocketFactory(hub, reactor, scheme=scheme, ping_interval=cfg.websocket_ping_interval)
+        ws_factory = EntryWebSocketFactory(hub, reactor, scheme=scheme, ping_interval=cfg.websocket_ping_interval,
+                                           max_websockets_per_ip=cfg.max_websockets_per_ip)
         ws_factory.inspector = hub.inspector
         websocket = EntryWebSocketResource(ws_factory)
         site = EntrySite(hub, reactor, scheme=scheme, max_header_size=cfg.max_header_size, websocket=websocket,
                          header_timeout=cfg.header_timeout, max_connections=cfg.max_connections,
-                         inspector=hub.inspector)
+                         inspector=hub.inspector, max_connections_per_ip=cfg.max_connections_per_ip,
+                         proxy_protocol=cfg.proxy_protocol)
         hub.entry = site
         # http2: the switch picks HTTP/2 (ALPN h2, or the h2c preface) or the site (HTTP/1.1, WebSocket).
         entry_factory: Any = site
@@ -173,7 +178,12 @@ def build_server(config: ServerConfig, reactor: Any, exit: ProcessExit | None = 
             http.on_failure = exit.listen_failed("http_listen", cfg.http_listen)
         http.setServiceParent(top)
     # Heartbeats go out spread over the interval, one slice per tick, only to quiet streams.
-    for interval, tick in ((hub.heartbeats.tick, hub.heartbeat_schedule_tick), (cfg.cleanup_interval, hub.cleanup_tick)):
+    # The stall watch looks only at streams with requests in flight (and stalled ones).
+    stall_check = min(1.0, cfg.stall_timeout / 4)
+    # After a burst, glibc's freed heap pages go back to the system (tunneld/memory.py).
+    trimmer = Trimmer()
+    for interval, tick in ((hub.heartbeats.tick, hub.heartbeat_schedule_tick), (cfg.cleanup_interval, hub.cleanup_tick),
+                           (stall_check, hub.stall_tick), (TRIM_INTERVAL, trimmer.tick)):
         timer = TimerService(interval, tick)
         timer.clock = reactor
         timer.setServiceParent(top)

@@ -34,6 +34,11 @@ response for a request that went out on another stream is simply an unknown
 
 Errors the peer causes are reported as ``ProtocolViolation`` events (one log
 line each in the adapter); ``fatal=True`` means the stream must be closed.
+A request refused because a limit of ours is full (``max_concurrency`` for
+HTTP and gRPC, ``max_websockets`` for WebSockets, counted apart so idle
+WebSockets never starve requests) is no violation: it is a
+``RequestRefused`` event, and the peer gets ``OVERLOADED`` with the limit
+named in words.
 """
 
 from __future__ import annotations
@@ -191,6 +196,15 @@ class ConfigReceived:
 
 
 @dataclass(frozen=True)
+class RequestRefused:
+    """A peer's new request was refused because one of our limits is full (not the peer's fault)."""
+
+    message: str
+    request_id: str = ""
+    protocol: int = 0
+
+
+@dataclass(frozen=True)
 class ProtocolViolation:
     """The peer broke the protocol; ``fatal`` means the stream must close."""
 
@@ -202,7 +216,7 @@ class ProtocolViolation:
 Event = (
     OpenRequested | OpenAccepted | OpenRejected | RequestReceived | MessageReceived | Writable
     | RequestClosed | RequestAborted | HeartbeatReceived | ConfigSyncRequested | ConfigReceived
-    | ProtocolViolation
+    | ProtocolViolation | RequestRefused
 )
 
 
@@ -224,6 +238,14 @@ class Exchange:
 
 
 UNIT_COST: Final = 64
+#: The least a WebSocket frame piece costs: the work per frame (parse, relay,
+#: a tunnel message each way) is worth kilobytes of payload, so a flood of
+#: tiny frames gets at most window / MIN_FRAME_COST frames in flight (16 in a
+#: 256 KiB window) instead of thousands queued ahead of everyone else.
+MIN_FRAME_COST: Final = 16384
+#: Receive windows grow only for units at least this big: growth is for
+#: bandwidth, and tiny messages would only queue more of them.
+GROW_MIN_UNIT: Final = 4096
 
 
 def unit_cost(n: int) -> int:
@@ -234,6 +256,11 @@ def unit_cost(n: int) -> int:
     Receivers credit exactly this for each unit their consumer took.
     """
     return n + UNIT_COST
+
+
+def frame_cost(n: int) -> int:
+    """Window cost of one WebSocket frame piece of ``n`` payload bytes (both sides use this)."""
+    return max(n + UNIT_COST, MIN_FRAME_COST)
 
 
 def window_cost(msg: pb.TunnelMessage) -> int:
@@ -249,7 +276,7 @@ def _cost(kind: str, msg: pb.TunnelMessage, n: int) -> int:
     the hot paths measure a body once and pass its length around.
     """
     if kind == "ws_frame":
-        return 0 if msg.ws_frame.opcode == 8 else unit_cost(n)
+        return 0 if msg.ws_frame.opcode == 8 else frame_cost(n)
     return n
 
 
@@ -293,6 +320,7 @@ class Session:
         window_budget: int = 0,
         max_concurrency: int = 1000,
         max_chunk: int = MAX_CHUNK,
+        max_websockets: int = 1000,
     ) -> None:
         self.role = role
         self.client_id = client_id
@@ -300,7 +328,8 @@ class Session:
         self.max_window = max_window      # receive windows grow up to this (0, or <= window: never)
         self.window_budget = window_budget  # growth of all receive windows together, at most this
         self.grown = 0                    # growth of the receive windows of the exchanges in the table
-        self.max_concurrency = max_concurrency
+        self.max_concurrency = max_concurrency   # the peer's HTTP and gRPC requests open at once
+        self.max_websockets = max_websockets     # the peer's WebSockets open at once (counted apart)
         self.max_chunk = max_chunk
         self.state = State.IDLE if role is Role.CLIENT else State.AWAIT_OPEN
         self.my_direction = pb.CLIENT_TO_SERVER if role is Role.CLIENT else pb.SERVER_TO_CLIENT
@@ -310,6 +339,7 @@ class Session:
         # its streams ordered by load this way instead of asking every stream).
         self.on_load: Callable[[int], None] | None = None
         self._remote_count = 0
+        self._remote_websockets = 0   # of _remote_count: WebSockets (not held to max_concurrency)
         # Made on the first released request: an idle fleet's streams never need them
         # (an empty deque costs ~0.6 KiB; bench/README.md, fleet memory).
         self._recent: deque[str] | None = None
@@ -317,6 +347,10 @@ class Session:
         self._outgoing: list[pb.TunnelMessage] = []
         self._events: list[Event] = []
         self.dropped = 0               # peer messages dropped as invalid
+        # Messages about requests received from the peer (bodies, heads, window
+        # updates, errors; not heartbeats or config): the stall watch's sign that
+        # the peer makes progress.
+        self.progress = 0
         # Each side numbers its own requests; the role letter keeps the two
         # sides' ids apart in the one table.
         self._id_prefix = f"{role.value[0]}{os.urandom(3).hex()}-"
@@ -346,10 +380,16 @@ class Session:
     def exchange(self, request_id: str) -> Exchange | None:
         return self._exchanges.get(request_id)
 
+    def blocked(self) -> int:
+        """Requests whose data waits for window credit from the peer (their producers are paused)."""
+        return sum(1 for ex in self._exchanges.values() if ex.blocked)
+
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (used by tests)."""
         remote = sum(1 for ex in self._exchanges.values() if not ex.initiated_here)
         assert remote == self._remote_count, (remote, self._remote_count)
+        websockets = sum(1 for ex in self._exchanges.values() if not ex.initiated_here and ex.protocol == pb.WEBSOCKET)
+        assert websockets == self._remote_websockets, (websockets, self._remote_websockets)
         for ex in self._exchanges.values():
             assert not (ex.local_ended and ex.remote_ended and not ex.outbox), ex.request_id
             assert ex.recv_window.unacked <= ex.recv_window.size + (1 << 26)
@@ -564,12 +604,14 @@ class Session:
         elif kind is None:
             self._violation("message without payload", msg.request_id)
         elif kind == "error_message":
+            self.progress += 1
             self._receive_error(msg)  # checked first: an error is never answered
         elif msg.direction != self.peer_direction:
             self._violation(f"{kind} has the wrong direction", msg.request_id)
         elif kind in _CONTROL_KINDS:
             self._receive_control(kind, msg)
         else:
+            self.progress += 1
             self._receive_exchange(kind, msg)
         return self.take_events()
 
@@ -676,7 +718,7 @@ class Session:
             ex.remote_ended = True
             if kind == "ws_response":
                 ex.local_ended = True  # a refused WebSocket never sends frames
-        elif msg.window_limited and idle:
+        elif msg.window_limited and idle and size >= GROW_MIN_UNIT:
             self._grow(ex)
         self._events.append(MessageReceived(rid, msg, end))
         if end and ex.initiated_here and (not ex.local_ended or ex.outbox) and ex.protocol != pb.WEBSOCKET:
@@ -702,10 +744,12 @@ class Session:
             self._events.append(ProtocolViolation(f"{kind} with protocol_type {msg.protocol_type}", rid))
             self._send_error(rid, PROTOCOL_ERROR, "protocol_type does not match the payload", protocol)
             return
-        if self._remote_count >= self.max_concurrency:
-            self._send_error(rid, OVERLOADED, f"at max_concurrency {self.max_concurrency}", protocol)
-            self._remember(rid)
-            self._events.append(ProtocolViolation(f"refused: at max_concurrency {self.max_concurrency}", rid))
+        if protocol == pb.WEBSOCKET:
+            if self._remote_websockets >= self.max_websockets:
+                self._refuse(rid, protocol, f"{self.max_websockets} WebSockets open (max_websockets)")
+                return
+        elif self._remote_count - self._remote_websockets >= self.max_concurrency:
+            self._refuse(rid, protocol, f"{self.max_concurrency} requests in flight (max_concurrency)")
             return
         size = len(body_of(msg))
         if protocol != pb.WEBSOCKET and size > self.max_chunk:
@@ -720,7 +764,16 @@ class Session:
         if self.on_load is not None:
             self.on_load(len(self._exchanges))
         self._remote_count += 1
+        if protocol == pb.WEBSOCKET:
+            self._remote_websockets += 1
         self._events.append(RequestReceived(rid, protocol, msg))
+
+    def _refuse(self, rid: str, protocol: int, full: str) -> None:
+        who = "client" if self.role is Role.CLIENT else "server"
+        message = f"{who} is at its limit: {full}"
+        self._send_error(rid, OVERLOADED, message, protocol)
+        self._remember(rid)
+        self._events.append(RequestRefused(message, rid, protocol))
 
     # -- release ----------------------------------------------------------------
 
@@ -736,6 +789,8 @@ class Session:
             self.on_load(len(self._exchanges))
         if not ex.initiated_here:
             self._remote_count -= 1
+            if ex.protocol == pb.WEBSOCKET:
+                self._remote_websockets -= 1
         self.grown -= ex.recv_window.grown   # the stream's budget gets it back
         ex.outbox.clear()
         self._remember(ex.request_id)

@@ -97,7 +97,7 @@ function renderServer(d) {
   const clients = d.clients.map((c) => el("tr", null,
     td(el("b", null, c.client_id)), td(c.group), td(c.address, "mono"), td(c.version),
     td(dur(d.now - c.connected_at), "num"), td(dur(d.now - c.last_heartbeat) + " ago", "num"), td(ms(c.rtt), "num"),
-    td(c.in_flight, "num"), td(pill(c.healthy ? "healthy" : "silent", c.healthy ? "ok" : "bad"))));
+    td(c.in_flight, "num"), td(pill(!c.healthy ? "silent" : c.stalled ? "stalled" : "healthy", c.healthy && !c.stalled ? "ok" : "bad"))));
   const routes = d.routes.map((r) => el("tr", null,
     td(el("b", null, r.name)), td(r.match, "mono"),
     td(r.kind === "forward" ? el("span", "arrow", "forward") : [el("span", "arrow", "\u2192 "), r.group]),

@@ -38,7 +38,11 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.inspector import Exchange, Inspector
 from tunneld.protocols import headers as h
+from tunneld.registry.paths import PathError, normalise_path
+from tunneld.registry.per_address import PerAddressLimit
 from tunneld.tunnel import CreditGate, Tunnel
+
+_log = Logger()
 
 # Codes an ErrorMessage may carry that the external client sees unchanged.
 _PASSED_CODES = {404, 413, 502, 503, 504}
@@ -56,6 +60,8 @@ class Target:
     max_message_size: int = 0   # WebSocket / gRPC message limit of the route
     strip_authorization: bool = False   # basic auth was checked here: the credentials stay here
     client_id: str = field(default="", compare=False)   # the client serving it (inspector)
+    max_websockets: int = 0   # open WebSockets the route allows on this entry (0: no limit)
+    preserve_path: bool = False   # the backend gets the raw path (else the normalised one)
 
 
 @dataclass(frozen=True)
@@ -188,12 +194,20 @@ class HttpExchange:
         hosts = headers.getRawHeaders(b"host")
         host = hosts[0].decode("latin-1") if hosts else ""
         uri = req.uri.decode("latin-1")
-        path, _, query = uri.partition("?")
+        raw_path, _, query = uri.partition("?")
         traceparent = headers.getRawHeaders(b"traceparent")
         request_id = headers.getRawHeaders(b"x-request-id")
         self.trace_id = trace_id_from(traceparent[0] if traceparent else None, request_id[0] if request_id else None)
         client_ip = req.client_ip
-        decision = self.dispatcher.dispatch(host, path, client_ip, flat)
+        decision: Target | Refusal
+        try:
+            # Routes and access rules judge the path as the backend will understand it.
+            path = normalise_path(raw_path)
+        except PathError as e:
+            path = raw_path
+            decision = Refusal(400, str(e))
+        else:
+            decision = self.dispatcher.dispatch(host, path, client_ip, flat)
         if self.inspector is not None:
             self._record(req, flat, host, uri, client_ip, decision)
         if isinstance(decision, Refusal):
@@ -210,7 +224,10 @@ class HttpExchange:
         msg = pb.TunnelMessage(trace_id=self.trace_id)
         head = msg.http_request
         head.method = req.method.decode("latin-1")
-        head.url = uri
+        if decision.preserve_path or path == raw_path:
+            head.url = uri
+        else:
+            head.url = f"{path}?{query}" if query else path
         head.host = host
         head.path = path
         if query:
@@ -671,6 +688,8 @@ class EntryChannel(http.HTTPChannel):
     site: EntrySite
     head_since: float | None = None
     counted = False
+    ip_slot = ""   # the address whose max_connections_per_ip slot this connection holds ("" none yet)
+    refused = False   # over max_connections_per_ip: answered 503, closing, nothing parsed
     _addresses: tuple[Any, Any, str] | None = None
 
     def addresses(self) -> tuple[Any, Any, str]:
@@ -683,6 +702,33 @@ class EntryChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.head_since = self.site.clock.seconds()
+        if not self.site.proxy_protocol:
+            self._take_ip_slot()
+
+    def _take_ip_slot(self) -> bool:
+        """Count this connection against its address's ``max_connections_per_ip``; False: refused and closing.
+
+        With the PROXY protocol the address is known only once the header
+        was read, i.e. at the first bytes the wrapper hands on."""
+        ip = self.addresses()[2]
+        if self.site.per_ip.acquire(ip):
+            self.ip_slot = ip
+            return True
+        self.refused = True
+        self.head_since = None
+        self.site.log_per_ip_refusal(ip)
+        transport = self.transport
+        if transport is not None:
+            transport.write(_OVERLOADED_IP)
+            transport.loseConnection()
+        return False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if not self.ip_slot and not self._take_ip_slot():
+            return
+        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self.head_since = None
@@ -790,6 +836,9 @@ class EntryChannel(http.HTTPChannel):
         if self.counted:
             self.counted = False
             self.site.connection_closed(self)
+        if self.ip_slot:
+            ip, self.ip_slot = self.ip_slot, ""
+            self.site.per_ip.release(ip)
 
 
 def _chunk_too_big(request: Any, size: int) -> bool:
@@ -819,6 +868,10 @@ _OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\
                b"Connection: close\r\n\r\n503 too many connections\r\n\r\n")
 
 
+_OVERLOADED_IP = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 44\r\n"
+                  b"Connection: close\r\n\r\n503 too many connections from your address\r\n")
+
+
 class _Overloaded(Protocol_):
     """Beyond ``max_connections``: answer 503 and close, nothing parsed, nothing kept."""
 
@@ -843,7 +896,8 @@ class EntrySite(server.Site):
 
     def __init__(self, dispatcher: Dispatcher, clock: IReactorTime, *, scheme: str = "http",
                  max_header_size: int = 16384, websocket: Any = None, header_timeout: float = 20.0,
-                 max_connections: int = 10000, inspector: Inspector | None = None) -> None:
+                 max_connections: int = 10000, inspector: Inspector | None = None,
+                 max_connections_per_ip: int = 256, proxy_protocol: bool = False) -> None:
         super().__init__(EntryResource(), reactor=clock)   # twisted.web's own timers on the same clock
         self.inspector = inspector   # None: the inspector is off, nothing recorded
         self.websocket = websocket  # renders upgrade requests (autobahn's WebSocketResource)
@@ -857,6 +911,11 @@ class EntrySite(server.Site):
         self.channels: set[EntryChannel] = set()
         self.refused_connections = 0
         self.header_timeouts = 0
+        # max_connections_per_ip: counted on the channel once its address is
+        # known (at connect; after the PROXY header when proxy_protocol is on).
+        self.per_ip = PerAddressLimit(max_connections_per_ip)
+        self.proxy_protocol = proxy_protocol
+        self._per_ip_logged: dict[str, float] = {}
         self._sweeper: LoopingCall | None = None
 
     def startFactory(self) -> None:
@@ -886,6 +945,23 @@ class EntrySite(server.Site):
 
     def connection_closed(self, channel: EntryChannel) -> None:
         self.channels.discard(channel)
+
+    @property
+    def refused_per_ip(self) -> int:
+        """Connections answered 503 for ``max_connections_per_ip``."""
+        return self.per_ip.refused
+
+    def log_per_ip_refusal(self, ip: str) -> None:
+        """One warning per address per 10 s: an attack must not flood the log as well."""
+        now = self.clock.seconds()
+        last = self._per_ip_logged.get(ip)
+        if last is not None and now - last < 10.0:
+            return
+        if len(self._per_ip_logged) > 1024:
+            self._per_ip_logged = {a: t for a, t in self._per_ip_logged.items() if now - t < 10.0}
+        self._per_ip_logged[ip] = now
+        _log.warn("{address} holds max_connections_per_ip ({limit}) connections: new ones get 503",
+                  address=ip, limit=self.per_ip.limit)
 
     @property
     def connections(self) -> int:

@@ -20,6 +20,7 @@ from tunneld import tunnel_pb2 as pb
 from tunneld.inspector import Exchange, Inspector
 from tunneld.protocols import headers as h
 from tunneld.protocols.http_entry import Refusal, answer_reason, trace_id_of, without_authorization
+from tunneld.registry.paths import PathError, normalise_path
 from tunneld.tunnel import Tunnel
 
 
@@ -112,7 +113,12 @@ def replay(original: Exchange, dispatcher: Any, inspector: Inspector, clock: Any
     flat = list(original.request_headers)
     host = original.host
     uri = original.path
-    path, _, query = uri.partition("?")
+    raw_path, _, query = uri.partition("?")
+    try:
+        # Routed and judged as the original was: on the normalised path.
+        path = normalise_path(raw_path)
+    except PathError as e:
+        raise ReplayRefused(409, f"the path cannot be routed: {e}") from None
     decision = dispatcher.dispatch(host, path, original.remote, flat)
     if isinstance(decision, Refusal):
         raise ReplayRefused(decision.status if decision.status != 404 else 409,
@@ -126,7 +132,10 @@ def replay(original: Exchange, dispatcher: Any, inspector: Inspector, clock: Any
     msg = pb.TunnelMessage(trace_id=trace_id)
     head = msg.http_request
     head.method = original.method
-    head.url = uri
+    if decision.preserve_path or path == raw_path:
+        head.url = uri
+    else:
+        head.url = f"{path}?{query}" if query else path
     head.host = host
     head.path = path
     head.query = query

@@ -38,8 +38,12 @@ from tunneld.protocols import headers as h
 from tunneld.inspector import Exchange, Inspector
 from tunneld.protocols.http_entry import (Refusal, Target, answer_reason, local_request_id, trace_id_of,
                                           without_authorization)
+from tunneld.logs import ThrottledWarning
+from tunneld.registry.paths import PathError, normalise_path
+from tunneld.registry.per_address import PerAddressLimit
 from tunneld.tunnel import CreditGate, Tunnel
 
+_log = Logger()
 PIECE = 64 * 1024
 CLOSE_LINGER = 10.0       # seconds to wait for the far side's close before cancelling
 _NO_WIRE_CODES = {1005, 1006, 1015}  # never sent in a close frame
@@ -120,15 +124,23 @@ class FrameRelay:
         if self.tunnel is not None and not self.tunnel.send(self.request_id, pb.TunnelMessage(ws_frame=frame)):
             self._pause_socket()
 
+    _turn_hold = False   # reading paused by the per-turn budget (EntryWebSocket's fair share)
+
     def _pause_socket(self) -> None:
         if not self._socket_paused and self.transport is not None:  # type: ignore[attr-defined]
             self._socket_paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if not self._turn_hold:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def writable(self) -> None:
         if self._socket_paused and self.transport is not None:  # type: ignore[attr-defined]
             self._socket_paused = False
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            if not self._turn_hold:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self._credit_back()
+
+    def _credit_back(self) -> None:
+        """Window credit came back (EntryWebSocket feeds what it held back)."""
 
     def credit(self, n: int) -> None:
         if self.tunnel is not None:
@@ -142,7 +154,7 @@ class FrameRelay:
             self._peer_close(frame.close_code, frame.close_reason)
             return
         if proto.state != WebSocketServerProtocol.STATE_OPEN:
-            self._credit.took(s.unit_cost(len(frame.payload)))
+            self._credit.took(s.frame_cost(len(frame.payload)))
             return
         payload = frame.payload
         self.bytes_to_socket += len(payload)
@@ -165,7 +177,7 @@ class FrameRelay:
                 proto.sendMessageFrameData(payload)
             if frame.fin:
                 proto.endMessage()
-        self._credit.took(s.unit_cost(len(payload)))
+        self._credit.took(s.frame_cost(len(payload)))
 
     def _peer_close(self, code: int, reason: str) -> None:
         """The far side closed: close this socket the same way."""
@@ -210,10 +222,99 @@ class FrameRelay:
 # -- server side: the external client's connection -------------------------------------
 
 
+#: Fair share per connection: what one external WebSocket may have parsed per reactor turn.
+TURN_BYTES = 64 * 1024
+TURN_FRAMES = 64
+_SLICE = 16 * 1024   # bytes handed to autobahn at once (it copies its buffer once per frame)
+
+
 class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
-    """An external WebSocket; the tunnel exchange's handler on the server."""
+    """An external WebSocket; the tunnel exchange's handler on the server.
+
+    Fair share: autobahn parses everything a socket read brought at once, so
+    one client sending 7-byte frames turns each 64 KiB read into ~9,000
+    frames (and tunnel messages) handled in one reactor turn while every other
+    connection waits.  Here a read goes into a backlog handed to autobahn at
+    most ``TURN_BYTES`` per reactor turn, and autobahn's parse loop
+    (``consumeData``) stops after ``TURN_FRAMES`` frames, leaving the rest in
+    its buffer.  What is left waits for the next turn (``callLater(0)``) with
+    the socket paused, so a flooding WebSocket slows itself, not the others,
+    and what it can make the server hold stays bounded.
+    """
 
     factory: EntryWebSocketFactory
+    _backlog = b""
+    _backlog_pos = 0
+    _turn_call: Any = None
+    _frames = 0          # frames parsed so far (autobahn's onFrameBegin)
+    _turn_start = 0      # ... when this turn began
+    _capped = False      # this turn's frame budget ran out with frames left in autobahn's buffer
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._backlog_pos < len(self._backlog):
+            self._backlog = self._backlog[self._backlog_pos:] + data
+        else:
+            self._backlog = data
+        self._backlog_pos = 0
+        if self._turn_call is None and not self._socket_paused:
+            self._feed()
+
+    def onFrameBegin(self) -> None:
+        self._frames += 1
+        super().onFrameBegin()
+
+    def consumeData(self) -> None:
+        if self.state not in (WebSocketServerProtocol.STATE_OPEN, WebSocketServerProtocol.STATE_CLOSING):
+            super().consumeData()   # the handshake
+            return
+        # autobahn's loop, with the turn's frame budget.
+        while self.processData() and self.state != WebSocketServerProtocol.STATE_CLOSED:
+            if self._frames - self._turn_start >= TURN_FRAMES:
+                self._capped = bool(self.data)
+                return
+
+    def _feed(self) -> None:
+        self._turn_call = None
+        self._turn_start = self._frames
+        self._capped = False
+        if self.data and self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.consumeData()   # what the last turn's budget left in autobahn's buffer
+        backlog = self._backlog
+        pos = self._backlog_pos
+        fed = 0
+        while pos < len(backlog) and not self._socket_paused and not self._capped and fed < TURN_BYTES:
+            if self.state == WebSocketServerProtocol.STATE_CLOSED or self.transport is None:
+                backlog, pos = b"", 0   # nothing more will be read
+                break
+            piece = backlog[pos:pos + _SLICE]
+            pos += len(piece)
+            fed += len(piece)
+            # autobahn's own entry point minus dataReceived's eager debug-log formatting.
+            self._dataReceived(piece)
+        self._backlog, self._backlog_pos = (backlog, pos) if pos < len(backlog) else (b"", 0)
+        more = bool(self._backlog) or self._capped
+        if more and not self._socket_paused:
+            # Over budget: the rest next turn, the socket paused meanwhile (bounded backlog).
+            self._hold(True)
+            self._turn_call = self.factory.clock.callLater(0, self._feed)
+        elif not more:
+            self._hold(False)
+
+    def _hold(self, on: bool) -> None:
+        if on == self._turn_hold:
+            return
+        self._turn_hold = on
+        transport = self.transport
+        if transport is None or self._socket_paused:
+            return   # flow control holds the socket anyway
+        if on:
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()
+
+    def _credit_back(self) -> None:
+        if (self._backlog or self._capped) and self._turn_call is None:
+            self._turn_call = self.factory.clock.callLater(0, self._feed)
 
     def __init__(self) -> None:
         super().__init__()
@@ -231,6 +332,8 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self.reason = ""         # why tunneld refused or ended the handshake itself ("" = the backend's answer)
         self.client_id = ""      # the client serving it
         self._deny_headers: list[tuple[str, str]] = []
+        self._ip_slot = ""      # the address whose max_websockets_per_ip slot this WebSocket holds
+        self._route_slot = ""   # the route whose max_websockets slot it holds
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         # autobahn's ConnectionDeny carries no headers; a 401 needs WWW-Authenticate.
@@ -238,7 +341,12 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
 
     def connectionLost(self, reason: Any) -> None:
         channel = getattr(self.entry_request, "channel", None)
+        if self._turn_call is not None and self._turn_call.active():
+            self._turn_call.cancel()
+        self._turn_call = None
+        self._backlog, self._backlog_pos = b"", 0
         super().connectionLost(reason)
+        self._release_slots()
         release = getattr(channel, "release", None)
         if release is not None:
             release()   # the HTTP entry counted this connection (max_connections)
@@ -250,11 +358,19 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         flat = [(n, v) for n, vs in req.requestHeaders.getAllRawHeaders() for v in vs]
         host = (h.get_first(flat, b"host") or b"").decode("latin-1")
         uri = req.uri.decode("latin-1")
-        path = uri.partition("?")[0]
+        raw_path, _, query = uri.partition("?")
         self.trace_id = trace_id_of(flat)
-        self._path = path
+        self._path = raw_path
         client_ip = h.client_ip(req)
-        decision = factory.dispatcher.dispatch(host, path, client_ip, flat)
+        decision: Target | Refusal
+        try:
+            # Routes and access rules judge the path as the backend will understand it.
+            path = normalise_path(raw_path)
+        except PathError as e:
+            path = raw_path
+            decision = Refusal(400, str(e))
+        else:
+            decision = factory.dispatcher.dispatch(host, path, client_ip, flat)
         if factory.inspector is not None:
             rec = self.rec = factory.inspector.begin("websocket")
             rec.trace_id = self.trace_id
@@ -277,6 +393,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
             raise ConnectionDeny(decision.status, decision.message)
         self.route = decision.route
         self.client_id = decision.client_id
+        self._take_slots(decision, client_ip)
         if decision.max_message_size:
             self.maxMessagePayloadSize = decision.max_message_size
         if decision.strip_authorization:
@@ -285,7 +402,8 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
                                                                  host=host, set_host=decision.set_host)
                if n.lower() not in _HANDSHAKE_HEADERS]
         msg = pb.TunnelMessage(trace_id=self.trace_id, ws_request=pb.WebSocketRequest(
-            url=uri, host=host, headers=h.to_pb(fwd), subprotocols=list(request.protocols), route=decision.route,
+            url=uri if decision.preserve_path or path == raw_path else (f"{path}?{query}" if query else path),
+            host=host, headers=h.to_pb(fwd), subprotocols=list(request.protocols), route=decision.route,
             scheme="wss" if factory.scheme == "https" else "ws", remote_addr=client_ip,
         ))
         self.tunnel = decision.tunnel
@@ -300,6 +418,39 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         if self.rec is not None:
             self.rec.request_id = self.request_id
         return self._handshake
+
+    def _take_slots(self, target: Target, address: str) -> None:
+        """Count this WebSocket against max_websockets_per_ip and the route's max_websockets, or deny it (503)."""
+        factory = self.factory
+        self.address = address
+        if not factory.per_ip.acquire(address):
+            self.status = 503
+            self.refusal = "websockets_per_ip"
+            raise ConnectionDeny(503, f"too many WebSockets from your address "
+                                      f"({factory.per_ip.limit} open, max_websockets_per_ip)")
+        self._ip_slot = address
+        limit = target.max_websockets
+        held = factory.per_route.get(target.route, 0)
+        if limit and held >= limit:
+            self._release_slots()
+            self.status = 503
+            self.refusal = "route_max_websockets"
+            raise ConnectionDeny(503, f"route {target.route} has {limit} WebSockets open (max_websockets)")
+        factory.per_route[target.route] = held + 1
+        self._route_slot = target.route
+
+    def _release_slots(self) -> None:
+        factory = self.factory
+        if self._ip_slot:
+            ip, self._ip_slot = self._ip_slot, ""
+            factory.per_ip.release(ip)
+        if self._route_slot:
+            route, self._route_slot = self._route_slot, ""
+            left = factory.per_route.get(route, 0) - 1
+            if left > 0:
+                factory.per_route[route] = left
+            else:
+                factory.per_route.pop(route, None)
 
     def _timed_out(self, timeout: float) -> None:
         self._timer = None
@@ -350,6 +501,10 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self.tunnel = None
         self.closed()
         if self._handshake is not None:
+            if by_peer and code == s.OVERLOADED:
+                # A full limit at the client: said in words here too, not only to the external client.
+                self.factory.refusals.note(self.clock.seconds(), message, request_id=self.request_id,
+                                           trace_id=self.trace_id, route=self.route)
             self._deny(code if code in _PASSED_STATUS else 502, message)
             return
         if self.state == WebSocketServerProtocol.STATE_OPEN:
@@ -391,8 +546,12 @@ class EntryWebSocketFactory(WebSocketServerFactory):
     inspector: Inspector | None = None   # set by the tap when the inspector is on
 
     def __init__(self, dispatcher: Any, clock: Any, *, scheme: str = "http", ping_interval: int = 0,
-                 max_message_size: int = 16 * 1024 * 1024) -> None:
+                 max_message_size: int = 16 * 1024 * 1024, max_websockets_per_ip: int = 64) -> None:
         super().__init__()
+        # Open WebSockets per address (max_websockets_per_ip) and per route (its max_websockets).
+        self.per_ip = PerAddressLimit(max_websockets_per_ip)
+        self.per_route: dict[str, int] = {}
+        self.refusals = ThrottledWarning(_log, "a client refused a WebSocket")
         self.dispatcher = dispatcher
         self.clock = clock
         self.scheme = scheme

@@ -14,6 +14,17 @@ whenever a stream's request table grows or shrinks) moves the entry between
 buckets; :meth:`choose` looks at the least loaded bucket only, and finds the
 next stream after the last chosen one by bisection.  Unhealthy streams in that
 bucket are skipped (a scan, but :meth:`expire` removes them regularly).
+
+Stalls: a client that heartbeats but never reads looks healthy, yet every
+request sent to it waits for window credit that never comes.  The owner
+calls :meth:`StreamRegistry.watch_stalls` every second or so with, for each
+stream that has requests in flight, how many of them wait for credit and a
+counter of request messages received from it (its progress).  A stream with
+requests waiting and no progress for ``stall_timeout`` is *stalled*:
+:meth:`choose` passes over it while the group has a healthy stream that is
+not stalled (and still uses it when it is the last one), and it stays stalled
+until it makes progress again, idle or not; :meth:`watch_stalls` returns the
+streams that stayed stalled longer than ``heartbeat_timeout``, to be dropped.
 """
 
 from __future__ import annotations
@@ -38,6 +49,9 @@ class StreamEntry:
     version: str = ""
     cancelled: bool = False
     rtt: float | None = None  # last heartbeat round trip, seconds
+    stalled_since: float | None = None   # stalled (requests waiting, no progress) since then; None: not stalled
+    waiting_since: float | None = None   # requests have waited for credit without progress since then
+    progress_mark: int = field(default=-1, repr=False)   # the progress counter when last looked at
     _in_flight: int = field(default=0, repr=False)
     _order: int = field(default=-1, repr=False)                           # connection number, set by add
     _registry: StreamRegistry | None = field(default=None, repr=False)   # while registered
@@ -79,6 +93,7 @@ class StreamRegistry:
         # group -> in-flight count -> sorted connection numbers; number -> entry
         self._loads: dict[str, dict[int, list[int]]] = {}
         self._by_order: dict[int, StreamEntry] = {}
+        self.stalled: set[StreamEntry] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -104,6 +119,7 @@ class StreamRegistry:
         del self._by_order[entry._order]
         self._unbucket(entry)
         entry._registry = None
+        self.stalled.discard(entry)
         members = self._groups[entry.group]
         del members[key]
         if not members:
@@ -154,6 +170,7 @@ class StreamRegistry:
         last = self._last_chosen.get(group, -1)
         timeout = self.heartbeat_timeout
         by_order = self._by_order
+        fallback: StreamEntry | None = None   # a healthy but stalled stream: only if nothing better
         for load in (loads if len(loads) == 1 else sorted(loads)):
             bucket = loads[load]
             n = len(bucket)
@@ -162,9 +179,56 @@ class StreamRegistry:
                 order = bucket[i - n] if i >= n else bucket[i]
                 entry = by_order[order]
                 if not entry.cancelled and now - entry.last_heartbeat <= timeout:
+                    if entry.stalled_since is not None:
+                        if fallback is None:
+                            fallback = entry
+                        continue
                     self._last_chosen[group] = order
                     return entry
-        return None
+        if fallback is not None:
+            self._last_chosen[group] = fallback._order
+        return fallback
+
+    def busy(self) -> list[StreamEntry]:
+        """Streams with requests in flight, and the stalled ones (what :meth:`watch_stalls` needs to see)."""
+        by_order = self._by_order
+        found = [by_order[order] for loads in self._loads.values() for load, bucket in loads.items() if load
+                 for order in bucket]
+        found.extend(entry for entry in self.stalled if entry._in_flight == 0)
+        return found
+
+    def watch_stalls(self, now: float, observed: Iterable[tuple[StreamEntry, int, int]],
+                     stall_timeout: float) -> tuple[list[StreamEntry], list[StreamEntry], list[StreamEntry]]:
+        """Update stall state from ``(entry, requests waiting for credit, progress counter)`` triples.
+
+        Returns ``(newly stalled, recovered, stalled past heartbeat_timeout)``.
+        """
+        started: list[StreamEntry] = []
+        recovered: list[StreamEntry] = []
+        overdue: list[StreamEntry] = []
+        for entry, waiting, progress in observed:
+            if progress != entry.progress_mark:
+                entry.progress_mark = progress
+                entry.waiting_since = now if waiting else None
+                if entry.stalled_since is not None:
+                    entry.stalled_since = None
+                    self.stalled.discard(entry)
+                    recovered.append(entry)
+                continue
+            if entry.stalled_since is not None:
+                if now - entry.stalled_since > self.heartbeat_timeout:
+                    overdue.append(entry)
+                continue
+            if not waiting:
+                entry.waiting_since = None
+                continue
+            if entry.waiting_since is None:
+                entry.waiting_since = now
+            elif now - entry.waiting_since >= stall_timeout:
+                entry.stalled_since = now
+                self.stalled.add(entry)
+                started.append(entry)
+        return started, recovered, overdue
 
     def acquire(self, entry: StreamEntry) -> None:
         """A request was sent on ``entry``."""

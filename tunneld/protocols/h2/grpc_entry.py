@@ -51,6 +51,7 @@ from tunneld.protocols import headers as hd
 from tunneld.protocols.h2.connection import (CANCEL, NO_ERROR, H2Connection, H2Limits, Headers, Incoming,
                                              StreamHandler)
 from tunneld.protocols.http_entry import trace_id_of
+from tunneld.registry.per_address import PerAddressLimit
 from tunneld.tunnel import Tunnel
 
 _MAX_CHUNK = s.MAX_CHUNK
@@ -384,6 +385,7 @@ class GrpcEntryConnection(H2Connection):
         self.inspector = factory.inspector
         self.address = ""
         self.peer_known = False
+        self.ip_slot = ""       # the address whose max_connections_per_ip slot this connection holds
         self.cancelled = 0
 
     def connectionMade(self) -> None:
@@ -398,6 +400,9 @@ class GrpcEntryConnection(H2Connection):
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         self.factory.release(self)
+        if self.ip_slot:
+            ip, self.ip_slot = self.ip_slot, ""
+            self.factory.per_ip.release(ip)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.peer_known:
@@ -406,6 +411,8 @@ class GrpcEntryConnection(H2Connection):
             self.peer_known = True
             assert self.transport is not None
             self.address = hd.address_ip(self.transport.getPeer())
+            if not self.factory.take_ip_slot(self):
+                return
         super().dataReceived(data)
 
     def stream_opened(self, stream_id: int) -> StreamHandler | None:
@@ -420,11 +427,14 @@ class GrpcEntryFactory(ServerFactory):
     log = Logger()
 
     def __init__(self, dispatcher: GrpcDispatcher, clock: Any, *, limits: H2Limits = H2Limits(),
-                 max_connections: int = 10000, inspector: Inspector | None = None) -> None:
+                 max_connections: int = 10000, max_connections_per_ip: int = 256,
+                 inspector: Inspector | None = None) -> None:
         self.dispatcher = dispatcher
         self.clock = clock
         self.limits = limits
         self.max_connections = max_connections
+        self.per_ip = PerAddressLimit(max_connections_per_ip)
+        self._per_ip_logged: dict[str, float] = {}
         self.inspector = inspector
         self.connections: set[GrpcEntryConnection] = set()
         self.refused = 0
@@ -441,6 +451,22 @@ class GrpcEntryFactory(ServerFactory):
             self.refused += 1
             return f"max_connections {self.max_connections} reached"
         return ""
+
+    def take_ip_slot(self, conn: GrpcEntryConnection) -> bool:
+        """Count ``conn`` against its address's ``max_connections_per_ip``; beyond it: GOAWAY and close."""
+        if self.per_ip.acquire(conn.address):
+            conn.ip_slot = conn.address
+            return True
+        now = self.clock.seconds()
+        if now - self._per_ip_logged.get(conn.address, -60.0) >= 10.0:   # one line per address per 10 s
+            if len(self._per_ip_logged) > 1024:
+                self._per_ip_logged = {a: t for a, t in self._per_ip_logged.items() if now - t < 10.0}
+            self._per_ip_logged[conn.address] = now
+            self.log.warn("{address} holds max_connections_per_ip ({limit}) gRPC connections: new ones get GOAWAY",
+                          address=conn.address, limit=self.per_ip.limit)
+        conn.ended_by = "max_connections_per_ip"
+        conn.terminate(0xB)
+        return False
 
     def release(self, conn: GrpcEntryConnection) -> None:
         self.connections.discard(conn)

@@ -43,7 +43,7 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.inspector import Exchange
 from tunneld.protocols import headers as h
-from tunneld.protocols.h2.connection import (CANCEL, INTERNAL_ERROR, H2Connection, H2Limits, Headers,
+from tunneld.protocols.h2.connection import (CANCEL, ENHANCE_YOUR_CALM, INTERNAL_ERROR, H2Connection, H2Limits, Headers,
                                              Incoming, StreamHandler)
 from tunneld.protocols.http_entry import (_NOT_FORWARDED, _NOT_FORWARDED_AUTH, _PASSED_CODES, Refusal, Target,
                                           trace_id_of)
@@ -442,12 +442,21 @@ class H2EntryConnection(H2Connection):
         self.place = place      # the site's unused HTTP/1.1 channel: this connection's place in its count
         self.since = since      # when the connection came (before the switch read the preface)
         self.address = ""
+        self.ip_slot = ""       # the address whose max_connections_per_ip slot this connection holds
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.address = h.address_ip(self.transport.getPeer())
         self.entry.connections.add(self)
         super().connectionMade()
+        # The switch read the preface, so a PROXY header (if any) was read too: the address is the caller's.
+        if self.site.per_ip.acquire(self.address):
+            self.ip_slot = self.address
+        else:
+            self.site.log_per_ip_refusal(self.address)
+            self.ended_by = "max_connections_per_ip"
+            self.terminate(ENHANCE_YOUR_CALM)
+            return
         timeout = self.limits.header_timeout
         if timeout > 0 and self.since is not None and not self.handlers:
             # header_timeout counts from the connect, as on HTTP/1.1, not from the preface.
@@ -456,6 +465,9 @@ class H2EntryConnection(H2Connection):
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
         self.entry.connections.discard(self)
+        if self.ip_slot:
+            ip, self.ip_slot = self.ip_slot, ""
+            self.site.per_ip.release(ip)
         release = getattr(self.place, "release", None)
         self.place = None
         if release is not None:
