@@ -6,11 +6,13 @@ from typing import Any
 
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
+from tunneld.registry.per_address import PerAddressLimit
 from tunneld.protocols.h2.connection import CANCEL, Incoming
 from tunneld.protocols.h2.http_entry import H2EntryStream, error_body, request_fields, response_head
 from tunneld.protocols.h2.switch import PREFACE, EntrySwitchFactory, sniff
@@ -34,11 +36,15 @@ class FakeChannel:
         self.site = site
         self.counted = counted
         self.head_since: float | None = None
+        self.ip_slot = ""
 
     def release(self) -> None:
         if self.counted:
             self.counted = False
             self.site.count -= 1
+        if self.ip_slot:
+            ip, self.ip_slot = self.ip_slot, ""
+            self.site.per_ip.release(ip)
 
 
 class FakeHttp1(Recording):
@@ -60,6 +66,8 @@ class FakeSite:
         self.count = 0
         self.refuse = refuse
         self.header_timeouts = 0
+        self.proxy_protocol = False
+        self.per_ip = PerAddressLimit(0)
 
     def buildProtocol(self, addr: Any) -> FakeHttp1:
         if self.refuse:
@@ -235,6 +243,10 @@ class FakeSiteForStreams:
         self.clock = clock
         self.inspector = None
         self.scheme = "https"
+        self.per_ip = PerAddressLimit(0)   # no cap: counted only
+
+    def log_per_ip_refusal(self, ip: str) -> None:
+        raise AssertionError(f"{ip} refused without a cap")
 
 
 class FakeConn:
@@ -422,3 +434,23 @@ class ConnectionTests(TestCase):
         self.assertTrue(transport.disconnecting)
         conn.connectionLost(None)
         self.assertEqual((place.counted, place.site.count, entry.connections), (False, 0, set()))
+
+
+class SwitchPerAddressTests(SynchronousTestCase):
+    def test_undecided_connections_count_against_their_address(self) -> None:
+        """Connections that never send a byte still hold their address's max_connections_per_ip slots."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        site = FakeSite(Clock())
+        site.per_ip = PerAddressLimit(2)
+        factory = EntrySwitchFactory(site, None)  # type: ignore[arg-type]
+        switches = []
+        for _ in range(3):
+            switch = factory.buildProtocol(IPv4Address("TCP", "127.0.0.2", 1234))
+            switch.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.2", 1234)))
+            switches.append(switch)
+        self.assertEqual(site.per_ip.held("127.0.0.2"), 2)
+        self.assertIsNotNone(switches[2].chosen)   # the third went to the HTTP/1.1 side at once (its 503)
+        switches[0].connectionLost(None)
+        self.assertEqual(site.per_ip.held("127.0.0.2"), 1)

@@ -702,7 +702,7 @@ class EntryChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.head_since = self.site.clock.seconds()
-        if not self.site.proxy_protocol:
+        if not self.site.proxy_protocol and not self.ip_slot:   # the HTTP/2 switch may have taken it at connect
             self._take_ip_slot()
 
     def _take_ip_slot(self) -> bool:

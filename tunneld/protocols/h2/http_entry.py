@@ -449,8 +449,11 @@ class H2EntryConnection(H2Connection):
         self.address = h.address_ip(self.transport.getPeer())
         self.entry.connections.add(self)
         super().connectionMade()
-        # The switch read the preface, so a PROXY header (if any) was read too: the address is the caller's.
-        if self.site.per_ip.acquire(self.address):
+        # The switch counted the connection at connect, unless a PROXY header hid the address then; it has
+        # read the preface since, so the header (if any) was read too: the address is the caller's.
+        if getattr(self.place, "ip_slot", ""):
+            pass
+        elif self.site.per_ip.acquire(self.address):
             self.ip_slot = self.address
         else:
             self.site.log_per_ip_refusal(self.address)

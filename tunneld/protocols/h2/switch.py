@@ -29,6 +29,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.policies import ProtocolWrapper
 
+from tunneld.protocols.headers import address_ip
+
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -72,6 +74,15 @@ class ProtocolSwitch(Protocol):
             # Refused by the site (max_connections ...): its answer goes out now, whatever was offered.
             self._hand_over(self.http1)
             return
+        if not site.proxy_protocol:
+            # The address is known now: an undecided connection counts against max_connections_per_ip
+            # too (else one address could hold any number by never sending a byte).
+            ip = address_ip(self.transport.getPeer())
+            if site.per_ip.limit and site.per_ip.held(ip) >= site.per_ip.limit:
+                self._hand_over(self.http1)   # the channel answers 503, closes and counts the refusal
+                return
+            if site.per_ip.acquire(ip):
+                channel.ip_slot = ip          # released with the channel (undecided, HTTP/1.1 or HTTP/2)
         if site.header_timeout > 0:
             self.timer = site.clock.callLater(site.header_timeout, self._undecided)
 
