@@ -68,6 +68,10 @@ grpc_listen = "{f'127.0.0.1:{ports["grpc_entry"]}' if grpc_on else ''}"
 admin_listen = ""
 access_log = false
 drain_timeout = 2
+# Every load generator and the idle-WebSocket step come from 127.0.0.1: the per-address caps
+# (issue 20) would refuse them, so they are lifted here, as behind a trusted load balancer.
+max_connections_per_ip = 100000
+max_websockets_per_ip = 100000
 
 [[groups]]
 name = "default"
@@ -109,6 +113,7 @@ group = "{group}"
 token = "{token}"
 client_id = "{client_id}"
 max_concurrency = {max_concurrency}
+max_websockets = {max_concurrency}
 access_log = false
 drain_timeout = 2
 """
