@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import grpc
 
 from twisted.internet import reactor
+from twisted.trial.unittest import SkipTest
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.web import server
 from twisted.logger import formatEvent, globalLogPublisher
@@ -214,6 +215,33 @@ class PathTests(AccessTestCase):
         self.assertEqual(status_of((yield self.in_thread(get, port, "/chat//a/./b/%7e?q=%2e%2e&x=/"))), 200)
         self.assertEqual(status_of((yield self.in_thread(get, port, "/x/../raw//a/./%7e?q=1"))), 200)
         self.assertEqual(self.chat.paths(), ["/chat/a/b/~?q=%2e%2e&x=/", "/x/../raw//a/./%7e?q=1"])
+        yield self.assert_released()
+
+    @inlineCallbacks
+    def test_http2_requests_are_routed_on_the_normalised_path_too(self) -> Any:
+        """Over HTTP/2 (h2c) the same variants reach route chat with /chat/, and cannot walk around admin's deny_ips."""
+        import shutil
+        import subprocess
+
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed")
+        port = self.stack.http_port
+
+        def h2_status(path: str) -> int:
+            out = subprocess.run(["curl", "-s", "--http2-prior-knowledge", "--path-as-is", "-o", "/dev/null",
+                                  "-w", "%{http_code} %{http_version}", f"http://127.0.0.1:{port}{path}"],
+                                 capture_output=True, text=True, timeout=30)
+            code, version = out.stdout.split()
+            assert version == "2", out.stdout
+            return int(code)
+
+        for raw in ("/x/../chat/", "/%63hat/", "//chat/"):
+            self.assertEqual((yield self.in_thread(h2_status, raw)), 200, raw)
+        self.assertEqual(self.chat.paths(), ["/chat/"] * 3)
+        for raw in ("/x/../admin/", "/%61dmin/", "//admin/"):
+            self.assertEqual((yield self.in_thread(h2_status, raw)), 403, raw)
+        self.assertEqual((yield self.in_thread(h2_status, "/chat%2Fx")), 400)
+        self.assertEqual(len(self.chat.seen), 3)
         yield self.assert_released()
 
     @inlineCallbacks

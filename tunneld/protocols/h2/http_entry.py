@@ -45,6 +45,7 @@ from tunneld.inspector import Exchange
 from tunneld.protocols import headers as h
 from tunneld.protocols.h2.connection import (CANCEL, ENHANCE_YOUR_CALM, INTERNAL_ERROR, H2Connection, H2Limits, Headers,
                                              Incoming, StreamHandler)
+from tunneld.registry.paths import PathError, normalise_path
 from tunneld.protocols.http_entry import (_NOT_FORWARDED, _NOT_FORWARDED_AUTH, _PASSED_CODES, Refusal, Target,
                                           trace_id_of)
 
@@ -144,7 +145,15 @@ class H2EntryStream:
             conn.ack(self.stream_id, len(body))
             return
         client_ip = conn.address
-        decision = site.dispatcher.dispatch(host, self.path, client_ip, flat)
+        raw_path = self.path
+        decision: Target | Refusal
+        try:
+            # Routes and access rules judge the path as the backend will understand it (as on HTTP/1.1).
+            self.path = normalise_path(raw_path)
+        except PathError as e:
+            decision = Refusal(400, str(e))
+        else:
+            decision = site.dispatcher.dispatch(host, self.path, client_ip, flat)
         if site.inspector is not None:
             self._record(site.inspector, flat, host, uri, client_ip, decision)
         if isinstance(decision, Refusal):
@@ -169,7 +178,10 @@ class H2EntryStream:
         msg = pb.TunnelMessage(trace_id=self.trace_id)
         head = msg.http_request
         head.method = self.method
-        head.url = uri
+        if decision.preserve_path or self.path == raw_path:
+            head.url = uri
+        else:
+            head.url = f"{self.path}?{query}" if query else self.path
         head.host = host
         head.path = self.path
         if query:
