@@ -116,6 +116,26 @@ class Dispatcher(Protocol):
         """A request ended (for logs and metrics)."""
 
 
+def route_normalised(dispatcher: Dispatcher, host: str, raw_path: str, address: str,
+                     headers: list[tuple[bytes, bytes]]) -> tuple[str, Target | Refusal]:
+    """(path, decision): routes and access rules judge the path as the backend will understand it
+    (RFC 3986 normalised); a path that cannot be normalised is a 400 and reaches no route.
+
+    The one place every entry (HTTP/1.1, HTTP/2, the WebSocket handshake, replay) asks it."""
+    try:
+        path = normalise_path(raw_path)
+    except PathError as e:
+        return raw_path, Refusal(400, str(e))
+    return path, dispatcher.dispatch(host, path, address, headers)
+
+
+def backend_url(target: Target, uri: str, raw_path: str, path: str, query: str) -> str:
+    """The origin-form target the backend gets: the normalised path, or the raw one with ``preserve_path``."""
+    if target.preserve_path or path == raw_path:
+        return uri
+    return f"{path}?{query}" if query else path
+
+
 def without_authorization(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """``pairs`` minus every ``Authorization`` header (checked here, never forwarded)."""
     return [(n, v) for n, v in pairs if n.lower() != b"authorization"]
@@ -199,15 +219,7 @@ class HttpExchange:
         request_id = headers.getRawHeaders(b"x-request-id")
         self.trace_id = trace_id_from(traceparent[0] if traceparent else None, request_id[0] if request_id else None)
         client_ip = req.client_ip
-        decision: Target | Refusal
-        try:
-            # Routes and access rules judge the path as the backend will understand it.
-            path = normalise_path(raw_path)
-        except PathError as e:
-            path = raw_path
-            decision = Refusal(400, str(e))
-        else:
-            decision = self.dispatcher.dispatch(host, path, client_ip, flat)
+        path, decision = route_normalised(self.dispatcher, host, raw_path, client_ip, flat)
         if self.inspector is not None:
             self._record(req, flat, host, uri, client_ip, decision)
         if isinstance(decision, Refusal):
@@ -224,10 +236,7 @@ class HttpExchange:
         msg = pb.TunnelMessage(trace_id=self.trace_id)
         head = msg.http_request
         head.method = req.method.decode("latin-1")
-        if decision.preserve_path or path == raw_path:
-            head.url = uri
-        else:
-            head.url = f"{path}?{query}" if query else path
+        head.url = backend_url(decision, uri, raw_path, path, query)
         head.host = host
         head.path = path
         if query:

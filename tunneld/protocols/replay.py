@@ -19,8 +19,8 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.inspector import Exchange, Inspector
 from tunneld.protocols import headers as h
-from tunneld.protocols.http_entry import Refusal, answer_reason, trace_id_of, without_authorization
-from tunneld.registry.paths import PathError, normalise_path
+from tunneld.protocols.http_entry import (Refusal, answer_reason, backend_url, route_normalised, trace_id_of,
+                                          without_authorization)
 from tunneld.tunnel import Tunnel
 
 
@@ -114,12 +114,10 @@ def replay(original: Exchange, dispatcher: Any, inspector: Inspector, clock: Any
     host = original.host
     uri = original.path
     raw_path, _, query = uri.partition("?")
-    try:
-        # Routed and judged as the original was: on the normalised path.
-        path = normalise_path(raw_path)
-    except PathError as e:
-        raise ReplayRefused(409, f"the path cannot be routed: {e}") from None
-    decision = dispatcher.dispatch(host, path, original.remote, flat)
+    # Routed and judged as the original was: on the normalised path.
+    path, decision = route_normalised(dispatcher, host, raw_path, original.remote, flat)
+    if isinstance(decision, Refusal) and decision.status == 400:
+        raise ReplayRefused(409, f"the path cannot be routed: {decision.message}")
     if isinstance(decision, Refusal):
         raise ReplayRefused(decision.status if decision.status != 404 else 409,
                             f"the route refuses it now: {decision.message}")
@@ -132,10 +130,7 @@ def replay(original: Exchange, dispatcher: Any, inspector: Inspector, clock: Any
     msg = pb.TunnelMessage(trace_id=trace_id)
     head = msg.http_request
     head.method = original.method
-    if decision.preserve_path or path == raw_path:
-        head.url = uri
-    else:
-        head.url = f"{path}?{query}" if query else path
+    head.url = backend_url(decision, uri, raw_path, path, query)
     head.host = host
     head.path = path
     head.query = query

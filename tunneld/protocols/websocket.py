@@ -36,10 +36,9 @@ from tunneld import session as s
 from tunneld import tunnel_pb2 as pb
 from tunneld.protocols import headers as h
 from tunneld.inspector import Exchange, Inspector
-from tunneld.protocols.http_entry import (Refusal, Target, answer_reason, local_request_id, trace_id_of,
-                                          without_authorization)
+from tunneld.protocols.http_entry import (Refusal, Target, answer_reason, backend_url, local_request_id,
+                                          route_normalised, trace_id_of, without_authorization)
 from tunneld.logs import ThrottledWarning
-from tunneld.registry.paths import PathError, normalise_path
 from tunneld.registry.per_address import PerAddressLimit
 from tunneld.tunnel import CreditGate, Tunnel
 
@@ -362,15 +361,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
         self.trace_id = trace_id_of(flat)
         self._path = raw_path
         client_ip = h.client_ip(req)
-        decision: Target | Refusal
-        try:
-            # Routes and access rules judge the path as the backend will understand it.
-            path = normalise_path(raw_path)
-        except PathError as e:
-            path = raw_path
-            decision = Refusal(400, str(e))
-        else:
-            decision = factory.dispatcher.dispatch(host, path, client_ip, flat)
+        path, decision = route_normalised(factory.dispatcher, host, raw_path, client_ip, flat)
         if factory.inspector is not None:
             rec = self.rec = factory.inspector.begin("websocket")
             rec.trace_id = self.trace_id
@@ -402,7 +393,7 @@ class EntryWebSocket(FrameRelay, WebSocketServerProtocol):
                                                                  host=host, set_host=decision.set_host)
                if n.lower() not in _HANDSHAKE_HEADERS]
         msg = pb.TunnelMessage(trace_id=self.trace_id, ws_request=pb.WebSocketRequest(
-            url=uri if decision.preserve_path or path == raw_path else (f"{path}?{query}" if query else path),
+            url=backend_url(decision, uri, raw_path, path, query),
             host=host, headers=h.to_pb(fwd), subprotocols=list(request.protocols), route=decision.route,
             scheme="wss" if factory.scheme == "https" else "ws", remote_addr=client_ip,
         ))

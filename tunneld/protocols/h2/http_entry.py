@@ -45,9 +45,8 @@ from tunneld.inspector import Exchange
 from tunneld.protocols import headers as h
 from tunneld.protocols.h2.connection import (CANCEL, ENHANCE_YOUR_CALM, INTERNAL_ERROR, H2Connection, H2Limits, Headers,
                                              Incoming, StreamHandler)
-from tunneld.registry.paths import PathError, normalise_path
 from tunneld.protocols.http_entry import (_NOT_FORWARDED, _NOT_FORWARDED_AUTH, _PASSED_CODES, Refusal, Target,
-                                          trace_id_of)
+                                          backend_url, route_normalised, trace_id_of)
 
 _MAX_CHUNK = s.MAX_CHUNK
 
@@ -146,14 +145,7 @@ class H2EntryStream:
             return
         client_ip = conn.address
         raw_path = self.path
-        decision: Target | Refusal
-        try:
-            # Routes and access rules judge the path as the backend will understand it (as on HTTP/1.1).
-            self.path = normalise_path(raw_path)
-        except PathError as e:
-            decision = Refusal(400, str(e))
-        else:
-            decision = site.dispatcher.dispatch(host, self.path, client_ip, flat)
+        self.path, decision = route_normalised(site.dispatcher, host, raw_path, client_ip, flat)
         if site.inspector is not None:
             self._record(site.inspector, flat, host, uri, client_ip, decision)
         if isinstance(decision, Refusal):
@@ -178,10 +170,7 @@ class H2EntryStream:
         msg = pb.TunnelMessage(trace_id=self.trace_id)
         head = msg.http_request
         head.method = self.method
-        if decision.preserve_path or self.path == raw_path:
-            head.url = uri
-        else:
-            head.url = f"{self.path}?{query}" if query else self.path
+        head.url = backend_url(decision, uri, raw_path, self.path, query)
         head.host = host
         head.path = self.path
         if query:
