@@ -329,3 +329,34 @@ class AnswerReasonTests(SynchronousTestCase):
         for (status, message), reason in cases:
             self.assertEqual(answer_reason(status, message), reason, message)
         self.assertEqual(answer_reason(403, "forbidden", "ip_denied"), "access refused (ip_denied)")
+
+
+class RouteNormalisedTests(SynchronousTestCase):
+    """The one place every entry turns a raw path into a routing decision and the backend's URL."""
+
+    def test_dispatch_sees_the_normalised_path_and_escapes_are_400(self) -> None:
+        """The dispatcher is asked with the normalised path; a root escape never reaches it."""
+        from tunneld.protocols.http_entry import Refusal, route_normalised
+
+        asked: list[str] = []
+
+        class Dispatcher:
+            def dispatch(self, host: str, path: str, address: str = "", headers: Any = None) -> Refusal:
+                asked.append(path)
+                return Refusal(404, "none")
+
+        path, decision = route_normalised(Dispatcher(), "h", "/x/../%63hat//a", "127.0.0.1", [])  # type: ignore[arg-type]
+        self.assertEqual((path, asked), ("/chat/a", ["/chat/a"]))
+        path, decision = route_normalised(Dispatcher(), "h", "/../etc", "127.0.0.1", [])  # type: ignore[arg-type]
+        self.assertEqual((path, getattr(decision, "status", None), len(asked)), ("/../etc", 400, 1))
+
+    def test_backend_url_follows_preserve_path(self) -> None:
+        """The backend gets the normalised path with the query as sent, or the raw URI with preserve_path."""
+        from types import SimpleNamespace
+
+        from tunneld.protocols.http_entry import backend_url
+
+        plain, keep = SimpleNamespace(preserve_path=False), SimpleNamespace(preserve_path=True)
+        self.assertEqual(backend_url(plain, "/a//b?q=1", "/a//b", "/a/b", "q=1"), "/a/b?q=1")  # type: ignore[arg-type]
+        self.assertEqual(backend_url(keep, "/a//b?q=1", "/a//b", "/a/b", "q=1"), "/a//b?q=1")  # type: ignore[arg-type]
+        self.assertEqual(backend_url(plain, "/a/b", "/a/b", "/a/b", ""), "/a/b")  # type: ignore[arg-type]
